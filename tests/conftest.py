@@ -1,0 +1,33 @@
+"""Shared test set-up: offline hubs, W&B disabled, and the real traces in ../shared (skip without)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TRACES = REPO.parent / "shared" / "traces"
+GEMMA_CSV = SHARED_TRACES / "gemma4-26b-a4b.route.csv"
+
+
+@pytest.fixture(scope="session")
+def gemma_csv() -> Path:
+    """The real gemma-4 routing log; a user's clone has no ../shared, so the test skips there."""
+    if not GEMMA_CSV.exists():
+        pytest.skip(f"real trace not found at {GEMMA_CSV} (../shared/traces is only in the dev workspace)")
+    return GEMMA_CSV
+
+
+@pytest.fixture(scope="session")
+def gemma_store(gemma_csv: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The gemma routing log imported into a trace store (read-only: do not write to it)."""
+    from data_pipeline.import_routes import import_routes
+
+    return import_routes(gemma_csv, tmp_path_factory.mktemp("gemma") / "store")
