@@ -19,6 +19,19 @@ from typing import Any, ClassVar
 
 import torch
 
+from data_pipeline.errors import UserError
+
+
+def check_lookahead(lookahead: int, num_layers: int) -> None:
+    """Refuse a distance D that no layer can use: from layer 0 the farthest target is L-1."""
+    if lookahead < 1:
+        raise UserError(f"lookahead distance D must be at least 1 (got {lookahead})")
+    if lookahead > num_layers - 1:
+        raise UserError(
+            f"lookahead distance D={lookahead} runs past the last layer: the model has {num_layers} "
+            f"MoE layers, so D can be at most {num_layers - 1}"
+        )
+
 
 @dataclass
 class PredictContext:
@@ -51,3 +64,11 @@ class Predictor(ABC):
     def describe(self) -> dict[str, Any]:
         """Hyper-parameters recorded in checkpoints and reports."""
         return {"family": self.family, "lookahead": self.lookahead}
+
+    def covers(self, layer: int, distance: int) -> bool:
+        """Whether the forecast of layer ``layer + distance`` made at ``layer`` means anything.
+
+        False past the last layer; families fitted for some layers only (the scikit-learn
+        baseline, hidden-state families on a store with hidden states at a few layers) narrow it.
+        """
+        return 1 <= distance <= self.lookahead and 0 <= layer and layer + distance < self.num_layers
