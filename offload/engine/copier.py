@@ -1,0 +1,179 @@
+"""The watchdog: one worker that moves expert weights host -> device over an emulated link.
+
+Figure 2 of the SpecMD paper runs three loops: the main loop computes layers, the prefetch loop
+decides what to load, and a *watchdog* performs the copies asynchronously. Here the watchdog is a
+thread: on CUDA it issues the copy on its own copy stream and waits on a CUDA event, on CPU it
+copies with ``Tensor.copy_``. Either way it then holds the link for ``nbytes / bandwidth`` seconds,
+so a ``--bandwidth 5GB/s`` run on a fast PCIe bus or on the CPU behaves like the paper's throttled
+A100 set-up.
+
+The link is modelled as one serial channel with a virtual clock: a job starts when both the job
+exists and the previous job has left the link, and it is *ready* ``nbytes / bandwidth`` later.
+Sleeping until that virtual time (instead of sleeping ``duration`` after waking up) keeps the
+throughput exact even though ``time.sleep`` overshoots by tens of microseconds: the jitter of one
+sleep is not added to the next job.
+
+Demand fetches (the main loop is stalled on them) jump ahead of queued prefetches; a job already on
+the link is never interrupted. Queued prefetches can be cancelled when the main loop needs their
+slot more urgently.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+DEMAND, PREFETCH = 0, 1  # job priorities: lower runs first
+
+QUEUED, RUNNING, DONE, CANCELLED = "queued", "running", "done", "cancelled"
+
+
+@dataclass(eq=False)
+class CopyJob:
+    """One expert's weights on their way to a slot. ``wait()`` blocks until they are usable."""
+
+    key: tuple[int, int]
+    slot: int
+    src: Mapping[str, torch.Tensor]
+    dst: Mapping[str, torch.Tensor]
+    nbytes: int
+    priority: int
+    submitted_at: float = field(default_factory=time.perf_counter)
+    state: str = QUEUED
+    ready_at: float | None = None  # perf_counter time the link delivered the last byte
+    error: BaseException | None = None
+    _done: threading.Event = field(default_factory=threading.Event)
+
+    def is_ready(self) -> bool:
+        return self._done.is_set() and self.state == DONE
+
+    def wait(self) -> None:
+        self._done.wait()
+        if self.error is not None:
+            raise RuntimeError(f"copy of expert {self.key} failed") from self.error
+
+
+class ThrottledCopier:
+    """A single copy worker emulating a host->device link of ``bandwidth`` bytes/s (None: unthrottled)."""
+
+    def __init__(self, bandwidth: float | None, device: torch.device | str = "cpu"):
+        if bandwidth is not None and not bandwidth > 0:
+            raise ValueError(f"bandwidth must be positive, got {bandwidth}")
+        self.bandwidth = bandwidth
+        self.device = torch.device(device)
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._queue: list[tuple[int, int, CopyJob]] = []
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+        self._link_free_at = 0.0
+        self._closed = False
+        self.bytes_copied = 0
+        self.jobs_done = 0
+        self.busy_s = 0.0  # time the link was occupied
+        self._thread = threading.Thread(target=self._run, name="expert-watchdog", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ main-loop side
+    def submit(self, job: CopyJob) -> CopyJob:
+        if self._stream is not None:
+            # the slot may still be read by kernels queued on the compute stream: copy after them
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the copier is closed")
+            job.submitted_at = time.perf_counter()
+            heapq.heappush(self._queue, (job.priority, next(self._order), job))
+            self._cond.notify()
+        return job
+
+    def promote(self, job: CopyJob) -> None:
+        """A queued prefetch became a demand (the main loop now waits on it): move it up front."""
+        with self._cond:
+            if job.state != QUEUED or job.priority == DEMAND:
+                return
+            self._queue = [item for item in self._queue if item[2] is not job]
+            heapq.heapify(self._queue)
+            job.priority = DEMAND
+            heapq.heappush(self._queue, (DEMAND, next(self._order), job))
+
+    def cancel(self, job: CopyJob) -> bool:
+        """Withdraw a job that has not reached the link yet; False if it is already running/done."""
+        with self._cond:
+            if job.state != QUEUED:
+                return False
+            self._queue = [item for item in self._queue if item[2] is not job]
+            heapq.heapify(self._queue)
+            job.state = CANCELLED
+            job._done.set()
+            return True
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            for _, _, job in self._queue:
+                job.state = CANCELLED
+                job._done.set()
+            self._queue.clear()
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> ThrottledCopier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ worker side
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                _, _, job = heapq.heappop(self._queue)
+                job.state = RUNNING
+            try:
+                self._copy(job)
+                job.state = DONE
+            except BaseException as e:  # surfaced to whoever waits on the job
+                job.error = e
+                job.state = DONE
+            finally:
+                job._done.set()
+
+    def _copy(self, job: CopyJob) -> None:
+        start = max(self._link_free_at, job.submitted_at)
+        if self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                for name, dst in job.dst.items():
+                    dst.copy_(job.src[name], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+            event.synchronize()
+        else:
+            for name, dst in job.dst.items():
+                dst.copy_(job.src[name])
+        now = time.perf_counter()
+        if self.bandwidth is None:
+            ready = now
+        else:
+            ready = max(now, start + job.nbytes / self.bandwidth)
+            delay = ready - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        self._link_free_at = ready
+        self.busy_s += ready - max(start, job.submitted_at)
+        self.bytes_copied += job.nbytes
+        self.jobs_done += 1
+        job.ready_at = ready
