@@ -1,0 +1,108 @@
+"""The offloaded engine on tiny OLMoE (CPU): exactness, capacity, prefetch, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data_pipeline.errors import UserError
+from offload.engine.engine import EngineConfig, OffloadEngine, clone_loaded, layer_accesses
+from offload.engine.generate import greedy_generate
+from offload.engine.prompts import load_prompts
+from offload.engine.run import encode
+
+MAX_NEW = 6
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from data_pipeline.models import load_model
+
+    torch.set_num_threads(1)  # tiny matmuls: threads only contend (see benchmarks/engine.py)
+    return load_model("tiny-olmoe")
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny):
+    return [encode(tiny.tokenizer, p) for p in load_prompts("demo", 2)]
+
+
+@pytest.fixture(scope="module")
+def plain(tiny, prompt_ids):
+    return [greedy_generate(tiny.model, ids, MAX_NEW, keep_logits=True) for ids in prompt_ids]
+
+
+def _router_weights(loaded) -> torch.Tensor:
+    a = loaded.adapter
+    return torch.stack([a.router_weight(i).detach().float() for i in range(a.num_layers)])
+
+
+def _engine(tiny, slots: int, **kw) -> OffloadEngine:
+    predictor = kw.pop("predictor", None)
+    return OffloadEngine(clone_loaded(tiny), EngineConfig(capacity_slots=slots, **kw), predictor=predictor)
+
+
+@pytest.mark.parametrize("policy", ["lru", "least_stale"])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_fetch_mode_reproduces_the_plain_model(tiny, prompt_ids, plain, policy, prefetch):
+    from predictors.gate_lookahead import GateLookahead
+
+    predictor = GateLookahead(_router_weights(tiny), tiny.adapter.top_k, 2) if prefetch else None
+    with _engine(tiny, 9, policy=policy, predictor=predictor, bandwidth=5e9) as eng:
+        # the engine really computes from slots: the model's own expert tensors are gone
+        assert eng.adapter.experts_module(0).gate_up_proj.numel() == 0
+        for ids, ref in zip(prompt_ids, plain, strict=True):
+            gen = eng.generate(ids, MAX_NEW, keep_logits=True)
+            assert gen.tokens == ref.tokens
+            torch.testing.assert_close(torch.stack(gen.logits), torch.stack(ref.logits), rtol=1e-4, atol=1e-5)
+        c = eng.counters
+        assert c.misses > 0 and c.hits + c.misses == c.accesses
+        assert (c.prefetch_issued > 0) == prefetch
+
+
+def test_full_capacity_has_no_misses_after_warm_up(tiny, prompt_ids):
+    L, E = tiny.adapter.num_layers, tiny.adapter.num_experts
+    with _engine(tiny, L * E, bandwidth=None) as eng:
+        eng.generate(prompt_ids[0], MAX_NEW)
+        first = eng.counters.snapshot()
+        assert first.misses == len(eng.cache) and first.evictions == 0  # compulsory misses only
+        eng.generate(prompt_ids[0], MAX_NEW)  # the same prompt again: every expert is resident
+        again = eng.counters.minus(first)
+    assert again.accesses > 0 and again.misses == 0 and again.hits == again.accesses
+
+
+def test_prefetching_predictor_raises_the_hit_rate(tiny, prompt_ids):
+    from predictors.gate_lookahead import GateLookahead
+
+    rates = {}
+    for name, predictor in [("none", None), ("gate", GateLookahead(_router_weights(tiny), tiny.adapter.top_k, 1))]:
+        with _engine(tiny, 16, policy="least_stale", predictor=predictor, bandwidth=None) as eng:
+            for ids in prompt_ids:
+                eng.generate(ids, MAX_NEW)
+            rates[name] = eng.counters.hits / eng.counters.accesses
+    assert rates["gate"] > rates["none"] + 0.05, rates
+
+
+def test_layer_accesses_order_and_scores():
+    ids = torch.tensor([[3, 1], [1, 0]])
+    w = torch.tensor([[0.5, 0.25], [0.5, 0.5]])
+    assert layer_accesses(ids, w) == [(1, 0.75), (0, 0.5), (3, 0.5)]  # score desc, ties by id
+    assert layer_accesses(torch.tensor([[2, -1]]), torch.tensor([[0.7, 0.3]])) == [(2, pytest.approx(0.7))]
+
+
+def test_bad_input_is_refused(tiny):
+    with pytest.raises(UserError, match="top-k"):
+        _engine(tiny, tiny.adapter.top_k - 1)
+    with pytest.raises(UserError, match="bandwidth"):
+        _engine(tiny, 8, bandwidth=0)
+    with pytest.raises(UserError, match="bandwidth"):
+        _engine(tiny, 8, bandwidth=-1e9)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="GPU"):
+            _engine(tiny, 8, device="cuda")
+
+
+def test_prompt_longer_than_context_is_refused(tiny):
+    too_long = torch.zeros((1, tiny.model.config.max_position_embeddings), dtype=torch.long)
+    with pytest.raises(UserError, match="context"):
+        greedy_generate(tiny.model, too_long, 4)
