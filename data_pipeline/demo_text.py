@@ -76,6 +76,7 @@ def olmo_tokenizer():
         pad_token="<|padding|>",
         eos_token="<|endoftext|>",
         model_max_length=4096,
+        name_or_path="allenai/gpt-neox-olmo-dolma-v1_5",
     )
     tok.padding_side = "right"
     return tok
