@@ -86,8 +86,9 @@ def test_prefetching_predictor_raises_the_hit_rate(tiny, prompt_ids):
 def test_layer_accesses_order_and_scores():
     ids = torch.tensor([[3, 1], [1, 0]])
     w = torch.tensor([[0.5, 0.25], [0.5, 0.5]])
-    assert layer_accesses(ids, w) == [(1, 0.75), (0, 0.5), (3, 0.5)]  # score desc, ties by id
-    assert layer_accesses(torch.tensor([[2, -1]]), torch.tensor([[0.7, 0.3]])) == [(2, pytest.approx(0.7))]
+    # score desc; 3 and 0 tie at 0.5 and 3 wins on its best rank (0 < 1), as in offload.passes
+    assert layer_accesses(ids, w) == [(1, 0.75, 0), (3, 0.5, 0), (0, 0.5, 1)]
+    assert layer_accesses(torch.tensor([[2, -1]]), torch.tensor([[0.7, 0.3]])) == [(2, pytest.approx(0.7), 0)]
 
 
 def test_bad_input_is_refused(tiny):
@@ -106,3 +107,42 @@ def test_prompt_longer_than_context_is_refused(tiny):
     too_long = torch.zeros((1, tiny.model.config.max_position_embeddings), dtype=torch.long)
     with pytest.raises(UserError, match="context"):
         greedy_generate(tiny.model, too_long, 4)
+
+
+def test_least_stale_has_fewer_collisions_than_lru_at_5_percent(tiny):
+    """The demo setting: 5 % of the experts cached, experts forecast two layers ahead."""
+    from offload.capacity import parse_capacity
+    from predictors.gate_lookahead import GateLookahead
+
+    prompts = [encode(tiny.tokenizer, p) for p in load_prompts("demo", 3)]
+    slots = parse_capacity("5%", tiny.info)
+    collisions = {}
+    for policy in ("lru", "least_stale"):
+        predictor = GateLookahead(_router_weights(tiny), tiny.adapter.top_k, 2)
+        with _engine(tiny, slots, policy=policy, predictor=predictor, bandwidth=None) as eng:
+            for ids in prompts:
+                eng.generate(ids, 8)
+            collisions[policy] = eng.counters.collision_misses
+    assert collisions["least_stale"] < collisions["lru"], collisions
+
+
+@pytest.mark.parametrize("policy", ["lru", "least_stale", "score"])
+@pytest.mark.parametrize("miss", ["fetch", "drop"])
+def test_simulator_replays_the_engine_hit_for_hit(tiny, tmp_path, policy, miss):
+    """Record the routing the engine's cache saw, replay it in the simulator with demand fetch: the
+    access, hit, miss, collision and drop counts must be identical, not just close."""
+    from offload.capacity import parse_capacity
+    from offload.simulator import SimConfig, simulate_configs
+
+    prompts = [encode(tiny.tokenizer, p) for p in load_prompts("demo", 2)]
+    with _engine(tiny, parse_capacity("10%", tiny.info), policy=policy, miss=miss, bandwidth=None) as eng:
+        recorder = eng.record()
+        for ids in prompts:
+            eng.generate(ids, 8)
+        c = eng.counters
+    store = recorder.write(tmp_path / "engine-trace", tiny.info)
+    assert store.num_sequences == 2 and store.num_tokens == sum(ids.shape[1] for ids in prompts) + 2 * 7
+    sim = simulate_configs(store, [SimConfig(policy=policy, capacity="10%", miss=miss, prefetch="none")])[0]
+    assert c.hits > 0 or policy != "score"
+    assert (sim["accesses"], sim["hits"], sim["misses"], sim["collision_misses"], sim["dropped"]) == (
+        c.accesses, c.hits, c.misses, c.collision_misses, c.dropped)

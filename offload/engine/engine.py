@@ -28,10 +28,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from data_pipeline.adapters import get_adapter
@@ -43,8 +43,12 @@ from offload.engine.expert_store import HostExpertStore
 from offload.engine.generate import Generation, greedy_generate
 from offload.engine.metrics import Counters
 from offload.engine.moe_layer import add_expert_output, replace_forward, restore_forward
+from offload.engine.trace import TraceRecorder
+from offload.miss_handling import MissHandling
 from offload.policies import make_policy
 from offload.policies.base import Key
+from offload.prefetch import PercentileSelection, Selection, TopKSelection
+from offload.routing import ROUTINGS, CacheAwareRouter
 from predictors.base import PredictContext, Predictor
 
 
@@ -56,30 +60,37 @@ class EngineConfig:
     policy: str = "least_stale"
     policy_params: dict[str, Any] = field(default_factory=dict)
     bandwidth: float | None = 5e9  # bytes/s of the emulated host->device link; None: unthrottled
-    routing: str = "standard"
-    routing_params: dict[str, Any] = field(default_factory=dict)
-    miss: str = "fetch"
-    miss_params: dict[str, Any] = field(default_factory=dict)
-    prefetch: str = "topk"  # how forecast scores become prefetches (offload.prefetch)
+    routing: str = "standard"  # or "cache-aware" (offload.routing)
+    routing_lambda: float = 0.3
+    miss: str = "fetch"  # fetch | drop | substitute (offload.miss_handling)
+    drop_from_rank: int = 2
+    substitute_tolerance: float = 0.05
+    prefetch: str = "topk"  # how forecast scores become prefetches: topk (x overfetch) or score (percentile)
     prefetch_params: dict[str, Any] = field(default_factory=dict)
     partition: str = "global"
     device: str = "cpu"
 
 
-def layer_accesses(ids: torch.Tensor, weights: torch.Tensor) -> list[tuple[int, float]]:
-    """The (expert, score) accesses of one layer, in the order the cache sees them.
+def layer_accesses(ids: torch.Tensor, weights: torch.Tensor) -> list[tuple[int, float, int]]:
+    """The (expert, score, best rank) accesses of one layer, in the order the cache sees them.
 
-    One access per distinct expert; score = its summed routing weight over the tokens. Order: score
-    descending, ties by expert id, so a decode step (one token) is plain rank order. Negative ids
-    mark dropped slots and are skipped.
+    One access per distinct expert; score = its routing weight summed over the tokens. Order: score
+    descending, ties by best rank then expert id, so a decode step (one token) is plain rank order.
+    This is exactly :func:`offload.passes.build_passes`' order, which is what makes the engine's
+    hits and misses replayable by the simulator. Negative ids mark dropped slots and are skipped.
     """
-    ids_cpu = ids.reshape(-1).tolist()
-    w_cpu = weights.reshape(-1).float().tolist()
+    K = ids.shape[-1]
+    flat_ids = ids.reshape(-1).tolist()
+    flat_w = weights.reshape(-1).float().tolist()
     total: dict[int, float] = {}
-    for e, w in zip(ids_cpu, w_cpu, strict=True):
+    best: dict[int, int] = {}
+    for i, (e, w) in enumerate(zip(flat_ids, flat_w, strict=True)):
         if e >= 0:
             total[e] = total.get(e, 0.0) + w
-    return sorted(total.items(), key=lambda item: (-item[1], item[0]))
+            best[e] = min(best.get(e, K), i % K)
+    # float32 like the store's score column, so near-ties break the same way
+    score = {e: float(np.float32(v)) for e, v in total.items()}
+    return [(e, score[e], best[e]) for e in sorted(total, key=lambda e: (-total[e], best[e], e))]
 
 
 def clone_loaded(loaded: Any) -> Any:
@@ -124,8 +135,11 @@ class OffloadEngine:
             self.num_layers, self.num_experts, config.capacity_slots,
             make_policy(config.policy, **config.policy_params), partition=config.partition,
         )
-        self._routing = _make_routing(config)
-        self._miss = _make_miss_handler(config)
+        if config.routing not in ROUTINGS:
+            raise UserError(f"unknown routing {config.routing!r}; valid: {', '.join(ROUTINGS)}")
+        self._router = (CacheAwareRouter(self.num_layers, self.top_k, config.routing_lambda)
+                        if config.routing == "cache-aware" else None)
+        self._miss = MissHandling(config.miss, config.drop_from_rank, config.substitute_tolerance)
         self._prefetcher = _make_prefetcher(config, self.top_k) if predictor is not None else None
         self.copier = ThrottledCopier(config.bandwidth, self.device)
         self.counters = Counters()
@@ -133,6 +147,8 @@ class OffloadEngine:
         self._unused_prefetch: set[Key] = set()
         self._chosen: list[torch.Tensor] = []  # this pass: (T, K) ids per layer run so far
         self._previous: torch.Tensor | None = None  # (1, L, K) the previous token's experts
+        self._forecasts: dict[int, list[np.ndarray]] = {}  # target layer -> forecasts made this pass
+        self.recorder: TraceRecorder | None = None
         self._closed = False
         for layer in range(self.num_layers):
             replace_forward(adapter.moe_block(layer), self._block_forward(layer))
@@ -162,7 +178,10 @@ class OffloadEngine:
         if len(self._chosen) == self.num_layers:
             self._previous = torch.stack([ids[-1:] for ids in self._chosen], dim=1)  # last token
         self._chosen = []
+        self._forecasts = {}
         self.cache.begin_pass(phase)
+        if self.recorder is not None:
+            self.recorder.begin_pass(phase)
 
     def reset_sequence(self) -> None:
         """Forget the previous token (a new prompt starts); the cache keeps its contents."""
@@ -174,10 +193,20 @@ class OffloadEngine:
         keep_logits: bool = False,
     ) -> Generation:
         self.reset_sequence()
-        return greedy_generate(
+        if self.recorder is not None:
+            self.recorder.begin_sequence(input_ids)
+        gen = greedy_generate(
             self.loaded.model, input_ids, max_new_tokens, eos_token_id=eos_token_id,
             keep_logits=keep_logits, before_pass=self.begin_pass,
         )
+        if self.recorder is not None:
+            self.recorder.end_sequence(gen.tokens)
+        return gen
+
+    def record(self, hidden: bool = False) -> TraceRecorder:
+        """Start recording the routing the cache sees (and optionally MoE inputs) for a trace store."""
+        self.recorder = TraceRecorder(self.num_layers, self.top_k, hidden=hidden)
+        return self.recorder
 
     # ------------------------------------------------------------------ the MoE block
     def _block_forward(self, layer: int):
@@ -187,58 +216,83 @@ class OffloadEngine:
         return forward
 
     def _moe_forward(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """One MoE layer, in the simulator's order (offload/simulator.py): begin the layer (its experts
+        are pinned), the demand accesses in rank order with miss handling, the prefetches for later
+        layers, then the experts."""
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         route = self.adapter.route(layer, x)
-        ids, weights = self._routing(self, layer, route)
-        ids, weights, fetch = self._miss(self, layer, ids, weights)
+        ids, weights = self._route(layer, route)
         self._chosen.append(ids)
+        if self.recorder is not None:
+            self.recorder.layer(layer, ids, weights, x)
         accesses = layer_accesses(ids, weights)
-        needed = [(layer, e) for e, _ in accesses]
+        self._score_forecasts(layer, accesses)
+        needed = [(layer, e) for e, _, _ in accesses]
         self.cache.begin_layer(layer, needed)
-        out = torch.zeros_like(x)
+        # a long prompt may need more experts at one layer than there are slots: then each expert
+        # runs right after its access, before a later access of the layer may evict it
         streaming = len(needed) > self._room_for(layer)
-        if not streaming:
-            # all accesses first: every demand copy is queued before the first expert computes, so
-            # copies overlap compute; the cache pins ``needed``, so none of them evicts another
-            for e, score in accesses:
-                self._access((layer, e), score, fetch=(layer, e) in fetch)
-            self._prefetch(layer, x)
-            for e in sorted(e for e, _ in accesses):  # HF's order: bit-identical accumulation
-                self._compute(out, x, ids, weights, layer, e)
-        else:
-            # a long prompt needs more experts at this layer than there are slots: take them one by
-            # one, compute each right after its access (the cache may then evict it for the next)
-            for e, score in accesses:
-                self._access((layer, e), score, fetch=(layer, e) in fetch)
-                self._compute(out, x, ids, weights, layer, e)
-            self._prefetch(layer, x)
+        out = torch.zeros_like(x)
+        runs: list[tuple[int, int]] = []  # (expert the tokens chose, expert whose weights run)
+        probs = None
+        for e, score, rank in accesses:
+            if probs is None and self._miss.mode == "substitute" and (layer, e) not in self.cache:
+                probs = torch.softmax(route.logits.double(), dim=-1).mean(dim=0).cpu().numpy()
+            run_as = self._access(layer, e, score, rank, probs, needed)
+            if run_as is None:
+                continue
+            if streaming:
+                self._compute(out, x, ids, weights, layer, e, run_as)
+            else:
+                runs.append((e, run_as))
+        self._prefetch(layer, x)
+        for e, run_as in sorted(runs):  # ascending expert id: HF's accumulation order, bit-identical
+            self._compute(out, x, ids, weights, layer, e, run_as)
         shared = self.adapter.shared_forward(layer, x)
         if shared is not None:
             out = out + shared
         return out.reshape(shape)
+
+    def _route(self, layer: int, route: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routing policy: the model's own top-k, or cache-aware re-routing (offload.routing)."""
+        if self._router is None:
+            return route.ids, route.weights
+        cached = np.zeros(self.num_experts, dtype=bool)
+        for key in self.cache.resident():
+            if key[0] == layer:
+                cached[key[1]] = True
+        ids_np, _ = self._router.route(layer, route.logits.float().cpu().numpy(), cached)
+        ids = torch.as_tensor(ids_np, device=route.ids.device, dtype=route.ids.dtype)
+        # dual-logit semantics: chosen on the boosted logits, weighted by the original softmax, with
+        # the family's own normalisation and dtype
+        weights = torch.softmax(route.logits, dim=-1, dtype=torch.float).gather(1, ids)
+        if self.adapter.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return ids, weights.to(route.weights.dtype)
 
     def _room_for(self, layer: int) -> int:
         if self.cache.layer_capacity is not None:
             return self.cache.layer_capacity[layer]
         return self.cache.capacity
 
-    def _compute(self, out, x, ids, weights, layer: int, expert: int) -> None:
-        key = (layer, expert)
-        slot = self.cache.slot_of(key)
-        if slot is None:  # not fetched (dropped miss): contributes nothing
-            return
+    def _compute(self, out, x, ids, weights, layer: int, expert: int, run_as: int) -> None:
+        """Tokens that chose ``expert`` get ``run_as``'s output (the same expert unless substituted)."""
+        key = (layer, run_as)
         self._wait(key)
+        slot = self.cache.slot_of(key)
+        assert slot is not None, f"{key} ran without being resident"
         add_expert_output(out, x, ids, weights, expert, self.pool.slot(slot), self.adapter.expert_forward)
 
     # ------------------------------------------------------------------ cache events
-    def _access(self, key: Key, score: float, *, fetch: bool) -> None:
+    def _access(self, layer: int, expert: int, score: float, rank: int, probs: np.ndarray | None,
+                needed: list[Key]) -> int | None:
+        """One demand access with miss handling; the expert whose weights will run, or None (dropped)."""
+        key = (layer, expert)
         c = self.counters
-        r = self.cache.access(key, score, fetch=fetch)
         c.accesses += 1
-        if r.evicted is not None:
-            self._on_evicted(r.evicted)
-        if r.hit:
+        if key in self.cache:
+            r = self.cache.access(key, score)
             c.hits += 1
             if r.first_use_of_prefetch:
                 c.prefetch_used += 1
@@ -247,11 +301,30 @@ class OffloadEngine:
             if job is not None and not job.is_ready():
                 c.late_prefetch += 1
                 self.copier.promote(job)
-            return
-        c.misses += 1
-        c.collision_misses += int(r.collision)
-        if r.slot >= 0:
-            self._submit(key, r.slot, DEMAND)
+            return expert
+        if self._miss.drops(rank):
+            self._count_miss(self.cache.access(key, score, fetch=False))
+            c.dropped += 1
+            return None
+        if probs is not None:
+            taken = set(needed)
+            candidates = [k[1] for k in self.cache.resident() if k[0] == layer and k not in taken]
+            sub = self._miss.substitute(expert, probs, candidates)
+            if sub is not None:
+                self._count_miss(self.cache.access(key, score, fetch=False))
+                self.cache.use((layer, sub), score)
+                c.substituted += 1
+                return sub
+        r = self.cache.access(key, score)
+        self._count_miss(r)
+        if r.evicted is not None:
+            self._on_evicted(r.evicted)
+        self._submit(key, r.slot, DEMAND)
+        return expert
+
+    def _count_miss(self, r: Any) -> None:
+        self.counters.misses += 1
+        self.counters.collision_misses += int(r.collision)
 
     def _submit(self, key: Key, slot: int, priority: int) -> None:
         job = CopyJob(
@@ -301,51 +374,73 @@ class OffloadEngine:
         if ctx is None:
             return
         scores = self.predictor.predict(ctx)  # (T, D, E)
-        keys = self._prefetcher(scores, layer, self.predictor)
-        self.cache.mark_predicted(keys)
-        protected = frozenset(self._jobs_in_flight())
-        for key in keys:
-            if key in self.cache:
-                continue
-            ins = self.cache.insert(key, prefetch=True, protected=protected)
-            if ins is None:
-                break  # the policy refuses to evict for a guess: no room for the rest either
-            if ins.evicted is not None:
-                self._on_evicted(ins.evicted)
-            self._unused_prefetch.add(key)
-            self.counters.prefetch_issued += 1
-            self._submit(key, ins.slot, PREFETCH)
+        for target, experts in self._prefetcher(scores, layer, self.predictor):
+            self._forecasts.setdefault(target, []).append(experts)
+            keys = [(target, int(e)) for e in experts]
+            self.cache.mark_predicted(keys)
+            for key in keys:
+                if key in self.cache:
+                    continue
+                ins = self.cache.insert(key, prefetch=True)
+                if ins is None:
+                    continue  # the policy will not evict for a guess
+                if ins.evicted is not None:
+                    self._on_evicted(ins.evicted)
+                self._unused_prefetch.add(key)
+                self.counters.prefetch_issued += 1
+                self._submit(key, ins.slot, PREFETCH)
 
-    def _jobs_in_flight(self) -> Sequence[Key]:
-        """Keys whose prefetch copy is still under way: a later prefetch must not undo them."""
-        return [k for k, j in self._jobs.items() if not j.is_ready()]
+    def _score_forecasts(self, layer: int, accesses: list[tuple[int, float, int]]) -> None:
+        """Precision/recall of every forecast made for ``layer`` in this pass, as the simulator's
+        ``forecast_quality`` counts them (one entry per (source layer, distance))."""
+        made = self._forecasts.pop(layer, [])
+        if not made:
+            return
+        actual = np.array([e for e, _, _ in accesses])
+        for predicted in made:
+            self.counters.forecast_predicted += len(predicted)
+            self.counters.forecast_correct += int(np.isin(predicted, actual).sum())
+            self.counters.forecast_relevant += len(actual)
 
 
 # ---------------------------------------------------------------------- policy plumbing
-def _make_routing(config: EngineConfig):
-    def standard(engine: OffloadEngine, layer: int, route: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return route.ids, route.weights
-
-    return standard
-
-
-def _make_miss_handler(config: EngineConfig):
-    def fetch(engine: OffloadEngine, layer: int, ids: torch.Tensor, weights: torch.Tensor):
-        return ids, weights, {(layer, int(e)) for e in ids.unique().tolist()}
-
-    return fetch
+def _make_selection(config: EngineConfig) -> Selection:
+    if config.prefetch == "topk":
+        return TopKSelection(float(config.prefetch_params.get("overfetch", 1.0)))
+    if config.prefetch == "score":
+        return PercentileSelection(float(config.prefetch_params.get("percentile", 0.8)))
+    raise UserError(f"unknown prefetch selection {config.prefetch!r}; valid: topk, score")
 
 
 def _make_prefetcher(config: EngineConfig, top_k: int):
-    def topk(scores: torch.Tensor, layer: int, predictor: Predictor) -> list[Key]:
-        keys: list[Key] = []
-        per_layer = max(1, round(top_k * float(config.prefetch_params.get("factor", 1.0))))
-        mean = scores.float().mean(dim=0)  # (D, E)
-        for d in range(mean.shape[0]):
-            if not predictor.covers(layer, d + 1):
-                continue
-            top = torch.topk(mean[d], per_layer).indices.tolist()
-            keys.extend((layer + d + 1, int(e)) for e in top)
-        return keys
+    """Scores (T, D, E) at layer l -> [(layer l+d, experts best first)], the simulator's selection rules.
 
-    return topk
+    Per token the selection (``offload.prefetch``: top ``ceil(k*overfetch)`` or above a percentile)
+    picks experts of each covered layer l+d, best first; a prefill pass takes the union over its
+    tokens ordered by summed probability, as :class:`offload.prefetch.PredictorPrefetch` does.
+    Nearer layers come first: they are needed sooner.
+    """
+    selection = _make_selection(config)
+    max_distance = int(config.prefetch_params.get("lookahead", 1 << 30))
+
+    def select(scores: torch.Tensor, layer: int, predictor: Predictor) -> list[tuple[int, np.ndarray]]:
+        probs = scores.detach().float().cpu().numpy()  # (T, D, E)
+        out: list[tuple[int, np.ndarray]] = []
+        for d in range(1, min(probs.shape[1], max_distance) + 1):
+            if not predictor.covers(layer, d):
+                continue
+            pr = probs[:, d - 1]
+            order = np.argsort(-pr, axis=1, kind="stable")
+            counts = selection.counts(pr, top_k)
+            if pr.shape[0] == 1:
+                picked = order[0, : counts[0]]
+            else:
+                mask = np.zeros(pr.shape[1], dtype=bool)
+                for t, n in enumerate(counts):
+                    mask[order[t, :n]] = True
+                picked = np.flatnonzero(mask)
+                picked = picked[np.argsort(-pr.sum(axis=0)[picked], kind="stable")]
+            out.append((layer + d, picked))
+        return out
+
+    return select

@@ -28,6 +28,9 @@ class Counters:
     evictions: int = 0
     bytes_copied: int = 0
     stall_s: float = 0.0  # time the main loop waited for copies
+    forecast_predicted: int = 0  # experts forecast (one per (source layer, distance, expert))
+    forecast_correct: int = 0  # of those, really needed at the target layer
+    forecast_relevant: int = 0  # experts needed at target layers that had a forecast
 
     def snapshot(self) -> Counters:
         return Counters(**asdict(self))
@@ -75,6 +78,8 @@ def summarize(prompts: list[PromptMetrics]) -> dict[str, float]:
         miss_rate=_rate(total.misses, total.accesses),
         collision_rate=_rate(total.collision_misses, total.accesses),
         prefetch_accuracy=_rate(total.prefetch_used, total.prefetch_used + total.prefetch_wasted),
+        precision=_rate(total.forecast_correct, total.forecast_predicted),
+        recall=_rate(total.forecast_correct, total.forecast_relevant),
         ttft_s=mean(p.ttft_s for p in prompts) if prompts else 0.0,
         tpot_s=mean(p.tpot_s for p in prompts) if prompts else 0.0,
         tokens_per_s=mean(p.tokens_per_s for p in prompts) if prompts else 0.0,
