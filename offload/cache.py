@@ -18,8 +18,9 @@ main thread calls :meth:`access`.
 
 Protection: the keys ``needed`` at the running layer may not be evicted (the layer is about to use
 them). If a layer needs more experts than fit (a long prompt's prefill), a key already accessed at
-this layer (already computed, since experts run in rank order) may go; if nothing can go,
-:class:`CacheFullError`.
+this layer (already computed, since experts run in rank order) goes first, and failing that any
+needed key (it will miss when its turn comes). Keys passed as ``protected=`` are never evicted; if
+nothing can go, :class:`CacheFullError`.
 
 Counters: a **collision miss** is a miss on a key evicted earlier in the same pass.
 """
@@ -203,6 +204,14 @@ class ExpertCache:
             self.policy.on_access(key, score=score, hint=hint)
             return AccessResult(False, ins.slot, ins.evicted, collision)
 
+    def use(self, key: Key, score: float = 0.0, *, hint: Any = None) -> None:
+        """A resident key runs in place of another (substitution): the policy sees a use, the
+        counters do not (the substituted access was already counted as a miss)."""
+        with self._lock:
+            if key not in self._slot:
+                raise KeyError(f"{key} is not resident")
+            self.policy.on_access(key, score=score, hint=hint)
+
     # ------------------------------------------------------------------ prefetch path
     def insert(
         self, key: Key, *, prefetch: bool = True, hint: Any = None, protected: Iterable[Key] = ()
@@ -269,6 +278,12 @@ class ExpertCache:
                 return k in served and k not in protected and (not same_layer or k[0] == layer)
 
             victim = self.policy.victim(eligible_served, for_prefetch=False)
+            if victim is None:  # nothing computed yet either: a pinned key goes (it will miss later)
+
+                def eligible_any(k: Key) -> bool:
+                    return k not in protected and (not same_layer or k[0] == layer)
+
+                victim = self.policy.victim(eligible_any, for_prefetch=False)
             if victim is None:
                 raise CacheFullError(
                     f"no expert may be evicted to make room for layer {layer} "

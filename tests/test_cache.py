@@ -85,7 +85,7 @@ def test_per_layer_partition_evicts_only_inside_the_layer():
 
 
 def test_least_stale_refuses_to_evict_current_for_a_prefetch():
-    cache = ExpertCache(2, 4, 2, LeastStale())
+    cache = ExpertCache(2, 4, 2, LeastStale(prefetch_evicts_current=False))
     cache.begin_pass()
     cache.begin_layer(0, [(0, 0), (0, 1)])
     cache.access((0, 0))

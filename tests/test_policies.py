@@ -43,15 +43,24 @@ def test_lru_evicts_the_old_right_layer_expert_and_collides():
 
 
 def test_least_stale_evicts_the_stale_expert_of_the_running_layer_first():
-    hits, victims, collisions = summary(replay(ExpertCache(2, 4, 3, LeastStale()), STALE_TRACE))
+    policy = LeastStale(layer_order="fifo", stale_order="layer")
+    hits, victims, collisions = summary(replay(ExpertCache(2, 4, 3, policy), STALE_TRACE))
     # pass 2 at layer 0: all of a, x, y are stale; FIFO by layer position takes layer 0 first -> a
     assert hits == [False, False, True, False, False, True]
     assert victims == [(0, 0)] and collisions == 0
 
 
 def test_least_stale_reverse_order_takes_the_highest_layer_first():
-    hits, victims, _ = summary(replay(ExpertCache(2, 4, 3, LeastStale(layer_order="reverse")), STALE_TRACE))
+    policy = LeastStale(layer_order="reverse", stale_order="layer")
+    hits, victims, _ = summary(replay(ExpertCache(2, 4, 3, policy), STALE_TRACE))
     assert victims[0] == (1, 0)  # layer 1 before layer 0, oldest touch inside layer 1
+
+
+def test_least_stale_age_order_takes_the_oldest_stale_pass_first():
+    # pass 2 at layer 0: stale a (last used pass 1), x (pass 0), y (pass 1): x went stale first
+    policy = LeastStale(layer_order="fifo", stale_order="age")
+    hits, victims, _ = summary(replay(ExpertCache(2, 4, 3, policy), STALE_TRACE))
+    assert victims[0] == (1, 0)
 
 
 def test_least_stale_prefers_stale_left_over_stale_right():
@@ -61,11 +70,11 @@ def test_least_stale_prefers_stale_left_over_stale_right():
     # (layer 1 needs (1,1)), so yes. Then at L2 {1}: stale-left is now empty (layer 0/1 current),
     # stale-right (2,0) goes.
     passes = [[[0], [0], [0]], [[0], [1], [1]]]
-    cache = ExpertCache(3, 4, 3, LeastStale())
+    cache = ExpertCache(3, 4, 3, LeastStale(layer_order="fifo"))
     hits, victims, _ = summary(replay(cache, passes))
     assert victims == [(1, 0), (2, 0)]
     # with a stale left expert available it goes before any right one
-    cache = ExpertCache(3, 4, 3, LeastStale())
+    cache = ExpertCache(3, 4, 3, LeastStale(layer_order="fifo"))
     passes = [[[0], [0], [0]], [[1], [0], [1]]]
     hits, victims, _ = summary(replay(cache, passes))
     # pass 1 L0: (0,1) evicts (0,0) (stale, lowest layer); L1: (1,0) hit; L2: (2,1) evicts (2,0)?

@@ -1,0 +1,61 @@
+"""Parse a cache capacity given as a fraction (``5%``), bytes (``0.6GB``, ``600MiB``) or slots (``512``)."""
+
+from __future__ import annotations
+
+import re
+
+from data_pipeline.errors import UserError
+from data_pipeline.trace_store import ModelInfo
+
+_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def mean_expert_bytes(model: ModelInfo) -> float | None:
+    """Bytes of one expert; the mean over layers when they differ (imported traces)."""
+    if model.layer_expert_bytes:
+        return sum(model.layer_expert_bytes) / len(model.layer_expert_bytes)
+    return float(model.expert_bytes) if model.expert_bytes else None
+
+
+def layer_expert_bytes(model: ModelInfo) -> list[float] | None:
+    if model.layer_expert_bytes:
+        return [float(b) for b in model.layer_expert_bytes]
+    if model.expert_bytes:
+        return [float(model.expert_bytes)] * model.num_layers
+    return None
+
+
+def parse_capacity(text: str, model: ModelInfo, partition: str = "global") -> int:
+    """Capacity in expert slots. Bytes divide by the (mean) expert size; fractions are of all L*E experts.
+
+    Refuses capacities that cannot run a single layer: below top-k (global), or below top-k per
+    layer for a per-layer partitioned cache.
+    """
+    s = str(text).strip().lower().replace(" ", "")
+    total = model.num_layers * model.num_experts
+    if s.endswith("%"):
+        try:
+            frac = float(s[:-1]) / 100.0
+        except ValueError:
+            raise UserError(f"capacity {text!r} is not a percentage") from None
+        slots = round(frac * total)
+    elif m := re.fullmatch(r"([0-9.]+(?:e[+-]?[0-9]+)?)([kmgt]i?b|b)", s):
+        ebytes = mean_expert_bytes(model)
+        if ebytes is None:
+            raise UserError(f"capacity {text!r} is in bytes but the store does not record expert bytes; give slots or %")
+        slots = int(float(m.group(1)) * _UNITS[m.group(2)] // ebytes)
+    else:
+        try:
+            value = float(s)
+        except ValueError:
+            raise UserError(f"capacity {text!r} is neither a percentage, a size (0.6GB) nor a slot count") from None
+        if value != int(value):
+            raise UserError(f"capacity {text!r}: a slot count must be a whole number")
+        slots = int(value)
+    if slots <= 0:
+        raise UserError(f"capacity {text!r} is {slots} expert slots; it must be positive")
+    need = model.top_k * (model.num_layers if partition == "per-layer" else 1)
+    if slots < need:
+        where = f"{model.top_k} per layer x {model.num_layers} layers" if partition == "per-layer" else f"top-k {model.top_k}"
+        raise UserError(f"capacity {text!r} is {slots} expert slots, below one layer's need ({where} = {need})")
+    return min(slots, total)

@@ -1,0 +1,213 @@
+"""Forecast eviction: evict the expert with the latest *forecast* next use (Belady with estimates).
+
+Expert ``e`` of layer ``l`` can only be needed at layer ``l`` of a pass. With the execution point
+at layer ``h`` of the running pass, its next use is
+
+    d0 + L * (N - 1) layer-steps away,   d0 = l - h if l > h else l - h + L,
+
+where ``N >= 1`` counts the passes that reach layer ``l`` until ``e`` is chosen there again. LRU
+ignores ``d0``: in a decode stream that cycles through the layers it evicts exactly the experts of
+the layers coming next. The policy knows ``d0``; a reuse forecaster (:mod:`predictors.reuse`)
+estimates ``N`` from the per-(layer, expert) history (recency, gaps, decayed use rates, router
+weights). With the true ``N`` the policy *is* Belady (see the tests).
+
+It only uses what the cache tells every policy -- pass and layer starts, inserts, demand accesses
+(with their router weight), evictions -- so it runs unchanged in the simulator and in the engine:
+
+- at the end of each layer (the next ``on_layer_start``/``on_pass_start``) it records which experts
+  the layer used into its :class:`~predictors.reuse_features.ReuseHistory` and refreshes the
+  forecast of that layer's E experts for their next opportunity (one small batch per layer); an
+  online forecaster first learns from the labels the layer just revealed;
+- ``victim`` ranks the resident keys by forecast next use (vectorised over the resident set) and
+  returns the latest one that ``eligible`` allows; ties go to the least recently touched.
+
+Parameters:
+
+- ``forecaster``: a :class:`~predictors.reuse.ReuseForecaster`, a path to a reuse checkpoint
+  (``python -m predictors.reuse``), or None for the counted forecaster learning online from the
+  run itself (no training data needed).
+- ``predicted_reuse``: when a prefetcher/predictor marks a resident key for this pass
+  (``on_predicted``) and its layer is still ahead, its probability of being used at that
+  opportunity is raised to at least this value (None: ignore the marks).
+- ``prefetch_may_evict``: whether a prefetch may evict at all (default True, like LRU).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import numpy as np
+
+from offload.policies.base import Eligible, EvictionPolicy, Key
+
+
+class Forecast(EvictionPolicy):
+    name = "forecast"
+
+    def __init__(self, forecaster: Any = None, *, predicted_reuse: float | None = None,
+                 prefetch_may_evict: bool = True):
+        if predicted_reuse is not None and not 0.0 < predicted_reuse <= 1.0:
+            raise ValueError(f"predicted_reuse must be in (0, 1], got {predicted_reuse}")
+        self.forecaster_spec = forecaster
+        self.predicted_reuse = predicted_reuse
+        self.prefetch_may_evict = prefetch_may_evict
+        self.forecaster = None
+        self._bound_once = False  # the base constructor binds a 1 x 1 placeholder before the cache does
+        super().__init__()
+
+    # ------------------------------------------------------------------ lifecycle
+    def _make_forecaster(self, num_layers: int, num_experts: int):
+        from predictors.reuse import ReuseForecaster, default_forecaster, load_reuse_forecaster
+
+        spec = self.forecaster_spec
+        if spec is None:
+            return default_forecaster(num_layers, num_experts, 1)
+        if isinstance(spec, (str, os.PathLike)):
+            spec = load_reuse_forecaster(spec)
+            self.forecaster_spec = spec
+        if not isinstance(spec, ReuseForecaster):
+            raise TypeError(f"forecaster must be a ReuseForecaster, a checkpoint path or None, got {type(spec)}")
+        if (spec.num_layers, spec.num_experts) != (num_layers, num_experts) and self._bound_once:
+            from data_pipeline.errors import UserError
+
+            raise UserError(f"the reuse forecaster was trained for {spec.num_layers} layers x {spec.num_experts} "
+                            f"experts, the cache holds {num_layers} x {num_experts}")
+        return copy.deepcopy(spec)  # an online forecaster learns during a run: every bind starts afresh
+
+    def bind(self, num_layers: int, num_experts: int) -> None:
+        from predictors.reuse_features import ReuseHistory
+
+        super().bind(num_layers, num_experts)
+        self.forecaster = self._make_forecaster(num_layers, num_experts)
+        self._bound_once = True
+        shape = (num_layers, num_experts)
+        self.history = ReuseHistory(num_layers, num_experts)
+        self.resident_mask = np.zeros(shape, dtype=bool)
+        self.touch_clock = np.zeros(shape, dtype=np.int64)
+        self.touch_pass = np.full(shape, -1, dtype=np.int64)
+        self.predicted = np.zeros(shape, dtype=bool)
+        self.pending: list[dict[int, float]] = [{} for _ in range(num_layers)]
+        self.done_layers = 0  # layers of the running pass already folded into the history
+        self.expected = np.ones(shape)  # forecast N per (layer, expert) for its next opportunity
+        for layer in range(num_layers):
+            self.expected[layer] = self.forecaster.expected_passes(self.history, layer, 0)
+
+    # ------------------------------------------------------------------ hooks
+    def on_pass_start(self, pass_index: int, phase: int) -> None:
+        if self.pass_index >= 0:
+            self._finish_layers(self.num_layers)
+        super().on_pass_start(pass_index, phase)
+        self.done_layers = 0
+        self.predicted[:] = False
+
+    def on_layer_start(self, layer: int) -> None:
+        self._finish_layers(layer)
+        super().on_layer_start(layer)
+
+    def on_insert(self, key: Key, *, prefetch: bool, hint: Any = None) -> None:
+        super().on_insert(key, prefetch=prefetch, hint=hint)
+        self.resident_mask[key] = True
+
+    def on_access(self, key: Key, *, score: float = 0.0, hint: Any = None) -> None:
+        super().on_access(key, score=score, hint=hint)
+        used = self.pending[key[0]]
+        used[key[1]] = used.get(key[1], 0.0) + float(score)
+
+    def on_predicted(self, key: Key) -> None:
+        self.predicted[key] = True
+        self.touch_pass[key] = self.pass_index
+
+    def on_evict(self, key: Key) -> None:
+        super().on_evict(key)
+        self.resident_mask[key] = False
+
+    def _touch(self, key: Key) -> None:
+        super()._touch(key)
+        self.touch_clock[key] = self.clock
+        self.touch_pass[key] = self.pass_index
+
+    def _finish_layers(self, upto: int) -> None:
+        """Fold layers ``done_layers .. upto-1`` of the running pass into the history and re-forecast them."""
+        p = max(self.pass_index, 0)
+        for layer in range(self.done_layers, upto):
+            used = self.pending[layer]
+            experts = np.fromiter(used.keys(), dtype=np.int64, count=len(used))
+            weights = np.fromiter(used.values(), dtype=np.float64, count=len(used))
+            if getattr(self.forecaster, "online", False):
+                seen = np.flatnonzero(self.history.uses[layer] > 0)
+                if len(seen):
+                    label = np.zeros(self.num_experts, dtype=bool)
+                    label[experts] = True
+                    self.forecaster.learn(self.history.features(layer, p)[seen], label[seen])
+            self.history.observe(layer, p, experts, weights)
+            self.expected[layer] = self.forecaster.expected_passes(self.history, layer, p + 1)
+            used.clear()
+        self.done_layers = max(self.done_layers, upto)
+
+    # ------------------------------------------------------------------ forecasts
+    def next_use(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        """Forecast layer-steps from the execution point to the next use of each (layer, expert)."""
+        L, here = self.num_layers, self.layer
+        ahead = layers > here
+        d0 = np.where(ahead, layers - here, layers - here + L)
+        n = self.expected[layers, experts]
+        if self.predicted_reuse is not None:
+            marked = ahead & self.predicted[layers, experts]
+            n = np.where(marked, np.minimum(n, 1.0 / self.predicted_reuse), n)
+        return d0 + L * (n - 1.0)
+
+    def forecast(self, key: Key) -> float:
+        """Forecast layer-steps until ``key`` is needed again (for reports and tests)."""
+        return float(self.next_use(np.array([key[0]]), np.array([key[1]]))[0])
+
+    def _ranked(self, mask: np.ndarray) -> list[Key]:
+        """Keys of ``mask`` by decreasing forecast next use, ties by least recent touch."""
+        flat = np.flatnonzero(mask.ravel())
+        layers, experts = np.divmod(flat, self.num_experts)
+        order = np.lexsort((self.touch_clock[layers, experts], -self.next_use(layers, experts)))
+        return list(zip(layers[order].tolist(), experts[order].tolist(), strict=True))
+
+    def _first_eligible(self, mask: np.ndarray, eligible: Eligible) -> Key | None:
+        for key in self._ranked(mask):
+            if eligible(key):
+                return key
+        return None
+
+    def victim(self, eligible: Eligible, *, for_prefetch: bool = False) -> Key | None:
+        if for_prefetch and not self.prefetch_may_evict:
+            return None
+        return self._first_eligible(self.resident_mask, eligible)
+
+    def describe(self) -> dict[str, Any]:
+        f = self.forecaster
+        return {"policy": self.name, "forecaster": getattr(f, "family", None),
+                **({} if f is None else f.hparams()), "predicted_reuse": self.predicted_reuse,
+                "prefetch_may_evict": self.prefetch_may_evict}
+
+
+class LeastStaleForecast(Forecast):
+    """Least-Stale whose queues are ordered by forecast next use instead of layer position.
+
+    Stale experts (last touched or forecast in an earlier pass) go first, the one with the latest
+    forecast next use first; current experts only when no stale one may go, again by forecast, and
+    never for a prefetch unless ``prefetch_evicts_current`` (as in :mod:`least_stale`).
+    """
+
+    name = "least_stale_forecast"
+
+    def __init__(self, forecaster: Any = None, *, predicted_reuse: float | None = None,
+                 prefetch_evicts_current: bool = False):
+        self.prefetch_evicts_current = prefetch_evicts_current
+        super().__init__(forecaster, predicted_reuse=predicted_reuse)
+
+    def victim(self, eligible: Eligible, *, for_prefetch: bool = False) -> Key | None:
+        stale = self.resident_mask & (self.touch_pass < self.pass_index)
+        key = self._first_eligible(stale, eligible)
+        if key is not None or (for_prefetch and not self.prefetch_evicts_current):
+            return key
+        return self._first_eligible(self.resident_mask & ~stale, eligible)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "prefetch_evicts_current": self.prefetch_evicts_current}
