@@ -225,7 +225,7 @@ class OffloadEngine:
         ids, weights = self._route(layer, route)
         self._chosen.append(ids)
         if self.recorder is not None:
-            self.recorder.layer(layer, ids, weights, x)
+            self.recorder.layer(layer, ids, weights, x, route.logits)
         accesses = layer_accesses(ids, weights)
         self._score_forecasts(layer, accesses)
         needed = [(layer, e) for e, _, _ in accesses]

@@ -1,9 +1,10 @@
 """Record what the engine's cache saw as a trace store, so the simulator can replay the same run.
 
 The recorded ids are the experts the cache was asked for (after the routing policy and the miss
-handler; a dropped slot is -1), in the store's rank order, so ``offload.passes.build_passes`` on the
+handler), in the store's rank order, so ``offload.passes.build_passes`` on the
 store rebuilds exactly the engine's access sequence. Hidden states (the MoE inputs, fp16) are kept
-when asked, so the simulator's gating-lookahead prefetchers can replay the forecasts too.
+when asked, so the simulator's gating-lookahead prefetchers can replay the forecasts too; router
+logits (fp16) always, so it can replay substitution.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ class TraceRecorder:
         self.num_layers = num_layers
         self.top_k = top_k
         self.hidden = hidden
-        self._rows: dict[str, list[np.ndarray]] = {k: [] for k in
-                                                   ("seq_id", "position", "token_id", "phase", "ids", "weights")}
+        self._rows: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("seq_id", "position", "token_id", "phase", "ids", "weights", "logits")}
         self._hidden_rows: dict[int, list[np.ndarray]] = {layer: [] for layer in range(num_layers)}
         self._seq = -1
         self._input: list[int] = []
-        self._pass: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+        self._pass: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]] = {}
         self._phase = PREFILL
         self._position = 0
         self._decode_entries: list[int] = []
@@ -44,10 +45,12 @@ class TraceRecorder:
         self._flush()
         self._phase = phase
 
-    def layer(self, layer: int, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> None:
+    def layer(self, layer: int, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor,
+              logits: torch.Tensor) -> None:
         h = x.detach().to("cpu", torch.float16).numpy() if self.hidden else None
         self._pass[layer] = (ids.detach().cpu().numpy().astype(np.int16),
-                             weights.detach().float().cpu().numpy(), h)
+                             weights.detach().float().cpu().numpy(), h,
+                             logits.detach().to("cpu", torch.float16).numpy())
 
     def end_sequence(self, generated: list[int]) -> None:
         self._flush()
@@ -73,6 +76,7 @@ class TraceRecorder:
         self._rows["phase"].append(np.full(T, self._phase, dtype=np.int8))
         self._rows["ids"].append(np.stack([self._pass[layer][0] for layer in range(self.num_layers)], axis=1))
         self._rows["weights"].append(np.stack([self._pass[layer][1] for layer in range(self.num_layers)], axis=1))
+        self._rows["logits"].append(np.stack([self._pass[layer][3] for layer in range(self.num_layers)], axis=1))
         if self.hidden:
             for layer in range(self.num_layers):
                 self._hidden_rows[layer].append(self._pass[layer][2])
@@ -87,12 +91,12 @@ class TraceRecorder:
             raise ValueError("nothing was recorded")
         cat = {k: np.concatenate(v) for k, v in self._rows.items()}
         writer = TraceStoreWriter(
-            path, model, hidden_layers=list(range(self.num_layers)) if self.hidden else (),
+            path, model, hidden_layers=list(range(self.num_layers)) if self.hidden else (), store_router_logits=True,
             dataset=dataset, collection={"source": "offload.engine"},
         )
         writer.write_shard(
             seq_id=cat["seq_id"], position=cat["position"], token_id=cat["token_id"], phase=cat["phase"],
-            topk_ids=cat["ids"], topk_weights=cat["weights"],
+            topk_ids=cat["ids"], topk_weights=cat["weights"], router_logits=cat["logits"],
             hidden={layer: np.concatenate(v) for layer, v in self._hidden_rows.items()} if self.hidden else None,
         )
         if router_weights is not None:
