@@ -59,8 +59,13 @@ def parse_bandwidth(text: str) -> float | None:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="evaluate.py",
         description="Run an MoE model with offloaded experts (or simulate it) and report hit rate, "
                     "collisions, stall time, TTFT and TPOT next to LRU and the oracle bound.",
@@ -152,6 +157,7 @@ def _predictor(args: argparse.Namespace, loaded: Any, prefetch: str):
         return predictor
     a = loaded.adapter
     weights = torch.stack([a.router_weight(i).detach().float().cpu() for i in range(a.num_layers)])
+    weights = weights.to(args.device)  # the engine calls it on device-resident hidden states
     lookahead = 1 if prefetch in ("topk", "score") else (args.lookahead or 1)
     return GateLookahead(weights, a.top_k, lookahead)
 

@@ -127,6 +127,8 @@ class OffloadEngine:
                 f"the predictor was built for {predictor.num_layers} layers x {predictor.num_experts} experts, "
                 f"the model has {self.num_layers} x {self.num_experts}"
             )
+        if isinstance(predictor, torch.nn.Module):
+            predictor.to(self.device)  # learned predictors run where the hidden states are
         self.predictor = predictor
         self.store = HostExpertStore(adapter, pin=self.device.type == "cuda")
         loaded.model.to(self.device)
@@ -148,6 +150,7 @@ class OffloadEngine:
         self._chosen: list[torch.Tensor] = []  # this pass: (T, K) ids per layer run so far
         self._previous: torch.Tensor | None = None  # (1, L, K) the previous token's experts
         self._forecasts: dict[int, list[np.ndarray]] = {}  # target layer -> forecasts made this pass
+        self._substitutes: set[Key] = set()
         self.recorder: TraceRecorder | None = None
         self._closed = False
         for layer in range(self.num_layers):
@@ -230,6 +233,7 @@ class OffloadEngine:
         self._score_forecasts(layer, accesses)
         needed = [(layer, e) for e, _, _ in accesses]
         self.cache.begin_layer(layer, needed)
+        self._substitutes: set[Key] = set()  # resident experts standing in for misses: keep until run
         # a long prompt may need more experts at one layer than there are slots: then each expert
         # runs right after its access, before a later access of the layer may evict it
         streaming = len(needed) > self._room_for(layer)
@@ -313,9 +317,10 @@ class OffloadEngine:
             if sub is not None:
                 self._count_miss(self.cache.access(key, score, fetch=False))
                 self.cache.use((layer, sub), score)
+                self._substitutes.add((layer, sub))
                 c.substituted += 1
                 return sub
-        r = self.cache.access(key, score)
+        r = self.cache.access(key, score, protected=self._substitutes)
         self._count_miss(r)
         if r.evicted is not None:
             self._on_evicted(r.evicted)
@@ -381,7 +386,7 @@ class OffloadEngine:
             for key in keys:
                 if key in self.cache:
                     continue
-                ins = self.cache.insert(key, prefetch=True)
+                ins = self.cache.insert(key, prefetch=True, protected=self._substitutes)
                 if ins is None:
                     continue  # the policy will not evict for a guess
                 if ins.evicted is not None:

@@ -1,0 +1,119 @@
+"""``evaluate.py`` engine mode end to end on tiny OLMoE, and its one-line refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from data_pipeline.errors import run_cli
+from offload.engine.cli import main, parse_bandwidth
+
+FAST = ["--prompts", "1", "--max-new-tokens", "3", "--no-wandb"]
+
+
+def _fails(capsys, argv: list[str], *needles: str) -> str:
+    with pytest.raises(SystemExit) as exc:
+        run_cli(main, argv)
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def _save_checkpoint(folder, info, lookahead: int = 2):
+    """A learned-family predictor file in train.py's layout (run.json names the best family)."""
+    from data_pipeline.models import load_model
+    from predictors.checkpoint import save_predictor
+    from predictors.mlp_lookahead import MLPLookahead
+
+    a = load_model("tiny-olmoe").adapter
+    weights = torch.stack([a.router_weight(i).detach().float() for i in range(a.num_layers)])
+    run = folder / "run-0"
+    save_predictor(MLPLookahead(weights, a.top_k, lookahead, width=16), run / "mlp_lookahead", model=info)
+    (run / "run.json").write_text(json.dumps({"best": "mlp", "predictors": {"mlp": "mlp_lookahead.safetensors"}}))
+    return run / "mlp_lookahead.safetensors"
+
+
+def test_parse_bandwidth():
+    assert parse_bandwidth("5GB/s") == 5e9
+    assert parse_bandwidth("500MB/s") == 5e8
+    assert parse_bandwidth("1GiB/s") == 2**30
+    assert parse_bandwidth("2.5e9") == 2.5e9
+    assert parse_bandwidth("inf") is None
+
+
+def test_bad_input_is_one_line(capsys, tmp_path):
+    _fails(capsys, ["--checkpoints", str(tmp_path / "none"), *FAST], "python train.py")
+    _fails(capsys, ["--bandwidth", "0GB/s", *FAST], "bandwidth")
+    _fails(capsys, ["--bandwidth=-5GB/s", *FAST], "bandwidth")
+    _fails(capsys, ["--policy-typo", "lru"], "unrecognized arguments")
+    _fails(capsys, ["--system", "hobbit", *FAST], "quantized")
+    if not torch.cuda.is_available():
+        _fails(capsys, ["--device", "cuda", *FAST], "GPU")
+
+
+@pytest.mark.slow
+def test_refusals_that_need_the_model(capsys, tmp_path):
+    from data_pipeline.trace_store import ModelInfo
+
+    _fails(capsys, ["--prefetch", "none", "--capacity", "3", *FAST], "capacity")  # top-k is 4
+    other = ModelInfo("another-moe", "olmoe", 6, 32, 4, hidden_size=128)
+    ckpt = _save_checkpoint(tmp_path / "ckpt", other)
+    _fails(capsys, ["--checkpoint", str(ckpt), *FAST], "trained for another-moe")
+    long_text = tmp_path / "long.txt"
+    long_text.write_text(" ".join(["word"] * 2000))
+    _fails(capsys, ["--prefetch", "none", "--dataset", str(long_text), *FAST], "context")
+
+
+@pytest.mark.slow
+def test_default_run_with_a_checkpoint_prints_the_table_and_writes_json(capsys, tmp_path):
+    from data_pipeline.models import load_model
+
+    _save_checkpoint(tmp_path / "checkpoints", load_model("tiny-olmoe").info)
+    out = tmp_path / "report.json"
+    main(["--policy", "least_stale", "--checkpoints", str(tmp_path / "checkpoints"), "--prompts", "2",
+          "--max-new-tokens", "4", "--no-wandb", "--json", str(out), "--plots", str(tmp_path / "plots")])
+    printed = capsys.readouterr().out
+    for label in ("plain model", "least_stale + learned", "lru + learned", "oracle bound"):
+        assert label in printed
+    report = json.loads(out.read_text())
+    assert report["lookahead"] == 2 and report["capacity_slots"] == 10  # 5 % of 6 x 32
+    ls, lru, oracle = report["rows"]
+    for row in (ls, lru):
+        s = row["engine"]["summary"]
+        assert s["hits"] + s["misses"] == s["accesses"] > 0
+        assert s["token_agreement"] == 1.0  # fetch mode: exact
+        assert s["forecast_predicted"] > 0 and 0 < s["precision"] <= 1
+        assert row["sim"]["accesses"] == s["accesses"]  # the simulator replayed this very run
+    assert oracle["sim"]["policy"] == "belady" and oracle["sim"]["prefetch"] == "oracle"
+    assert oracle["sim"]["hit_rate"] >= max(ls["engine"]["summary"]["hit_rate"], lru["engine"]["summary"]["hit_rate"])
+    assert {p.name for p in (tmp_path / "plots").glob("*.png")} == {"hit_collision.png", "ttft.png",
+                                                                   "ttft_per_prompt.png"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("system", ["mixturecache", "zhu", "eliseev_mazur"])
+def test_paper_systems_run_next_to_least_stale(capsys, tmp_path, system):
+    out = tmp_path / "r.json"
+    main(["--system", system, *FAST, "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["label"] for r in rows[:2]] == [system, f"{system} + LS"]
+    assert rows[1]["policy"] == "least_stale"
+    for r in rows[:2]:
+        s = r["engine"]["summary"]
+        assert s["accesses"] > 0
+        if system == "eliseev_mazur":
+            assert s["token_agreement"] == 1.0  # fetch: exact outputs
+
+
+@pytest.mark.slow
+def test_sim_mode_replays_without_the_engine(tmp_path):
+    out = tmp_path / "r.json"
+    main(["--mode", "sim", "--prefetch", "gate", "--lookahead", "2", *FAST, "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert all("engine" not in r for r in report["rows"])
+    assert all(r["sim"]["accesses"] > 0 for r in report["rows"])
