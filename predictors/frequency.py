@@ -88,7 +88,7 @@ class ConditionalFrequency(Predictor):
         self.counts = counts.float()  # (L, D, E_src, E_dst): tokens with i at l and j at l+d
         self.popularity = popularity.float()  # (L, E): fraction of tokens choosing each expert
         self.smoothing = float(smoothing)
-        self._table = self._conditional()
+        self.table = self._conditional()
 
     def _conditional(self) -> torch.Tensor:
         """(L, D, E, E) smoothed P(j at l+d | i at l); rows past the last layer stay zero."""
@@ -121,7 +121,7 @@ class ConditionalFrequency(Predictor):
         if ctx.chosen is None:
             raise UserError(f"{self.family} needs the experts chosen at layer {ctx.layer}")
         src = ctx.chosen[:, ctx.layer].long()  # (T, K)
-        rows = self._table[ctx.layer][:, src]  # (D, T, K, E)
+        rows = self.table[ctx.layer][:, src]  # (D, T, K, E)
         return rows.mean(dim=2).transpose(0, 1).contiguous()  # (T, D, E)
 
     def describe(self) -> dict[str, Any]:

@@ -1,0 +1,188 @@
+"""Training pairs from a trace store: a split by sequence, a token dataset and the DataModule.
+
+Neighbouring tokens of one sequence share most of their routing, so a split by token would leak
+the test set into training; splits are by sequence. A store with fewer sequences than the split
+needs (an imported single-prompt log, such as the gemma trace) is split by position instead:
+every sequence's prefill and the first part of its decode train, the next part validates, the
+last part tests -- a forecast of later decode steps from earlier ones, which is what an engine
+serving that prompt would face. :attr:`TraceSplit.how` says which split was made.
+
+A batch is a dict of tensors over B tokens:
+
+- ``topk_ids`` (B, L, K) long: the experts every layer chose;
+- ``previous`` (B, L, K) long: the previous token's experts in the same sequence; the first
+  token of a sequence has ``num_experts`` everywhere (= no previous token);
+- ``hidden`` (B, L_h, H) float32 at the layers in :attr:`TokenDataset.hidden_layers` (only when
+  asked for);
+- ``row`` (B,) the global row index in the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data_pipeline.errors import UserError
+from data_pipeline.trace_store import DECODE, TraceStore
+
+SPLITS = ("auto", "sequence", "position")
+
+
+@dataclass
+class TraceSplit:
+    train: np.ndarray  # global row indices
+    val: np.ndarray
+    test: np.ndarray
+    how: str  # "sequence" or "position"
+
+    def describe(self) -> str:
+        sizes = f"{len(self.train)}/{len(self.val)}/{len(self.test)} tokens"
+        if self.how == "sequence":
+            return f"split by sequence (train/val/test {sizes})"
+        return f"split by position within each sequence's decode: train on the first part, evaluate on the rest ({sizes})"
+
+
+def _counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+    n_val = max(1, int(round(n * val_fraction)))
+    n_test = max(1, int(round(n * test_fraction)))
+    return n - n_val - n_test, n_val, n_test
+
+
+def split_rows(store: TraceStore, *, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
+               split: str = "auto") -> TraceSplit:
+    """Deterministic train/val/test rows for ``seed``; by sequence unless there are too few."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise UserError("val_fraction and test_fraction must be in (0, 1) and sum to less than 1")
+    bounds = store.sequence_bounds()
+    if store.num_tokens == 0:
+        raise UserError(f"trace store {store.path} is empty (0 tokens); collect or import traces first")
+    n_seq = len(bounds)
+    how = split if split != "auto" else ("sequence" if n_seq >= 3 else "position")
+    if how == "sequence":
+        n_train, n_val, n_test = _counts(n_seq, val_fraction, test_fraction)
+        if n_train < 1:
+            raise UserError(
+                f"trace store {store.path} has {n_seq} sequence(s); a train/val/test split by sequence needs "
+                f"at least 3 (collect more, or use split: position)"
+            )
+        order = np.random.default_rng(seed).permutation(n_seq)
+        parts = [order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:]]
+        rows = [np.concatenate([np.arange(bounds[i, 1], bounds[i, 2]) for i in sorted(p)]) for p in parts]
+        return TraceSplit(*rows, how="sequence")
+    phases = store.phases
+    parts_rows: list[list[np.ndarray]] = [[], [], []]
+    for _, start, stop in bounds:
+        rows = np.arange(start, stop)
+        decode = rows[phases[start:stop] == DECODE]
+        timeline = decode if len(decode) >= 3 else rows  # no decode phase: split the prompt itself
+        n_train, n_val, n_test = _counts(len(timeline), val_fraction, test_fraction)
+        if n_train < 1:
+            continue
+        first_val = timeline[n_train]
+        parts_rows[0].append(rows[rows < first_val])
+        parts_rows[1].append(timeline[n_train:n_train + n_val])
+        parts_rows[2].append(timeline[n_train + n_val:])
+    if not parts_rows[0]:
+        raise UserError(
+            f"trace store {store.path} is too small to split: {store.num_tokens} token(s) in {n_seq} sequence(s); "
+            f"a split by position needs at least 3 tokens in a sequence"
+        )
+    return TraceSplit(*(np.concatenate(p) for p in parts_rows), how="position")
+
+
+def previous_rows(store: TraceStore) -> np.ndarray:
+    """(N,) global row of each token's predecessor in its sequence, -1 for a sequence's first token."""
+    prev = np.arange(store.num_tokens, dtype=np.int64) - 1
+    prev[store.sequence_bounds()[:, 1]] = -1
+    return prev
+
+
+class TokenDataset(Dataset):
+    """Tokens of a store by global row; fetches whole batches at once (``__getitems__``).
+
+    Columns stay memory-mapped: a batch reads only its rows. The store is reopened in each
+    worker process (Arrow memory maps do not pickle).
+    """
+
+    def __init__(self, store: TraceStore | str | Path, rows: np.ndarray, *, hidden: bool = False):
+        self.store = store if isinstance(store, TraceStore) else TraceStore(store)
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.with_hidden = hidden
+        self.hidden_layers = list(self.store.hidden_layers) if hidden else []
+        if hidden and not self.hidden_layers:
+            raise UserError(f"{self.store.path} has no hidden states")
+        self._open()
+
+    def _open(self) -> None:
+        self._ids = self.store.topk_ids()
+        self._prev = previous_rows(self.store)
+        self._hidden = [self.store.hidden(layer) for layer in self.hidden_layers]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": str(self.store.path), "rows": self.rows, "with_hidden": self.with_hidden,
+                "hidden_layers": self.hidden_layers}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.store = TraceStore(state["path"])
+        self.rows, self.with_hidden, self.hidden_layers = state["rows"], state["with_hidden"], state["hidden_layers"]
+        self._open()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([index]).items()}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        rows = self.rows[np.asarray(indices, dtype=np.int64)]
+        ids = torch.from_numpy(self._ids[rows].astype(np.int64))
+        prev_rows = self._prev[rows]
+        previous = torch.from_numpy(self._ids[np.maximum(prev_rows, 0)].astype(np.int64))
+        previous[torch.from_numpy(prev_rows < 0)] = self.store.num_experts
+        batch = {"topk_ids": ids, "previous": previous, "row": torch.from_numpy(rows)}
+        if self._hidden:
+            batch["hidden"] = torch.from_numpy(np.stack([h[rows] for h in self._hidden], axis=1).astype(np.float32))
+        return batch
+
+
+def _keep_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Collate for ``__getitems__`` datasets: the batch is already assembled."""
+    return batch
+
+
+class TraceDataModule(pl.LightningDataModule):
+    """Train/val/test loaders over one trace store, split by sequence (see :func:`split_rows`)."""
+
+    def __init__(self, store: str | Path, *, hidden: bool = False, batch_size: int = 256, num_workers: int = 0,
+                 seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15, split: str = "auto"):
+        super().__init__()
+        self.store = TraceStore(store)
+        self.hidden = hidden
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.split = split_rows(self.store, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+                                split=split)
+        self.datasets = {name: TokenDataset(self.store, getattr(self.split, name), hidden=hidden)
+                         for name in ("train", "val", "test")}
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.datasets[name], batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, collate_fn=_keep_batch, generator=generator,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

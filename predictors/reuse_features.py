@@ -1,0 +1,138 @@
+"""Per-(layer, expert) reuse history: the features a reuse forecaster reads, kept online.
+
+A decode pass runs layers 0..L-1, so expert ``e`` of layer ``l`` can only be needed again at
+layer ``l`` of some pass: its **next opportunity** is layer ``l`` of the next pass that has not
+run layer ``l`` yet. Everything a reuse forecaster needs about ``(l, e)`` is therefore a summary
+of the passes in which layer ``l`` chose ``e`` (LRB-style features: recency, inter-arrival gaps,
+exponentially decayed counts at several half-lives, router weights).
+
+The same :class:`ReuseHistory` object is fed by the eviction policy at run time (from the demand
+accesses it sees) and by :func:`replay_rows` when training rows are built from a trace store, so
+training and serving features are computed by one piece of code and cannot drift apart.
+
+Decayed counts are bias-corrected (divided by the decayed count of "one per pass"), so they are
+rates in [0, 1] that mean the same thing after 5 passes as after 5000 -- raw window counts would
+shift between the early (training) and late (test) part of one long decode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+HALF_LIVES = (1.0, 4.0, 16.0, 64.0)  # passes
+AGE_CAP = 512.0  # passes; "never used" reads as this age
+FEATURE_NAMES = (
+    "log_age",  # passes from the last use to the next opportunity
+    "log_gap1",  # passes between the last two uses
+    "log_gap2",  # passes between the two uses before that
+    *[f"rate_h{int(h)}" for h in HALF_LIVES],  # bias-corrected decayed use rates
+    "last_weight",  # router weight at the last use (summed over a prefill's tokens, capped at 1)
+    "mean_weight",
+    "never_used",
+    "layer_position",  # layer / (L - 1)
+)
+NUM_FEATURES = len(FEATURE_NAMES)
+
+
+class ReuseHistory:
+    """Online reuse statistics of every (layer, expert), updated one layer of one pass at a time."""
+
+    def __init__(self, num_layers: int, num_experts: int):
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        shape = (num_layers, num_experts)
+        never = -np.inf
+        self.last = np.full(shape, never)  # pass index of the last use
+        self.prev = np.full(shape, never)
+        self.prev2 = np.full(shape, never)
+        self.ema = np.zeros((len(HALF_LIVES), *shape))
+        self.ema_norm = np.zeros((len(HALF_LIVES), num_layers))  # decayed count of observed passes
+        self.decay = np.array([0.5 ** (1.0 / h) for h in HALF_LIVES])
+        self.last_weight = np.zeros(shape)
+        self.weight_sum = np.zeros(shape)
+        self.uses = np.zeros(shape)
+        self.observed = np.full(num_layers, -1, dtype=np.int64)  # last pass observed per layer
+
+    def observe(self, layer: int, pass_index: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """Record that in pass ``pass_index`` layer ``layer`` used ``experts`` (possibly none).
+
+        Passes of a layer must be observed in increasing order; a pass skipped in between counts
+        as a pass in which the layer used nothing (the rates decay over it).
+        """
+        if pass_index <= self.observed[layer]:
+            raise ValueError(f"layer {layer}: pass {pass_index} observed after pass {self.observed[layer]}")
+        gap = 1 if self.observed[layer] < 0 else pass_index - int(self.observed[layer])
+        self.observed[layer] = pass_index
+        d = self.decay[:, None] ** gap
+        self.ema[:, layer] *= d
+        self.ema_norm[:, layer] = self.ema_norm[:, layer] * self.decay**gap + (1 - self.decay)
+        experts = np.asarray(experts, dtype=np.int64)
+        if len(experts) == 0:
+            return
+        w = np.ones(len(experts)) if weights is None else np.minimum(np.asarray(weights, dtype=np.float64), 1.0)
+        self.ema[:, layer, experts] += (1 - self.decay)[:, None]
+        self.prev2[layer, experts] = self.prev[layer, experts]
+        self.prev[layer, experts] = self.last[layer, experts]
+        self.last[layer, experts] = pass_index
+        self.last_weight[layer, experts] = w
+        self.weight_sum[layer, experts] += w
+        self.uses[layer, experts] += 1
+
+    def features(self, layer: int, next_pass: int) -> np.ndarray:
+        """(E, NUM_FEATURES) float32 features of layer ``layer``'s experts for opportunity ``next_pass``."""
+        last, prev, prev2 = self.last[layer], self.prev[layer], self.prev2[layer]
+        with np.errstate(invalid="ignore"):  # -inf - -inf (fewer than 2 or 3 uses) -> nan -> capped below
+            age = np.minimum(next_pass - last, AGE_CAP)
+            gap1 = np.minimum(last - prev, AGE_CAP)
+            gap2 = np.minimum(prev - prev2, AGE_CAP)
+        norm = np.maximum(self.ema_norm[:, layer], 1e-12)[:, None]
+        rates = self.ema[:, layer] / norm
+        uses = self.uses[layer]
+        cols = [
+            np.log(np.maximum(age, 1.0)),
+            np.log(np.nan_to_num(gap1, nan=AGE_CAP, posinf=AGE_CAP)),
+            np.log(np.nan_to_num(gap2, nan=AGE_CAP, posinf=AGE_CAP)),
+            *rates,
+            self.last_weight[layer],
+            self.weight_sum[layer] / np.maximum(uses, 1.0),
+            (uses == 0).astype(np.float64),
+            np.full(self.num_experts, layer / max(self.num_layers - 1, 1)),
+        ]
+        return np.stack(cols, axis=1).astype(np.float32)
+
+    def age(self, layer: int, next_pass: int) -> np.ndarray:
+        """(E,) passes from the last use to ``next_pass`` (AGE_CAP when never used)."""
+        return np.minimum(next_pass - self.last[layer], AGE_CAP)
+
+
+def pass_layer_experts(passes, p: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """(experts, router weights) of layer ``layer`` in pass ``p`` of an :class:`offload.passes.Passes`."""
+    i = p * passes.num_layers + layer
+    lo, hi = passes.layer_ptr[i], passes.layer_ptr[i + 1]
+    return passes.expert[lo:hi], passes.score[lo:hi]
+
+
+def replay_rows(passes, *, include_never_used: bool = False) -> Iterator[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
+    """Replay passes in order; yield ``(pass, layer, experts, features, reused)`` per (pass >= 1, layer).
+
+    ``features`` (n, F) describe the experts ``experts`` (n,) of ``layer`` as known just before
+    pass ``pass`` runs layer ``layer`` (history of earlier passes only); ``reused`` (n,) bool says
+    whether layer ``layer`` of pass ``pass`` chose them -- the label "used at the next
+    opportunity". Experts never used before are skipped unless asked for: they cannot be resident
+    in a demand-fetch cache, so an eviction policy never ranks them.
+    """
+    L, E = passes.num_layers, passes.num_experts
+    hist = ReuseHistory(L, E)
+    for p in range(passes.num_passes):
+        for layer in range(L):
+            experts, weights = pass_layer_experts(passes, p, layer)
+            if p > 0:
+                feats = hist.features(layer, p)
+                keep = np.ones(E, dtype=bool) if include_never_used else hist.uses[layer] > 0
+                used = np.zeros(E, dtype=bool)
+                used[experts] = True
+                idx = np.flatnonzero(keep)
+                yield p, layer, idx, feats[idx], used[idx]
+            hist.observe(layer, p, experts, weights)

@@ -1,0 +1,298 @@
+"""Fit every requested family on one trace store, compare them on held-out tokens, save them.
+
+The flow behind ``python train.py`` (the CLI only parses arguments and prints):
+
+1. check the request against the store before anything is written (families that need hidden
+   states or router weights on a store without them, a distance past the last layer, a store
+   too small to split);
+2. split the store (:func:`data_pipeline.datamodule.split_rows`), fit the counting families and
+   the scikit-learn baseline on the training tokens, train each learned family with Lightning
+   (``ModelCheckpoint`` on ``val/recall@k``, early stopping on it), and load its best weights;
+3. score every family on the test tokens with the same metric and write the predictor files and
+   ``run.json`` (last: a run folder without it is unfinished) into ``checkpoints/<run>/``.
+
+If anything fails after the run folder was created, the folder is removed: a failed run leaves
+no partial checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_pipeline.errors import UserError
+from data_pipeline.trace_store import TraceStore
+from predictors.base import Predictor, check_lookahead
+from predictors.checkpoint import RUN_FILE, save_predictor
+from predictors.evaluation import evaluate_predictor
+from predictors.metrics import LookaheadMetrics
+
+TRAINING_FREE = ("frequency", "conditional_frequency", "gate_lookahead")
+LEARNED = ("mlp_lookahead", "trajectory")
+CLASSICAL = ("sklearn_logreg",)
+ALL_FAMILIES = TRAINING_FREE + CLASSICAL + LEARNED
+NEEDS_HIDDEN = ("gate_lookahead", "mlp_lookahead", "sklearn_logreg")
+NEEDS_ROUTERS = ("gate_lookahead", "mlp_lookahead")
+
+
+@dataclass
+class MLPConfig:
+    """mlp_lookahead: width of the shared MLP, optimiser settings."""
+
+    width: int = 128
+    dropout: float = 0.0
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class TrajectoryConfig:
+    """trajectory: embedding/GRU size, how many earlier layers it reads, optimiser settings."""
+
+    dim: int = 64
+    window: int = 3
+    dropout: float = 0.1
+    lr: float = 3e-3
+    weight_decay: float = 1e-3
+
+
+@dataclass
+class SklearnConfig:
+    """sklearn_logreg: the layer pairs (layer, distance) to fit, PCA size, inverse regularisation."""
+
+    pairs: list[tuple[int, int]] = field(default_factory=lambda: [(1, 1)])
+    n_components: int = 32
+    C: float = 1.0
+    max_train_tokens: int = 5000
+
+
+@dataclass
+class DataConfig:
+    """The trace store and how it is split and batched."""
+
+    store: str = "traces/demo"
+    split: str = "auto"
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    batch_size: int = 512
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass
+class FamilyResult:
+    family: str
+    predictor: Predictor
+    metrics: LookaheadMetrics
+    path: Path | None = None
+    seconds: float = 0.0
+    samples_per_s: float | None = None
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    split: str
+    results: list[FamilyResult]
+    best: str | None
+
+
+def check_request(store: TraceStore, families: list[str], lookahead: int) -> None:
+    """Refuse what cannot work on this store, in one line that says what would."""
+    unknown = [f for f in families if f not in ALL_FAMILIES]
+    if unknown:
+        raise UserError(f"unknown predictor family {unknown[0]!r}; choose from {', '.join(ALL_FAMILIES)}")
+    if not families:
+        raise UserError("no predictor families requested")
+    check_lookahead(lookahead, store.num_layers)
+    if not store.hidden_layers:
+        blocked = [f for f in families if f in NEEDS_HIDDEN]
+        if blocked:
+            works = ", ".join(f for f in ALL_FAMILIES if f not in NEEDS_HIDDEN)
+            raise UserError(f"{store.path} has no hidden states, which {', '.join(blocked)} need(s); "
+                            f"families that work on it: {works}")
+    if not store.has_router_weights:
+        blocked = [f for f in families if f in NEEDS_ROUTERS]
+        if blocked:
+            raise UserError(f"{store.path} has no router weights, which {', '.join(blocked)} need(s); "
+                            f"recollect it with data_pipeline.collect or drop those families")
+
+
+def fit_counting(family: str, store: TraceStore, train_rows: np.ndarray, lookahead: int) -> Predictor:
+    from predictors.frequency import ConditionalFrequency, FrequencyPredictor
+    from predictors.gate_lookahead import GateLookahead
+
+    if family == "gate_lookahead":
+        return GateLookahead.from_store(store, lookahead)
+    ids = store.topk_ids()[train_rows]
+    cls = FrequencyPredictor if family == "frequency" else ConditionalFrequency
+    return cls.fit(ids, store.num_experts, lookahead)
+
+
+def fit_sklearn(store: TraceStore, train_rows: np.ndarray, lookahead: int, cfg: SklearnConfig,
+                seed: int) -> Predictor:
+    from predictors.sklearn_baseline import SklearnLogReg
+
+    rng = np.random.default_rng(seed)
+    rows = train_rows if len(train_rows) <= cfg.max_train_tokens else np.sort(
+        rng.choice(train_rows, cfg.max_train_tokens, replace=False))
+    pairs = [(int(a), int(b)) for a, b in cfg.pairs]
+    hidden = {layer: store.hidden(layer)[rows] for layer in {p[0] for p in pairs} if store.has_hidden(layer)}
+    return SklearnLogReg.fit(hidden, store.topk_ids()[rows], pairs, num_experts=store.num_experts,
+                             lookahead=lookahead, n_components=cfg.n_components, C=cfg.C, seed=seed)
+
+
+def build_learned(family: str, store: TraceStore, train_rows: np.ndarray, lookahead: int, mlp: MLPConfig,
+                  traj: TrajectoryConfig):
+    from predictors.mlp_lookahead import MLPLookahead
+    from predictors.trajectory import TrajectoryPredictor
+
+    if family == "mlp_lookahead":
+        return MLPLookahead.from_store(store, lookahead, width=mlp.width, dropout=mlp.dropout), mlp
+    return TrajectoryPredictor.from_store(store, lookahead, rows=train_rows, dim=traj.dim, window=traj.window,
+                                          dropout=traj.dropout), traj
+
+
+def _throughput_callback():
+    """A callback that measures training samples/s over training batches only (not validation)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class TrainingThroughput(Callback):
+        def __init__(self) -> None:
+            self.samples, self.seconds, self._t = 0, 0.0, 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self._t = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.seconds += time.perf_counter() - self._t
+            self.samples += len(batch["row"])
+
+        @property
+        def rate(self) -> float:
+            return self.samples / self.seconds if self.seconds else 0.0
+
+    return TrainingThroughput()
+
+
+def train_learned(predictor, datamodule, *, run_dir: Path, trainer_kwargs: dict[str, Any], logger: Any,
+                  lr: float, weight_decay: float, overfetch: float, patience: int, meta: dict[str, Any],
+                  seed: int) -> float:
+    """Train with Lightning and load the best validation weights into ``predictor``; training samples/s."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    from predictors.lightning_module import MONITOR, LookaheadModule
+
+    pl.seed_everything(seed, workers=True, verbose=False)
+    module = LookaheadModule(predictor, datamodule.datasets["train"].hidden_layers, lr=lr,
+                             weight_decay=weight_decay, overfetch=overfetch, meta=meta)
+    ckpt = ModelCheckpoint(dirpath=run_dir / "lightning", filename=f"{predictor.family}-best", monitor=MONITOR,
+                           mode="max", save_top_k=1, auto_insert_metric_name=False)
+    stop = EarlyStopping(monitor=MONITOR, mode="max", patience=patience)
+    speed = _throughput_callback()
+    kwargs = dict(trainer_kwargs)
+    callbacks = [*(kwargs.pop("callbacks", None) or []), ckpt, stop, speed]
+    kwargs.setdefault("default_root_dir", str(run_dir))
+    trainer = pl.Trainer(**kwargs, logger=logger, callbacks=callbacks)
+    trainer.fit(module, datamodule=datamodule)
+    if ckpt.best_model_path:
+        state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+        module.load_state_dict(state)
+    predictor.eval()
+    return speed.rate
+
+
+def run_training(
+    *,
+    families: list[str],
+    data: DataConfig,
+    lookahead: int,
+    overfetch: float,
+    run_dir: Path,
+    trainer_kwargs: dict[str, Any],
+    logger_factory: Callable[[], Any] | None = None,
+    mlp: MLPConfig | None = None,
+    trajectory: TrajectoryConfig | None = None,
+    sklearn: SklearnConfig | None = None,
+    patience: int = 3,
+    on_split: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Fit, compare and save ``families`` on ``data.store`` into ``run_dir`` (see the module docstring)."""
+    from data_pipeline.datamodule import TraceDataModule
+
+    mlp, trajectory, sklearn = mlp or MLPConfig(), trajectory or TrajectoryConfig(), sklearn or SklearnConfig()
+    store = TraceStore(data.store)
+    check_request(store, families, lookahead)
+    hidden = any(f in NEEDS_HIDDEN for f in families)
+    dm = TraceDataModule(store.path, hidden=hidden, batch_size=data.batch_size, num_workers=data.num_workers,
+                         seed=data.seed, val_fraction=data.val_fraction, test_fraction=data.test_fraction,
+                         split=data.split)
+    if on_split:
+        on_split(dm.split.describe())
+    meta = {"model": store.model.__dict__, "model_key": store.model.key(), "store_fingerprint": store.fingerprint(),
+            "store": str(store.path), "split": dm.split.how, "seed": data.seed}
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"run folder {run_dir} already exists; choose another --run name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _fit_all(store, dm, families, lookahead, overfetch, run_dir, trainer_kwargs, logger_factory,
+                        mlp, trajectory, sklearn, patience, meta, data.seed)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)  # never leave a partial checkpoint behind
+        raise
+
+
+def _fit_all(store, dm, families, lookahead, overfetch, run_dir, trainer_kwargs, logger_factory, mlp, trajectory,
+             sklearn, patience, meta, seed) -> RunResult:
+    hidden_layers = dm.datasets["test"].hidden_layers
+    test_batches = list(dm.test_dataloader())
+    results: list[FamilyResult] = []
+    for family in families:
+        start = time.perf_counter()
+        rate = None
+        if family in TRAINING_FREE:
+            predictor = fit_counting(family, store, dm.split.train, lookahead)
+        elif family in CLASSICAL:
+            predictor = fit_sklearn(store, dm.split.train, lookahead, sklearn, seed)
+        else:
+            predictor, cfg = build_learned(family, store, dm.split.train, lookahead, mlp, trajectory)
+            rate = train_learned(predictor, dm, run_dir=run_dir, trainer_kwargs=trainer_kwargs,
+                                 logger=logger_factory() if logger_factory else False, lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay, overfetch=overfetch, patience=patience, meta=meta,
+                                 seed=seed)
+        seconds = time.perf_counter() - start
+        metrics = evaluate_predictor(predictor, test_batches, num_experts=store.num_experts,
+                                     hidden_layers=hidden_layers, overfetch=overfetch)
+        results.append(FamilyResult(family, predictor, metrics, seconds=seconds, samples_per_s=rate))
+    for r in results:
+        extra = {"test": {k: v.tolist() for k, v in r.metrics.per_distance().items()}, "split": meta["split"],
+                 "seed": seed}
+        r.path = save_predictor(r.predictor, run_dir / r.family, model=store.model,
+                                store_fingerprint=meta["store_fingerprint"], extra=extra)
+    best = _best_learned(results)
+    run = {"store": meta["store"], "store_fingerprint": meta["store_fingerprint"], "model_key": meta["model_key"],
+           "split": meta["split"], "lookahead": lookahead, "best": best,
+           "predictors": {r.family: r.path.name for r in results if r.path is not None}}
+    tmp = run_dir / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(run, indent=2))
+    tmp.replace(run_dir / RUN_FILE)
+    return RunResult(run_dir, meta["split"], results, best)
+
+
+def _best_learned(results: list[FamilyResult]) -> str | None:
+    """The family with the highest mean test recall@k, learned families first (they are why we train)."""
+    def score(r: FamilyResult) -> float:
+        return float(torch.nanmean(r.metrics.per_distance()["recall@k"]))
+
+    learned = [r for r in results if r.family in LEARNED]
+    pool = learned or results
+    return max(pool, key=score).family if pool else None
