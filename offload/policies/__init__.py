@@ -9,6 +9,7 @@ from offload.policies.base import EvictionPolicy, Key
 from offload.policies.belady import Belady
 from offload.policies.fifo import FIFO
 from offload.policies.fld import FLD
+from offload.policies.forecast import Forecast, LeastStaleForecast
 from offload.policies.least_stale import LeastStale
 from offload.policies.lfu import LFU
 from offload.policies.lhu import LHU
@@ -17,7 +18,8 @@ from offload.policies.random_policy import RandomEviction
 from offload.policies.score import ScoreBased
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
-    cls.name: cls for cls in (LeastStale, LRU, FIFO, LFU, LHU, FLD, ScoreBased, Belady, RandomEviction)
+    cls.name: cls
+    for cls in (LeastStale, LRU, FIFO, LFU, LHU, FLD, ScoreBased, Belady, RandomEviction, Forecast, LeastStaleForecast)
 }
 
 

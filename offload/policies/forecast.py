@@ -17,7 +17,9 @@ It only uses what the cache tells every policy -- pass and layer starts, inserts
 - at the end of each layer (the next ``on_layer_start``/``on_pass_start``) it records which experts
   the layer used into its :class:`~predictors.reuse_features.ReuseHistory` and refreshes the
   forecast of that layer's E experts for their next opportunity (one small batch per layer); an
-  online forecaster first learns from the labels the layer just revealed;
+  online forecaster first learns from the labels the layer just revealed; when a layer starts, its
+  own row is re-forecast for the next pass (an evictable expert of the running layer is one the
+  layer does not need);
 - ``victim`` ranks the resident keys by forecast next use (vectorised over the resident set) and
   returns the latest one that ``eligible`` allows; ties go to the least recently touched.
 
@@ -54,7 +56,7 @@ class Forecast(EvictionPolicy):
         self.predicted_reuse = predicted_reuse
         self.prefetch_may_evict = prefetch_may_evict
         self.forecaster = None
-        self._bound_once = False  # the base constructor binds a 1 x 1 placeholder before the cache does
+        self._placeholder = True  # the base constructor binds a 1 x 1 placeholder before the cache does
         super().__init__()
 
     # ------------------------------------------------------------------ lifecycle
@@ -69,7 +71,7 @@ class Forecast(EvictionPolicy):
             self.forecaster_spec = spec
         if not isinstance(spec, ReuseForecaster):
             raise TypeError(f"forecaster must be a ReuseForecaster, a checkpoint path or None, got {type(spec)}")
-        if (spec.num_layers, spec.num_experts) != (num_layers, num_experts) and self._bound_once:
+        if (spec.num_layers, spec.num_experts) != (num_layers, num_experts):
             from data_pipeline.errors import UserError
 
             raise UserError(f"the reuse forecaster was trained for {spec.num_layers} layers x {spec.num_experts} "
@@ -80,8 +82,9 @@ class Forecast(EvictionPolicy):
         from predictors.reuse_features import ReuseHistory
 
         super().bind(num_layers, num_experts)
-        self.forecaster = self._make_forecaster(num_layers, num_experts)
-        self._bound_once = True
+        placeholder, self._placeholder = self._placeholder, False
+        if not placeholder:
+            self.forecaster = self._make_forecaster(num_layers, num_experts)
         shape = (num_layers, num_experts)
         self.history = ReuseHistory(num_layers, num_experts)
         self.resident_mask = np.zeros(shape, dtype=bool)
@@ -91,8 +94,9 @@ class Forecast(EvictionPolicy):
         self.pending: list[dict[int, float]] = [{} for _ in range(num_layers)]
         self.done_layers = 0  # layers of the running pass already folded into the history
         self.expected = np.ones(shape)  # forecast N per (layer, expert) for its next opportunity
-        for layer in range(num_layers):
-            self.expected[layer] = self.forecaster.expected_passes(self.history, layer, 0)
+        if not placeholder:
+            for layer in range(num_layers):
+                self.expected[layer] = self.forecaster.expected_passes(self.history, layer, 0)
 
     # ------------------------------------------------------------------ hooks
     def on_pass_start(self, pass_index: int, phase: int) -> None:
@@ -105,6 +109,10 @@ class Forecast(EvictionPolicy):
     def on_layer_start(self, layer: int) -> None:
         self._finish_layers(layer)
         super().on_layer_start(layer)
+        # A resident expert of the running layer that may be evicted is not needed by it (the cache
+        # pins the needed ones), so its next opportunity is the next pass: re-forecast the row for
+        # pass p+1 from the history as it stands (its age already counts this pass as a miss).
+        self.expected[layer] = self.forecaster.expected_passes(self.history, layer, max(self.pass_index, 0) + 1)
 
     def on_insert(self, key: Key, *, prefetch: bool, hint: Any = None) -> None:
         super().on_insert(key, prefetch=prefetch, hint=hint)
@@ -162,17 +170,28 @@ class Forecast(EvictionPolicy):
         """Forecast layer-steps until ``key`` is needed again (for reports and tests)."""
         return float(self.next_use(np.array([key[0]]), np.array([key[1]]))[0])
 
-    def _ranked(self, mask: np.ndarray) -> list[Key]:
-        """Keys of ``mask`` by decreasing forecast next use, ties by least recent touch."""
-        flat = np.flatnonzero(mask.ravel())
-        layers, experts = np.divmod(flat, self.num_experts)
-        order = np.lexsort((self.touch_clock[layers, experts], -self.next_use(layers, experts)))
-        return list(zip(layers[order].tolist(), experts[order].tolist(), strict=True))
-
     def _first_eligible(self, mask: np.ndarray, eligible: Eligible) -> Key | None:
-        for key in self._ranked(mask):
+        """The key of ``mask`` with the latest forecast next use that ``eligible`` allows.
+
+        Ties go to the least recently touched. Scores are computed once over the candidates
+        (vectorised); ``eligible`` is asked in score order, usually once (only the running layer's
+        needed experts are refused).
+        """
+        flat = np.flatnonzero(mask.ravel())
+        if len(flat) == 0:
+            return None
+        layers, experts = np.divmod(flat, self.num_experts)
+        score = self.next_use(layers, experts)
+        stamps = self.touch_clock[layers, experts]
+        for _ in range(len(flat)):
+            best = np.flatnonzero(score == score.max())
+            i = int(best[np.argmin(stamps[best])]) if len(best) > 1 else int(best[0])
+            if score[i] == -np.inf:
+                return None
+            key = (int(layers[i]), int(experts[i]))
             if eligible(key):
                 return key
+            score[i] = -np.inf
         return None
 
     def victim(self, eligible: Eligible, *, for_prefetch: bool = False) -> Key | None:
@@ -198,16 +217,28 @@ class LeastStaleForecast(Forecast):
     name = "least_stale_forecast"
 
     def __init__(self, forecaster: Any = None, *, predicted_reuse: float | None = None,
-                 prefetch_evicts_current: bool = False):
+                 prefetch_evicts_current: bool = False, left_first: bool = False):
         self.prefetch_evicts_current = prefetch_evicts_current
+        self.left_first = left_first
         super().__init__(forecaster, predicted_reuse=predicted_reuse)
 
     def victim(self, eligible: Eligible, *, for_prefetch: bool = False) -> Key | None:
         stale = self.resident_mask & (self.touch_pass < self.pass_index)
-        key = self._first_eligible(stale, eligible)
-        if key is not None or (for_prefetch and not self.prefetch_evicts_current):
-            return key
-        return self._first_eligible(self.resident_mask & ~stale, eligible)
+        current = self.resident_mask & ~stale
+        if self.left_first:
+            left = np.zeros_like(stale)
+            left[: self.layer] = True
+            queues = [stale & left, stale & ~left, current & left, current & ~left]
+        else:
+            queues = [stale, current]
+        for i, queue in enumerate(queues):
+            if i == len(queues) // 2 and for_prefetch and not self.prefetch_evicts_current:
+                return None
+            key = self._first_eligible(queue, eligible)
+            if key is not None:
+                return key
+        return None
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "prefetch_evicts_current": self.prefetch_evicts_current}
+        return {**super().describe(), "prefetch_evicts_current": self.prefetch_evicts_current,
+                "left_first": self.left_first}
