@@ -252,24 +252,29 @@ def split_of_passes(store: TraceStore, passes: Passes, *, seed: int = 0, val_fra
 
 
 def reuse_rows(passes: Passes, pass_part: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Features and labels per split part, from one in-order replay of every pass.
+    """Features and labels per split part (0 train, 1 val, 2 test).
 
-    The replay runs over all passes (a test pass's features summarise the passes before it, as
-    they would at run time), but each row goes only to the part of the pass it forecasts, so
-    no training row is labelled by a validation or test pass.
+    Training rows come from a replay of the training passes alone, so nothing of a validation or
+    test pass -- neither its labels nor its share of the history features -- reaches the fit.
+    Validation and test rows come from a replay of every pass in order, as the policy sees them
+    at run time (a held-out pass is forecast from everything before it).
     """
-    feats: dict[int, list[np.ndarray]] = {0: [], 1: [], 2: []}
-    labels: dict[int, list[np.ndarray]] = {0: [], 1: [], 2: []}
-    for p, _layer, _experts, f, reused in replay_rows(passes):
-        part = int(pass_part[p])
-        if part in feats:
-            feats[part].append(f)
-            labels[part].append(reused)
-    out = {}
-    for part in feats:
-        x = np.concatenate(feats[part]) if feats[part] else np.zeros((0, NUM_FEATURES), np.float32)
-        y = np.concatenate(labels[part]) if labels[part] else np.zeros(0, bool)
-        out[part] = (x, y)
+    from predictors.reuse_features import take_passes
+
+    def collect(ps: Passes, part_of: np.ndarray, want: set[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        feats: dict[int, list[np.ndarray]] = {k: [] for k in want}
+        labels: dict[int, list[np.ndarray]] = {k: [] for k in want}
+        for p, _layer, _experts, f, reused in replay_rows(ps):
+            part = int(part_of[p])
+            if part in feats:
+                feats[part].append(f)
+                labels[part].append(reused)
+        return {k: (np.concatenate(feats[k]) if feats[k] else np.zeros((0, NUM_FEATURES), np.float32),
+                    np.concatenate(labels[k]) if labels[k] else np.zeros(0, bool)) for k in want}
+
+    train = pass_part == 0
+    out = collect(take_passes(passes, train), np.zeros(int(train.sum()), dtype=np.int64), {0})
+    out.update(collect(passes, pass_part, {1, 2}))
     return out
 
 
@@ -342,9 +347,13 @@ def _reuse_datamodule(parts: dict[int, tuple[np.ndarray, np.ndarray]], batch_siz
 
 def fit_reuse(store: TraceStore, family: str, *, seed: int = 0, val_fraction: float = 0.15,
               test_fraction: float = 0.35, max_epochs: int = 12, batch_size: int = 4096, lr: float = 1e-2,
-              weight_decay: float = 1e-4, hidden: int = 32, logger: Any = False,
+              weight_decay: float = 1e-4, hidden: int = 32, logger: Any = False, max_train_rows: int = 500_000,
               passes: Passes | None = None) -> tuple[ReuseForecaster, dict[str, Any]]:
-    """Fit one family on the training passes of ``store``; returns it and a summary (split, sizes, metrics)."""
+    """Fit one family on the training passes of ``store``; returns it and a summary (split, sizes, metrics).
+
+    The MLP sees at most ``max_train_rows`` training rows (a seeded sample): a long store yields
+    millions of near-duplicate rows and a 1.5k-parameter model stops improving long before.
+    """
     from offload.passes import build_passes
 
     if family not in FAMILIES:
@@ -366,6 +375,10 @@ def fit_reuse(store: TraceStore, family: str, *, seed: int = 0, val_fraction: fl
         import lightning.pytorch as pl
 
         pl.seed_everything(seed, workers=True, verbose=False)
+        if len(x_train) > max_train_rows:
+            pick = np.sort(np.random.default_rng(seed).choice(len(x_train), max_train_rows, replace=False))
+            parts[0] = (x_train[pick], y_train[pick])
+            x_train = parts[0][0]
         mlp = MLPReuse(L, E, K, hidden=hidden)
         mlp.set_standardisation(x_train)
         from predictors.checkpoint import checkpoint_meta

@@ -114,6 +114,23 @@ def pass_layer_experts(passes, p: int, layer: int) -> tuple[np.ndarray, np.ndarr
     return passes.expert[lo:hi], passes.score[lo:hi]
 
 
+def take_passes(passes, keep: np.ndarray):
+    """The passes where ``keep`` is True, in order, as a new :class:`offload.passes.Passes`."""
+    from dataclasses import replace
+
+    L = passes.num_layers
+    idx = np.flatnonzero(keep)
+    counts = np.diff(passes.layer_ptr).reshape(-1, L)[idx].reshape(-1)
+    starts = passes.layer_ptr[:-1].reshape(-1, L)[idx].reshape(-1)
+    access = np.concatenate([np.arange(a, a + n) for a, n in zip(starts, counts, strict=True)]) if len(counts) else \
+        np.zeros(0, dtype=np.int64)
+    ptr = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    return replace(passes, phase=passes.phase[idx], seq=passes.seq[idx], row_start=passes.row_start[idx],
+                   row_stop=passes.row_stop[idx], layer_ptr=ptr, expert=passes.expert[access],
+                   score=passes.score[access], best_rank=passes.best_rank[access], tokens=passes.tokens[access])
+
+
 def replay_rows(passes, *, include_never_used: bool = False) -> Iterator[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
     """Replay passes in order; yield ``(pass, layer, experts, features, reused)`` per (pass >= 1, layer).
 
