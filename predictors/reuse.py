@@ -70,9 +70,11 @@ class ReuseForecaster(ABC):
     def reuse_probability(self, features: np.ndarray) -> np.ndarray:
         """(n,) probability that each row's expert is chosen at its next opportunity."""
 
-    def expected_passes(self, history: ReuseHistory, layer: int, next_pass: int) -> np.ndarray:
-        """(E,) estimated N >= 1 for every expert of ``layer``, whose next opportunity is ``next_pass``."""
-        p = self.reuse_probability(history.features(layer, next_pass))
+    def expected_passes(self, history: ReuseHistory, layer: int, next_pass: int,
+                        experts: np.ndarray | None = None) -> np.ndarray:
+        """(E,) estimated N >= 1 for every expert of ``layer`` (or (n,) for ``experts`` only), whose
+        next opportunity is ``next_pass``."""
+        p = self.reuse_probability(history.features(layer, next_pass, experts))
         return 1.0 / np.clip(p, P_MIN, 1.0)
 
     def learn(self, features: np.ndarray, reused: np.ndarray) -> None:
@@ -462,12 +464,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--test-fraction", type=float, default=0.35)
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--phase", default="both", help="passes to learn from: prefill, decode or both")
     ap.add_argument("--wandb", action="store_true", help="log training to Weights & Biases")
     args = ap.parse_args(argv)
     from offload.passes import build_passes
 
     store = TraceStore(args.trace)
-    passes = build_passes(store)
+    passes = build_passes(store, args.phase)
     out = Path(args.out)
     for family in [f.strip() for f in args.family.split(",") if f.strip()]:
         logger: Any = False

@@ -80,25 +80,27 @@ class ReuseHistory:
         self.weight_sum[layer, experts] += w
         self.uses[layer, experts] += 1
 
-    def features(self, layer: int, next_pass: int) -> np.ndarray:
-        """(E, NUM_FEATURES) float32 features of layer ``layer``'s experts for opportunity ``next_pass``."""
-        last, prev, prev2 = self.last[layer], self.prev[layer], self.prev2[layer]
+    def features(self, layer: int, next_pass: int, experts: np.ndarray | None = None) -> np.ndarray:
+        """(E, NUM_FEATURES) float32 features of layer ``layer``'s experts (or only ``experts``) for
+        opportunity ``next_pass``."""
+        pick = slice(None) if experts is None else experts
+        last, prev, prev2 = self.last[layer, pick], self.prev[layer, pick], self.prev2[layer, pick]
         with np.errstate(invalid="ignore"):  # -inf - -inf (fewer than 2 or 3 uses) -> nan -> capped below
             age = np.minimum(next_pass - last, AGE_CAP)
             gap1 = np.minimum(last - prev, AGE_CAP)
             gap2 = np.minimum(prev - prev2, AGE_CAP)
         norm = np.maximum(self.ema_norm[:, layer], 1e-12)[:, None]
-        rates = self.ema[:, layer] / norm
-        uses = self.uses[layer]
+        rates = self.ema[:, layer, pick] / norm
+        uses = self.uses[layer, pick]
         cols = [
             np.log(np.maximum(age, 1.0)),
             np.log(np.nan_to_num(gap1, nan=AGE_CAP, posinf=AGE_CAP)),
             np.log(np.nan_to_num(gap2, nan=AGE_CAP, posinf=AGE_CAP)),
             *rates,
-            self.last_weight[layer],
-            self.weight_sum[layer] / np.maximum(uses, 1.0),
+            self.last_weight[layer, pick],
+            self.weight_sum[layer, pick] / np.maximum(uses, 1.0),
             (uses == 0).astype(np.float64),
-            np.full(self.num_experts, layer / max(self.num_layers - 1, 1)),
+            np.full(len(uses), layer / max(self.num_layers - 1, 1)),
         ]
         return np.stack(cols, axis=1).astype(np.float32)
 

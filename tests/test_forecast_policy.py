@@ -26,11 +26,12 @@ class TrueNextUse(ReuseForecaster):
         super().__init__(len(passes[0]), num_experts, 1)
         self.passes = passes
 
-    def expected_passes(self, history: ReuseHistory, layer: int, next_pass: int) -> np.ndarray:
+    def expected_passes(self, history: ReuseHistory, layer: int, next_pass: int,
+                        experts: np.ndarray | None = None) -> np.ndarray:
         out = np.full(self.num_experts, math.inf)
         for q in range(len(self.passes) - 1, next_pass - 1, -1):
             out[self.passes[q][layer]] = q - next_pass + 1
-        return out
+        return out if experts is None else out[experts]
 
     def reuse_probability(self, features: np.ndarray) -> np.ndarray:
         raise AssertionError("the oracle answers expected_passes directly")

@@ -110,9 +110,13 @@ class Forecast(EvictionPolicy):
         self._finish_layers(layer)
         super().on_layer_start(layer)
         # A resident expert of the running layer that may be evicted is not needed by it (the cache
-        # pins the needed ones), so its next opportunity is the next pass: re-forecast the row for
-        # pass p+1 from the history as it stands (its age already counts this pass as a miss).
-        self.expected[layer] = self.forecaster.expected_passes(self.history, layer, max(self.pass_index, 0) + 1)
+        # pins the needed ones), so its next opportunity is the next pass: re-forecast the resident
+        # ones for pass p+1 from the history as it stands (their age already counts this pass as a
+        # miss). Only residents: the others get a fresh forecast when the layer ends.
+        resident = np.flatnonzero(self.resident_mask[layer])
+        if len(resident):
+            self.expected[layer, resident] = self.forecaster.expected_passes(
+                self.history, layer, max(self.pass_index, 0) + 1, resident)
 
     def on_insert(self, key: Key, *, prefetch: bool, hint: Any = None) -> None:
         super().on_insert(key, prefetch=prefetch, hint=hint)
