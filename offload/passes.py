@@ -137,7 +137,9 @@ def build_passes(store: TraceStore, phase: str = "both") -> Passes:
             chunks_r.append(np.broadcast_to(np.arange(K), ids.shape)[valid])
             chunks_t.append(np.ones(int(valid.sum()), dtype=np.int64))
             layer_counts.extend(valid.sum(axis=2).reshape(-1).tolist())
-    cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dtype=dt))
+    def cat(xs: list, dt: type) -> np.ndarray:
+        return np.concatenate(xs).astype(dt) if xs else np.zeros(0, dtype=dt)
+
     ptr = np.zeros(len(layer_counts) + 1, dtype=np.int64)
     np.cumsum(layer_counts, out=ptr[1:])
     return Passes(

@@ -1,0 +1,110 @@
+"""Simulation mode of ``evaluate.py``: parse the sweep, run it, print/write the results.
+
+Every option that names a setting takes a comma list; the sweep is their cross product.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from typing import Any
+
+from data_pipeline.errors import UserError
+from data_pipeline.trace_store import TraceStore
+from offload.hardware import get_hardware, hardware_names
+from offload.miss_handling import MISS_MODES
+from offload.passes import PHASES
+from offload.policies import POLICIES
+from offload.prefetch import PREFETCHERS
+from offload.routing import ROUTINGS
+from offload.simulator import SimConfig, simulate_configs
+
+ALL_POLICIES = [p for p in POLICIES if p != "random"] + ["random"]
+FORECAST_POLICIES = ("forecast", "least_stale_forecast")  # take --predictor as their reuse forecaster
+
+
+def add_sim_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", help="trace store folder (traces/NAME); selects simulation mode")
+    p.add_argument("--policy", default="least_stale,lru,belady",
+                   help=f"eviction policies, comma list or 'all' ({', '.join(POLICIES)})")
+    p.add_argument("--prefetch", default="none", help=f"prefetchers, comma list ({', '.join(PREFETCHERS)}, ckpt:PATH)")
+    p.add_argument("--capacity", default="5%", help="cache sizes, comma list: 5%%, 0.6GB, 512 (slots)")
+    p.add_argument("--hardware", default="a100-5gbs",
+                   help=f"hardware profiles, comma list ({', '.join(hardware_names())}; name:field=value overrides)")
+    p.add_argument("--phase", default="both", help=f"passes to replay ({', '.join(PHASES)})")
+    p.add_argument("--cache", default="global", help="cache layout, comma list (global, per-layer)")
+    p.add_argument("--lookahead", default="1", help="prefetch lookahead distance(s) D >= 1, comma list")
+    p.add_argument("--overfetch", type=float, default=1.0, help="top-k prefetch overfetch factor (k * factor)")
+    p.add_argument("--miss", default="fetch", help=f"miss handling, comma list ({', '.join(MISS_MODES)})")
+    p.add_argument("--routing", default="standard", help=f"routing, comma list ({', '.join(ROUTINGS)})")
+    p.add_argument("--routing-lambda", type=float, default=0.3, help="cache-aware routing lambda")
+    p.add_argument("--backend", default="auto", choices=["auto", "fast", "reference"], help="simulator implementation")
+    p.add_argument("--predictor", help="reuse-forecaster checkpoint (python -m predictors.reuse) for the forecast "
+                   "policies (forecast, least_stale_forecast); without it they count reuse online from the run")
+    p.add_argument("--json", help="write {\"results\": [...]} here")
+    p.add_argument("--plots", help="write PNG plots into this folder")
+
+
+def _split(text: str) -> list[str]:
+    return [s.strip() for s in str(text).split(",") if s.strip()]
+
+
+def build_configs(args: argparse.Namespace) -> list[SimConfig]:
+    policies = ALL_POLICIES if args.policy.strip() == "all" else _split(args.policy)
+    for pol in policies:
+        if pol not in POLICIES:
+            raise UserError(f"unknown eviction policy {pol!r}; valid: {', '.join(POLICIES)}, all")
+    prefetchers = _split(args.prefetch)
+    for pf in prefetchers:
+        if pf not in PREFETCHERS and not pf.startswith("ckpt:"):
+            raise UserError(f"unknown prefetcher {pf!r}; valid: {', '.join(PREFETCHERS)}, ckpt:PATH")
+    hardware = _split(args.hardware)
+    for hw in hardware:
+        get_hardware(hw)
+    phases = _split(args.phase)
+    for ph in phases:
+        if ph not in PHASES:
+            raise UserError(f"unknown phase {ph!r}; valid: {', '.join(PHASES)}")
+    try:
+        lookaheads = [int(x) for x in _split(args.lookahead)]
+    except ValueError:
+        raise UserError(f"--lookahead {args.lookahead!r} must be whole numbers") from None
+    if any(d < 1 for d in lookaheads):
+        raise UserError("--lookahead must be at least 1")
+    for m in _split(args.miss):
+        if m not in MISS_MODES:
+            raise UserError(f"unknown miss handling {m!r}; valid: {', '.join(MISS_MODES)}")
+    for r in _split(args.routing):
+        if r not in ROUTINGS:
+            raise UserError(f"unknown routing {r!r}; valid: {', '.join(ROUTINGS)}")
+    for c in _split(args.cache):
+        if c not in ("global", "per-layer"):
+            raise UserError(f"unknown cache layout {c!r}; valid: global, per-layer")
+    configs = []
+    for pf, d, hw, ph, cache, miss, routing, cap, pol in itertools.product(
+        prefetchers, lookaheads, hardware, phases, _split(args.cache), _split(args.miss), _split(args.routing),
+        _split(args.capacity), policies,
+    ):
+        if pf == "none" and d != lookaheads[0]:
+            continue  # the lookahead means nothing without a prefetcher
+        params = {"forecaster": args.predictor} if getattr(args, "predictor", None) and pol in FORECAST_POLICIES else {}
+        configs.append(SimConfig(policy=pol, capacity=cap, prefetch=pf, lookahead=d, overfetch=args.overfetch,
+                                 hardware=hw, phase=ph, cache=cache, miss=miss, routing=routing,
+                                 routing_lambda=args.routing_lambda, backend=args.backend, policy_params=params))
+    return configs
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from offload import report
+
+    store = TraceStore(args.trace)
+    configs = build_configs(args)
+    if "belady" in [c.policy for c in configs] and "cache-aware" in [c.routing for c in configs]:
+        configs = [c for c in configs if not (c.policy == "belady" and c.routing == "cache-aware")]
+    results = simulate_configs(store, configs, progress=len(configs) > 4)
+    report.print_table(results)
+    if args.json:
+        report.write_json(results, args.json)
+    if args.plots:
+        report.write_plots(results, args.plots)
+    return results
