@@ -111,6 +111,28 @@ def test_forecast_reports_the_layer_distance_plus_whole_passes():
     assert policy.forecast((0, 0)) == 2  # layer 0 of pass 2: two layer-steps ahead
 
 
+def test_a_prefetcher_mark_raises_the_reuse_probability_of_a_key_ahead():
+    # Oracle says (2,0) is next used 2 passes from its next opportunity (N=3) -> forecast 1 + 3*2 = 7
+    # at layer 1. Marked as predicted for this pass with predicted_reuse 0.5: N = min(3, 1/0.5) = 2.
+    passes = [[[0], [0], [0]], [[0], [0], [1]], [[0], [0], [1]], [[0], [0], [0]]]
+    policy = Forecast(TrueNextUse(passes, 2), predicted_reuse=0.5)
+    cache = ExpertCache(3, 2, 4, policy)
+    cache.begin_pass()
+    for layer in range(3):
+        cache.begin_layer(layer, [(layer, 0)])
+        cache.access((layer, 0), 1.0)
+    cache.begin_pass()
+    cache.begin_layer(0, [(0, 0)])
+    cache.access((0, 0), 1.0)
+    cache.begin_layer(1, [(1, 0)])
+    assert policy.forecast((2, 0)) == 1 + 3 * 2
+    cache.mark_predicted([(2, 0)])
+    assert policy.forecast((2, 0)) == 1 + 3 * 1
+    cache.begin_pass()  # marks last one pass
+    cache.begin_layer(0, [(0, 0)])
+    assert policy.forecast((2, 0)) == 2 + 3 * 1  # N from pass 2: used at pass 3 -> 2
+
+
 def _skewed_passes(seed: int = 0, L: int = 4, E: int = 16, K: int = 2, P: int = 300):
     """Passes with sticky experts: each layer keeps an expert with probability 0.6, else redraws
     from a skewed popularity -- recency and frequency both carry information."""
@@ -160,3 +182,37 @@ def test_forecast_policy_runs_in_the_reference_simulator_with_the_same_counts(ge
     mine = replay_split(passes, make_policy("forecast"), sim["capacity_slots"]).total
     assert (sim["hits"], sim["accesses"], sim["collision_misses"]) == (mine.hits, mine.accesses,
                                                                         mine.collision_misses)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["forecast", "least_stale_forecast"])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_forecast_policies_run_unchanged_in_the_engine(tmp_path, policy, prefetch):
+    """Same outputs as the plain model (fetch mode), with and without gate-lookahead prefetch."""
+    from data_pipeline.models import load_model
+    from offload.engine.engine import EngineConfig, OffloadEngine
+    from offload.engine.generate import greedy_generate
+    from offload.engine.prompts import load_prompts
+    from offload.engine.run import encode
+    from predictors.gate_lookahead import GateLookahead
+    from predictors.reuse import CountedReuse, save_reuse_forecaster
+    from predictors.reuse_features import NUM_FEATURES
+
+    torch.set_num_threads(1)
+    tiny = load_model("tiny-olmoe")
+    a = tiny.adapter
+    ids = encode(tiny.tokenizer, load_prompts("demo", 1)[0])
+    plain = greedy_generate(tiny.model, ids, 5, keep_logits=True)
+    # a checkpoint, as evaluate/engine users pass it: the path goes through policy_params
+    fitted = CountedReuse(a.num_layers, a.num_experts, a.top_k).fit(np.zeros((4, NUM_FEATURES), np.float32),
+                                                                   np.array([True, False, True, False]))
+    path = save_reuse_forecaster(fitted, tmp_path / "reuse", model=tiny.info)
+    router = torch.stack([a.router_weight(i).detach().float() for i in range(a.num_layers)])
+    predictor = GateLookahead(router, a.top_k, 2) if prefetch else None
+    cfg = EngineConfig(capacity_slots=9, policy=policy, policy_params={"forecaster": str(path)}, bandwidth=5e9)
+    with OffloadEngine(tiny, cfg, predictor=predictor) as eng:
+        gen = eng.generate(ids, 5, keep_logits=True)
+        assert gen.tokens == plain.tokens
+        torch.testing.assert_close(torch.stack(gen.logits), torch.stack(plain.logits), rtol=1e-4, atol=1e-5)
+        c = eng.counters
+        assert c.misses > 0 and c.hits + c.misses == c.accesses
