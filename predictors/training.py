@@ -18,6 +18,7 @@ no partial checkpoint behind.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -57,7 +58,7 @@ class MLPConfig:
 class TrajectoryConfig:
     """trajectory: embedding/GRU size, how many earlier layers it reads, optimiser settings."""
 
-    dim: int = 64
+    dim: int = 32
     window: int = 3
     dropout: float = 0.1
     lr: float = 3e-3
@@ -195,7 +196,7 @@ def train_learned(predictor, datamodule, *, run_dir: Path, trainer_kwargs: dict[
     pl.seed_everything(seed, workers=True, verbose=False)
     module = LookaheadModule(predictor, datamodule.datasets["train"].hidden_layers, lr=lr,
                              weight_decay=weight_decay, overfetch=overfetch, meta=meta)
-    ckpt = ModelCheckpoint(dirpath=run_dir / "lightning", filename=f"{predictor.family}-best", monitor=MONITOR,
+    ckpt = ModelCheckpoint(dirpath=run_dir / "lightning" / predictor.family, filename="best", monitor=MONITOR,
                            mode="max", save_top_k=1, auto_insert_metric_name=False)
     stop = EarlyStopping(monitor=MONITOR, mode="max", patience=patience)
     speed = _throughput_callback()
@@ -219,7 +220,7 @@ def run_training(
     overfetch: float,
     run_dir: Path,
     trainer_kwargs: dict[str, Any],
-    logger_factory: Callable[[], Any] | None = None,
+    logger_factory: Callable[[str], Any] | None = None,
     mlp: MLPConfig | None = None,
     trajectory: TrajectoryConfig | None = None,
     sklearn: SklearnConfig | None = None,
@@ -240,6 +241,9 @@ def run_training(
         on_split(dm.split.describe())
     meta = {"model": store.model.__dict__, "model_key": store.model.key(), "store_fingerprint": store.fingerprint(),
             "store": str(store.path), "split": dm.split.how, "seed": data.seed}
+    if not is_rank_zero():  # DDP workers re-run the script: rank 0 owns the run folder
+        return _fit_all(store, dm, families, lookahead, overfetch, run_dir, trainer_kwargs, logger_factory,
+                        mlp, trajectory, sklearn, patience, meta, data.seed)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"run folder {run_dir} already exists; choose another --run name")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -249,6 +253,11 @@ def run_training(
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)  # never leave a partial checkpoint behind
         raise
+
+
+def is_rank_zero() -> bool:
+    """True outside DDP and in its rank-0 process (Lightning's launcher sets RANK / LOCAL_RANK)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
 def _fit_all(store, dm, families, lookahead, overfetch, run_dir, trainer_kwargs, logger_factory, mlp, trajectory,
@@ -266,13 +275,15 @@ def _fit_all(store, dm, families, lookahead, overfetch, run_dir, trainer_kwargs,
         else:
             predictor, cfg = build_learned(family, store, dm.split.train, lookahead, mlp, trajectory)
             rate = train_learned(predictor, dm, run_dir=run_dir, trainer_kwargs=trainer_kwargs,
-                                 logger=logger_factory() if logger_factory else False, lr=cfg.lr,
+                                 logger=logger_factory(family) if logger_factory else False, lr=cfg.lr,
                                  weight_decay=cfg.weight_decay, overfetch=overfetch, patience=patience, meta=meta,
                                  seed=seed)
         seconds = time.perf_counter() - start
         metrics = evaluate_predictor(predictor, test_batches, num_experts=store.num_experts,
                                      hidden_layers=hidden_layers, overfetch=overfetch)
         results.append(FamilyResult(family, predictor, metrics, seconds=seconds, samples_per_s=rate))
+    if not is_rank_zero():
+        return RunResult(run_dir, meta["split"], results, _best_learned(results))
     for r in results:
         extra = {"test": {k: v.tolist() for k, v in r.metrics.per_distance().items()}, "split": meta["split"],
                  "seed": seed}

@@ -1,0 +1,172 @@
+"""Train the lookahead expert predictors and compare every family on held-out tokens.
+
+    python train.py                              # offline demo: collect traces/demo if absent, train, table
+    python train.py --config configs/olmoe.yaml  # the real run (OLMoE-1B-7B, public text, GPU)
+    python train.py --trainer.max_epochs 3 --trainer.devices 2 --trainer.strategy ddp
+    python train.py --data.store traces/gemma --families '[frequency, conditional_frequency, trajectory]'
+    python train.py --print_config               # the full configuration, as YAML
+
+Every ``lightning.pytorch.Trainer`` argument is a ``--trainer.*`` flag. Predictors land in
+``checkpoints/<run>/<family>.safetensors`` with ``run.json`` (see predictors.checkpoint); W&B logs
+go offline unless an API key is configured (``--wandb.mode online|offline|disabled``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data_pipeline.errors import UserError, run_cli
+from predictors.training import (
+    ALL_FAMILIES,
+    DataConfig,
+    MLPConfig,
+    SklearnConfig,
+    TrajectoryConfig,
+    is_rank_zero,
+)
+from predictors.wandb_setup import WandbConfig
+
+RUN_ENV = "MOE_LOOKAHEAD_RUN"
+DEMO_TRAINER = {"max_epochs": 5, "accelerator": "cpu", "devices": 1, "log_every_n_steps": 10,
+                "enable_model_summary": False}
+
+
+@dataclass
+class CollectConfig:
+    """How to collect the store when ``data.store`` does not exist yet (data_pipeline.collect flags)."""
+
+    enabled: bool = True
+    model: str = "tiny-olmoe"
+    dataset: str = "demo"
+    split: str | None = None
+    max_tokens: int = 20_000
+    seq_len: int = 128
+    hidden_layers: str = "all"
+    device: str = "cpu"
+    dtype: str = "auto"
+    seed: int = 0
+
+    def argv(self, out: str) -> list[str]:
+        args = ["--out", out, "--model", self.model, "--dataset", self.dataset, "--max-tokens", str(self.max_tokens),
+                "--seq-len", str(self.seq_len), "--hidden-layers", self.hidden_layers, "--device", self.device,
+                "--dtype", self.dtype, "--seed", str(self.seed)]
+        return args + (["--split", self.split] if self.split else [])
+
+
+def build_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+    from lightning.pytorch import Trainer
+
+    parser = ArgumentParser(prog="python train.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (configs/)")
+    parser.add_argument("--run", type=str | None, default=None,
+                        help="run name: the folder under --checkpoints (default: <store>-<date>-<time>)")
+    parser.add_argument("--checkpoints", type=str, default="checkpoints", help="where run folders go")
+    parser.add_argument("--families", type=list[str], default=list(ALL_FAMILIES),
+                        help=f"predictor families to fit and compare: {', '.join(ALL_FAMILIES)}")
+    parser.add_argument("--lookahead", type=int, default=3, help="D: forecast layers l+1..l+D")
+    parser.add_argument("--overfetch", type=float, default=1.5, help="second k of the metrics = round(top_k * this)")
+    parser.add_argument("--patience", type=int, default=3, help="early stopping: epochs without better val recall")
+    parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_class_arguments(DataConfig, "data")
+    parser.add_class_arguments(CollectConfig, "collect")
+    parser.add_class_arguments(MLPConfig, "mlp")
+    parser.add_class_arguments(TrajectoryConfig, "trajectory")
+    parser.add_class_arguments(SklearnConfig, "sklearn")
+    parser.add_class_arguments(WandbConfig, "wandb")
+    parser.add_class_arguments(Trainer, "trainer", skip={"logger", "callbacks"})
+    parser.set_defaults({f"trainer.{k}": v for k, v in DEMO_TRAINER.items()})
+    return parser
+
+
+def ensure_store(data: DataConfig, collect: CollectConfig) -> None:
+    """Collect the store with data_pipeline.collect when it does not exist (and collection is enabled)."""
+    from data_pipeline.trace_store import MANIFEST_NAME
+
+    path = Path(data.store)
+    if (path / MANIFEST_NAME).exists():
+        return
+    if not collect.enabled:
+        raise UserError(f"trace store {path} does not exist (collection is off: --collect.enabled false)")
+    from data_pipeline.collect import main as collect_main
+
+    print(f"no trace store at {path}: collecting one with {collect.model} on {collect.dataset}")
+    collect_main(collect.argv(str(path)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    plain = parser.dump(cfg, format="yaml")
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    data, collect = DataConfig(**vars(cfg.data)), CollectConfig(**vars(cfg.collect))
+    ensure_store(data, collect)
+
+    from predictors.report import comparison, print_comparison
+    from predictors.training import run_training
+    from predictors.wandb_setup import family_logger, log_artifact, log_table, make_logger
+
+    # DDP workers re-run this script: they inherit the run name through the environment
+    run = cfg.run or os.environ.get(RUN_ENV) or f"{Path(data.store).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.environ[RUN_ENV] = run
+    run_dir = Path(cfg.checkpoints) / run
+    wandb_cfg = WandbConfig(**vars(cfg.wandb))
+    logger = make_logger(wandb_cfg, run, {"config_yaml": plain, **_flat(cfg.as_dict())})
+    trainer_kwargs = {k: v for k, v in cfg.trainer.as_dict().items()}
+    sk = SklearnConfig(**vars(cfg.sklearn))
+    sk.pairs = [tuple(p) for p in sk.pairs]
+    try:
+        result = run_training(
+            families=list(cfg.families), data=data, lookahead=cfg.lookahead, overfetch=cfg.overfetch,
+            run_dir=run_dir, trainer_kwargs=trainer_kwargs,
+            logger_factory=lambda family: family_logger(logger, family),
+            mlp=MLPConfig(**vars(cfg.mlp)), trajectory=TrajectoryConfig(**vars(cfg.trajectory)), sklearn=sk,
+            patience=cfg.patience, on_split=lambda how: print(f"{data.store}: {how}"),
+        )
+        if not is_rank_zero():
+            return 0
+        title = f"held-out {result.split}-split tokens of {data.store}: forecasts from layer l of layer l+d"
+        print_comparison(result.results, title)
+        columns, rows = comparison(result.results)
+        log_table(logger, "comparison", columns, rows)
+        for r in result.results:
+            if r.samples_per_s:
+                print(f"{r.family}: trained in {r.seconds:.1f}s, {r.samples_per_s:,.0f} samples/s")
+        best = next(r for r in result.results if r.family == result.best) if result.best else None
+        if best is not None and best.path is not None:
+            log_artifact(logger, f"predictor-{run}", [best.path, run_dir / "run.json"],
+                         {"family": best.family, "store": data.store})
+        print(f"saved {len(result.results)} predictors to {run_dir} (best learned: {result.best})")
+    finally:
+        _finish(logger)
+    return 0
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, (str, int, float, bool, type(None), list)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out
+
+
+def _finish(logger: Any) -> None:
+    exp = getattr(logger, "_experiment", None)
+    if exp is not None and hasattr(exp, "finish"):
+        exp.finish()
+
+
+if __name__ == "__main__":
+    run_cli(main)
