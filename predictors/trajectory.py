@@ -136,9 +136,11 @@ class TrajectoryPredictor(LearnedPredictor):
         return torch.where((ids >= 0) & (ids < self.num_experts) & (layers[None, :, None] >= 0), g, self.pad)
 
     def _logits(self, ctx: PredictContext, future_ids: torch.Tensor | None) -> torch.Tensor:
-        if ctx.chosen is None or ctx.previous is None:
-            raise UserError(f"{self.family} needs the experts chosen at layers <= {ctx.layer} and the previous token's")
-        chosen, previous = ctx.chosen.long(), ctx.previous.long()
+        if ctx.chosen is None:
+            raise UserError(f"{self.family} needs the experts chosen at layers <= {ctx.layer}")
+        chosen = ctx.chosen.long()
+        previous = (ctx.previous.long() if ctx.previous is not None  # None: no previous token (a prompt's first)
+                    else chosen.new_full((chosen.shape[0], self.num_layers, self.top_k), self.num_experts))
         t, device, layer = chosen.shape[0], chosen.device, ctx.layer
         targets = self.target_layers(layer)
         tl = torch.arange(targets.start, targets.stop, device=device)
