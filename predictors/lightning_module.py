@@ -73,9 +73,9 @@ class LookaheadModule(pl.LightningModule):
         with self.val_metrics.sync_context():  # sum the counts over DDP processes first
             per_d = self.val_metrics.per_distance()
         recall = per_d["recall@k"]
-        self.log(MONITOR, torch.nanmean(recall).float(), prog_bar=True, sync_dist=False)
+        self.log(MONITOR, torch.nanmean(recall).float(), prog_bar=True, sync_dist=True)
         for d, value in enumerate(recall.tolist(), 1):
-            self.log(f"val/recall@k/d{d}", value)
+            self.log(f"val/recall@k/d{d}", value, sync_dist=True)
         self.val_metrics.reset()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -56,7 +56,7 @@ def make_logger(cfg: WandbConfig, run_name: str, config: dict[str, Any]):
     save_dir.mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(project=cfg.project, name=cfg.name or run_name, tags=list(cfg.tags), mode=mode,
                          save_dir=str(save_dir), log_model=False)
-    logger.experiment.config.update(config, allow_val_change=True)
+    logger.log_hyperparams(config)  # rank-zero only: DDP workers hold a dummy experiment
     return logger
 
 
