@@ -1,0 +1,63 @@
+"""evaluate.py in simulation mode: sweeps, JSON, plots, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_sweep_writes_json_table_and_plots(gemma_store, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    evaluate.main(["--trace", str(gemma_store.path), "--policy", "lru,least_stale,belady", "--capacity", "1%,5%",
+                   "--prefetch", "none,oracle", "--json", str(out), "--plots", str(tmp_path / "plots")])
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 3 * 2 * 2
+    r = results[0]
+    for key in ("policy", "prefetch", "capacity_slots", "capacity", "hardware", "phase", "cache", "lookahead",
+                "miss", "routing", "accesses", "hits", "misses", "collision_misses", "collision_misses_per_layer",
+                "hit_rate", "collision_rate", "prefetch_issued", "prefetch_used", "prefetch_wasted",
+                "prefetch_bytes", "stall_time_s", "ttft_s", "tpot_s", "precision", "recall"):
+        assert key in r, key
+    assert all(x["accesses"] == 24578 for x in results)
+    assert {x["capacity_slots"] for x in results} == {38, 192}
+    by = {(x["policy"], x["capacity"], x["prefetch"]): x for x in results}
+    assert by[("belady", "5%", "none")]["hits"] >= by[("least_stale", "5%", "none")]["hits"]
+    assert by[("lru", "5%", "oracle")]["precision"] == 1.0
+    assert len(r["collision_misses_per_layer"]) == 30
+    table = capsys.readouterr().out
+    assert "least_stale" in table and "belady" in table
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "collision_rate_per_layer.png", "hit_rate_vs_capacity.png", "ttft_per_policy.png"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--policy", "nope"], "valid: least_stale"),
+    (["--prefetch", "nope"], "valid: none"),
+    (["--hardware", "nope"], "valid: a100-5gbs"),
+    (["--capacity", "0"], "positive"),
+    (["--capacity", "3"], "below one layer"),
+    (["--routing", "cache-aware"], "router logits"),
+    (["--prefetch", "gate"], "hidden states"),
+])
+def test_bad_input_is_one_line_and_exit_2(gemma_store, args, message):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--trace", str(gemma_store.path), *args],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+
+
+def test_missing_trace_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--trace", str(tmp_path / "nope")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
