@@ -193,11 +193,11 @@ class PredictorPrefetch(Prefetcher):
         hidden = chosen = previous = None
         if "hidden" in needs:
             hidden = torch.from_numpy(np.asarray(store.hidden(layer)[rows], dtype=np.float32))
-        if "chosen" in needs:
+        if "chosen" in needs or not needs:  # cheap, and tells a context-free predictor how many tokens
             chosen = torch.from_numpy(ids[rows, : layer + 1].astype(np.int64))
         if "previous" in needs:
             prev = ids[np.maximum(prev_row[rows], 0)].astype(np.int64)
-            prev[prev_row[rows] < 0] = -1  # the first token of a sequence has no previous token
+            prev[prev_row[rows] < 0] = self.predictor.num_experts  # the datamodule's "no previous token" id
             previous = torch.from_numpy(prev)
         return PredictContext(layer=layer, hidden=hidden, chosen=chosen, previous=previous)
 

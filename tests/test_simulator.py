@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from data_pipeline.errors import UserError
 from data_pipeline.trace_store import ModelInfo, TraceStoreWriter
@@ -13,6 +14,7 @@ from offload.passes import build_passes, passes_from_lists
 from offload.prefetch import OraclePrefetch, PercentileSelection, forecast_quality
 from offload.simulator import Replay, SimConfig, simulate_configs, simulate_reference
 from offload.simulator_fast import simulate_fast
+from predictors.base import PredictContext, Predictor
 
 L, E, K, H = 4, 8, 2, 16
 
@@ -184,3 +186,46 @@ def test_least_stale_has_fewer_collisions_than_lru_on_gemma(gemma_store, capacit
                                              SimConfig(policy="lru", capacity=capacity)])
     assert ls["collision_misses"] < lru["collision_misses"]
     assert ls["hit_rate"] >= lru["hit_rate"]
+
+
+class PreviousTokenPredictor(Predictor):
+    """A tiny Predictor: layer l+d will pick what the previous token picked there (needs "previous")."""
+
+    family = "previous_token"
+    needs = frozenset({"previous"})
+
+    def predict(self, ctx: PredictContext) -> torch.Tensor:
+        prev = ctx.previous  # (T, L, K); num_experts = no previous token
+        out = torch.zeros(prev.shape[0], self.lookahead, self.num_experts + 1)
+        for d in range(1, self.lookahead + 1):
+            if ctx.layer + d < self.num_layers:
+                out[:, d - 1].scatter_(1, prev[:, ctx.layer + d], 1.0)
+        return out[:, :, : self.num_experts]
+
+
+def test_predictor_backed_prefetch_uses_the_forecast(gemma_store):
+    from offload.prefetch import PredictorPrefetch, TopKSelection
+
+    m = gemma_store.model
+    pf = PredictorPrefetch(PreviousTokenPredictor(m.num_layers, m.num_experts, m.top_k, 2), TopKSelection(1.0))
+    ps = build_passes(gemma_store, "decode")
+    fc = pf.forecast(ps, gemma_store)
+    ids = gemma_store.topk_ids()
+    row = int(ps.row_start[5])
+    for layer, d in ((0, 1), (3, 2), (27, 2)):
+        assert sorted(fc.entries(5, layer, d, m.num_layers).tolist()) == sorted(ids[row - 1, layer + d].tolist())
+    assert len(fc.entries(5, 29, 1, m.num_layers)) == 0 and not fc.covered[29, 0]
+    precision, recall = forecast_quality(ps, fc)
+    assert 0 < precision < 1 and precision == pytest.approx(recall)  # k predictions for k true experts
+
+
+def test_checkpoint_prefetch(gemma_store, tmp_path):
+    from predictors.checkpoint import save_predictor
+    from predictors.frequency import FrequencyPredictor
+
+    pred = FrequencyPredictor.fit(gemma_store.topk_ids(), gemma_store.num_experts, 2)
+    path = save_predictor(pred, tmp_path / "freq", model=gemma_store.model)
+    r = simulate_configs(gemma_store, [SimConfig(policy="least_stale", prefetch=f"ckpt:{path}", lookahead=2)])[0]
+    assert r["prefetch_issued"] > 0 and 0 < r["precision"] < 1
+    with pytest.raises(UserError):
+        simulate_configs(gemma_store, [SimConfig(prefetch=f"ckpt:{tmp_path / 'missing.safetensors'}")])
