@@ -49,6 +49,18 @@ def _split(text: str) -> list[str]:
     return [s.strip() for s in str(text).split(",") if s.strip()]
 
 
+def _split_hardware(text: str) -> list[str]:
+    """Comma list of profiles where a profile may carry overrides: ``a100-5gbs,rtx4090:link_gbps=12,tflops=60``
+    (a piece with ``=`` but no ``:`` continues the previous profile's overrides)."""
+    out: list[str] = []
+    for piece in _split(text):
+        if "=" in piece and ":" not in piece and out:
+            out[-1] += "," + piece
+        else:
+            out.append(piece)
+    return out
+
+
 def build_configs(args: argparse.Namespace) -> list[SimConfig]:
     policies = ALL_POLICIES if args.policy.strip() == "all" else _split(args.policy)
     for pol in policies:
@@ -58,7 +70,7 @@ def build_configs(args: argparse.Namespace) -> list[SimConfig]:
     for pf in prefetchers:
         if pf not in PREFETCHERS and not pf.startswith("ckpt:"):
             raise UserError(f"unknown prefetcher {pf!r}; valid: {', '.join(PREFETCHERS)}, ckpt:PATH")
-    hardware = _split(args.hardware)
+    hardware = _split_hardware(args.hardware)
     for hw in hardware:
         get_hardware(hw)
     phases = _split(args.phase)

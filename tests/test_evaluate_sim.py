@@ -61,3 +61,19 @@ def test_missing_trace_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--trace", str(tmp_path / "nope")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_hardware_list_with_overrides():
+    from offload.sweep import _split_hardware
+
+    assert _split_hardware("a100-5gbs,rtx4090:link_gbps=12,tflops=60,pcie5") == [
+        "a100-5gbs", "rtx4090:link_gbps=12,tflops=60", "pcie5"]
+
+
+def test_hardware_override_changes_timing(gemma_store, tmp_path):
+    out = tmp_path / "hw.json"
+    evaluate.main(["--trace", str(gemma_store.path), "--policy", "lru", "--hardware",
+                   "a100-5gbs,a100-5gbs:link_gbps=10", "--json", str(out)])
+    slow, fast = json.loads(out.read_text())["results"]
+    assert slow["misses"] == fast["misses"] and fast["stall_time_s"] < slow["stall_time_s"]
+    assert fast["hardware_profile"]["link_gbps"] == 10.0
