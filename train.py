@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     data, collect = DataConfig(**vars(cfg.data)), CollectConfig(**vars(cfg.collect))
     ensure_store(data, collect)
 
-    from predictors.report import comparison, print_comparison
+    from predictors.report import comparison, pair_comparison, print_comparison, print_pairs
     from predictors.training import run_training
     from predictors.wandb_setup import family_logger, log_artifact, log_table, make_logger
 
@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         print_comparison(result.results, title)
         columns, rows = comparison(result.results)
         log_table(logger, "comparison", columns, rows)
+        if "sklearn_logreg" in cfg.families:
+            print_pairs(result.results, sk.pairs)
+            log_table(logger, "comparison_at_pairs", *pair_comparison(result.results, sk.pairs))
         for r in result.results:
             if r.samples_per_s:
                 print(f"{r.family}: trained in {r.seconds:.1f}s, {r.samples_per_s:,.0f} samples/s")

@@ -105,6 +105,30 @@ def previous_rows(store: TraceStore) -> np.ndarray:
     return prev
 
 
+class ShardedColumn:
+    """Row gather over one column of a store, shard by shard, without concatenating the shards.
+
+    ``TraceStore.column`` concatenates a multi-shard column into memory (once); for hidden states
+    of a real model that is gigabytes (OLMoE: 64 KiB per token over 16 layers), so batches gather
+    their rows from each shard's memory-mapped view instead. Reads the store's shard list
+    (``_shards`` / ``_offsets``, internal to data_pipeline.trace_store).
+    """
+
+    def __init__(self, store: TraceStore, name: str):
+        self.parts = [shard.column(name) for shard in store._shards]
+        self.offsets = store._offsets
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        if len(self.parts) == 1:
+            return self.parts[0][rows]
+        shard = np.searchsorted(self.offsets, rows, side="right") - 1
+        out = np.empty((len(rows), self.parts[0].shape[1]), dtype=self.parts[0].dtype)
+        for s in np.unique(shard):
+            hit = shard == s
+            out[hit] = self.parts[s][rows[hit] - self.offsets[s]]
+        return out
+
+
 class TokenDataset(Dataset):
     """Tokens of a store by global row; fetches whole batches at once (``__getitems__``).
 
@@ -124,7 +148,7 @@ class TokenDataset(Dataset):
     def _open(self) -> None:
         self._ids = self.store.topk_ids()
         self._prev = previous_rows(self.store)
-        self._hidden = [self.store.hidden(layer) for layer in self.hidden_layers]
+        self._hidden = [ShardedColumn(self.store, f"hidden_{layer}") for layer in self.hidden_layers]
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": str(self.store.path), "rows": self.rows, "with_hidden": self.with_hidden,

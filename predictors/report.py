@@ -50,3 +50,30 @@ def print_comparison(results: list[FamilyResult], title: str, console: Console |
         console = Console()
         console.width = max(console.width, 112)  # a pipe or a CI log reports 80 columns: keep rows whole
     console.print(table)
+
+
+def pair_comparison(results: list[FamilyResult], pairs: list[tuple[int, int]]) -> tuple[list[str], list[list[Any]]]:
+    """(columns, rows): recall@k of every family at single layer pairs (l, d), e.g. the sklearn pairs,
+    so a family fitted for one pair is compared with the others on exactly that pair."""
+    columns = ["layer l", "d", *[r.family for r in results]]
+    rows: list[list[Any]] = []
+    for layer, d in pairs:
+        row: list[Any] = [layer, d]
+        for r in results:
+            value = float(r.metrics.compute()["recall@k"][layer, d - 1])
+            row.append(None if math.isnan(value) else round(value, 4))
+        rows.append(row)
+    return columns, rows
+
+
+def print_pairs(results: list[FamilyResult], pairs: list[tuple[int, int]], console: Console | None = None) -> None:
+    columns, rows = pair_comparison(results, pairs)
+    table = Table(title="recall@k at single layer pairs (forecast of layer l+d made at layer l)")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for row in rows:
+        table.add_row(*["-" if x is None else str(x) for x in row])
+    if console is None:
+        console = Console()
+        console.width = max(console.width, 112)
+    console.print(table)

@@ -76,3 +76,20 @@ def test_datamodule_loaders(store) -> None:
     assert sum(len(b["row"]) for b in batches) == len(dm.split.val) and "hidden" not in batches[0]
     first = next(iter(dm.train_dataloader()))["row"]
     assert torch.equal(first, next(iter(dm.train_dataloader()))["row"])  # seeded shuffle
+
+
+def test_multi_shard_batches_gather_from_each_shard(tmp_path: Path) -> None:
+    one = make_synthetic_store(tmp_path / "one", num_sequences=4, seq_len=5)
+    writer = TraceStoreWriter(tmp_path / "two", one.model, hidden_layers=one.hidden_layers, store_router_logits=True)
+    for lo, hi in ((0, 10), (10, 20)):  # two shards of two sequences each
+        sl = slice(lo, hi)
+        writer.write_shard(seq_id=one.seq_ids[sl], position=one.positions[sl], token_id=one.token_ids[sl],
+                           phase=one.phases[sl], topk_ids=one.topk_ids()[sl], topk_weights=one.topk_weights()[sl],
+                           router_logits=one.router_logits()[sl],
+                           hidden={layer: one.hidden(layer)[sl] for layer in one.hidden_layers})
+    two = writer.finalize()
+    rows = [3, 12, 0, 19]
+    a = TokenDataset(one, np.arange(20), hidden=True).__getitems__(rows)
+    b = TokenDataset(two, np.arange(20), hidden=True).__getitems__(rows)
+    for key in ("topk_ids", "previous", "hidden"):
+        assert torch.equal(a[key], b[key]), key

@@ -45,6 +45,7 @@ def test_cli_fits_compares_and_saves_every_family(synthetic, tmp_path: Path, cap
                 "trajectory"]
     for family in families:
         assert family in out
+    assert "recall@k at single layer pairs" in out  # sklearn's pair, every family on it
     run = json.loads((tmp_path / "r" / "run.json").read_text())
     assert sorted(run["predictors"]) == sorted(families) and run["split"] == "sequence"
     best = latest_checkpoint(tmp_path)
