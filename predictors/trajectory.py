@@ -115,20 +115,26 @@ class TrajectoryPredictor(LearnedPredictor):
         """Logits for tokens that were counted: each token's own transitions are left out."""
         return self._logits(ctx, future_ids)
 
-    def _transition(self, src_layer: int, target: int, src: torch.Tensor,
-                    future_ids: torch.Tensor | None) -> torch.Tensor:
-        """(T, E) mean over the experts ``src`` (T, K) chosen at ``src_layer`` of P(j at target | i)."""
-        g = target - src_layer
-        counts = self.counts[src_layer, g - 1][src]  # (T, K, E)
-        n_src = self.n_src[src_layer, g - 1][src]  # (T, K)
+    def _transitions(self, sources: list[int], targets: range, chosen: torch.Tensor,
+                     future_ids: torch.Tensor | None) -> torch.Tensor:
+        """(P, T, D', E): for every window layer s and target t, the mean over the experts chosen at
+        s of P(j at t | i at s); all pairs gathered at once (one forecast = a handful of ops)."""
+        device = chosen.device
+        src_layers = torch.tensor(sources, device=device).repeat_interleave(len(targets))  # (P*D',)
+        tgt_layers = torch.tensor(list(targets), device=device).repeat(len(sources))
+        gaps = tgt_layers - src_layers
+        ids = chosen[:, src_layers]  # (T, P*D', K)
+        pair = torch.arange(len(src_layers), device=device)[None, :, None]
+        counts = self.counts[src_layers, gaps - 1][pair, ids]  # (T, P*D', K, E)
+        n_src = self.n_src[src_layers, gaps - 1][pair, ids]  # (T, P*D', K)
         if future_ids is not None:  # leave the token itself out of the counts
-            own = torch.zeros(src.shape[0], self.num_experts, device=src.device)
-            own.scatter_(1, future_ids[:, target].long(), 1.0)
-            counts = (counts - own[:, None]).clamp(min=0)
+            own = torch.zeros(ids.shape[0], len(tgt_layers), self.num_experts, device=device)
+            own.scatter_(2, future_ids[:, tgt_layers].long(), 1.0)
+            counts = (counts - own[:, :, None]).clamp(min=0)
             n_src = (n_src - 1).clamp(min=0)
-        prior = self.popularity[target]
-        p = (counts + self.smoothing * prior) / (n_src[..., None] + self.smoothing)
-        return p.mean(dim=1)
+        prior = self.popularity[tgt_layers][None, :, None]  # (1, P*D', 1, E)
+        p = ((counts + self.smoothing * prior) / (n_src[..., None] + self.smoothing)).mean(dim=2)
+        return p.reshape(p.shape[0], len(sources), len(targets), -1).transpose(0, 1)
 
     def _global_ids(self, ids: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
         """(T, n, K) expert ids at ``layers`` (n,) -> (layer, expert) ids; out-of-range ids become padding."""
@@ -151,9 +157,8 @@ class TrajectoryPredictor(LearnedPredictor):
 
         # 1. mixture of counted transitions from the window's layers, plus the previous token
         sources = [layer - m for m in range(self.window) if layer - m >= 0]
-        parts = [torch.stack([self._transition(s, int(target), chosen[:, s], future_ids) for target in tl], dim=1)
-                 for s in sources]  # each (T, D', E)
-        parts.append(prev_hot[..., : self.num_experts])
+        parts = [*self._transitions(sources, range(targets.start, targets.stop), chosen, future_ids),
+                 prev_hot[..., : self.num_experts]]  # each (T, D', E)
         weights = self.mix[layer, :n][:, [*range(len(sources)), self.window]]  # (D', parts)
         mixture = torch.einsum("ptde,dp->tde", torch.stack(parts), weights)
         out = mixture.clamp(min=PROB_FLOOR).log() + self.offset[layer, :n, None]
