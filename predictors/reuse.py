@@ -201,15 +201,20 @@ class MLPReuse(ReuseForecaster):
         self._np = None
 
     def _weights(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(W, b) per linear layer in numpy, the standardisation folded into the first one."""
         if self._np is None:
             lin = [m for m in self.net.body if isinstance(m, nn.Linear)]
-            self._np = [(m.weight.detach().double().numpy().T.copy(), m.bias.detach().double().numpy().copy())
-                        for m in lin]
+            layers = [(m.weight.detach().double().numpy().T.copy(), m.bias.detach().double().numpy().copy())
+                      for m in lin]
+            mean, std = self.net.mean.double().numpy(), self.net.std.double().numpy()
+            w0, b0 = layers[0]
+            layers[0] = (w0 / std[:, None], b0 - (mean / std) @ w0)
+            self._np = layers
         return self._np
 
     def logits(self, features: np.ndarray) -> np.ndarray:
-        x = (features - self.net.mean.double().numpy()) / self.net.std.double().numpy()
         layers = self._weights()
+        x = features
         for w, b in layers[:-1]:
             x = np.maximum(x @ w + b, 0.0)
         w, b = layers[-1]

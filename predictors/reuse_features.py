@@ -85,24 +85,22 @@ class ReuseHistory:
         opportunity ``next_pass``."""
         pick = slice(None) if experts is None else experts
         last, prev, prev2 = self.last[layer, pick], self.prev[layer, pick], self.prev2[layer, pick]
-        with np.errstate(invalid="ignore"):  # -inf - -inf (fewer than 2 or 3 uses) -> nan -> capped below
-            age = np.minimum(next_pass - last, AGE_CAP)
-            gap1 = np.minimum(last - prev, AGE_CAP)
-            gap2 = np.minimum(prev - prev2, AGE_CAP)
-        norm = np.maximum(self.ema_norm[:, layer], 1e-12)[:, None]
-        rates = self.ema[:, layer, pick] / norm
+        n = len(last)
+        out = np.empty((n, NUM_FEATURES), dtype=np.float64)
+        with np.errstate(invalid="ignore"):  # -inf - -inf (fewer than 2 or 3 uses) is nan; fmin caps it
+            out[:, 0] = next_pass - last
+            out[:, 1] = last - prev
+            out[:, 2] = prev - prev2
+        np.fmin(out[:, :3], AGE_CAP, out=out[:, :3])  # inf (never) and nan (no such gap) -> the cap
+        np.log(np.maximum(out[:, :3], 1.0, out=out[:, :3]), out=out[:, :3])
+        h = len(HALF_LIVES)
+        out[:, 3:3 + h] = (self.ema[:, layer, pick] / np.maximum(self.ema_norm[:, layer], 1e-12)[:, None]).T
         uses = self.uses[layer, pick]
-        cols = [
-            np.log(np.maximum(age, 1.0)),
-            np.log(np.nan_to_num(gap1, nan=AGE_CAP, posinf=AGE_CAP)),
-            np.log(np.nan_to_num(gap2, nan=AGE_CAP, posinf=AGE_CAP)),
-            *rates,
-            self.last_weight[layer, pick],
-            self.weight_sum[layer, pick] / np.maximum(uses, 1.0),
-            (uses == 0).astype(np.float64),
-            np.full(len(uses), layer / max(self.num_layers - 1, 1)),
-        ]
-        return np.stack(cols, axis=1).astype(np.float32)
+        out[:, 3 + h] = self.last_weight[layer, pick]
+        out[:, 4 + h] = self.weight_sum[layer, pick] / np.maximum(uses, 1.0)
+        out[:, 5 + h] = uses == 0
+        out[:, 6 + h] = layer / max(self.num_layers - 1, 1)
+        return out.astype(np.float32)
 
     def age(self, layer: int, next_pass: int) -> np.ndarray:
         """(E,) passes from the last use to ``next_pass`` (AGE_CAP when never used)."""

@@ -133,6 +133,22 @@ def test_a_prefetcher_mark_raises_the_reuse_probability_of_a_key_ahead():
     assert policy.forecast((2, 0)) == 2 + 3 * 1  # N from pass 2: used at pass 3 -> 2
 
 
+def test_a_prefetched_key_is_forecast_when_it_arrives():
+    passes = [[[0], [0], [0]], [[0], [0], [1]], [[1], [0], [0]]]
+    policy = Forecast(TrueNextUse(passes, 2))
+    cache = ExpertCache(3, 2, 6, policy)
+    cache.begin_pass()
+    for layer in range(3):
+        cache.begin_layer(layer, [(layer, 0)])
+        cache.access((layer, 0), 1.0)
+    cache.begin_pass()
+    cache.begin_layer(0, [(0, 0)])
+    cache.insert((2, 1), prefetch=True)  # needed at layer 2 of this pass: 2 layer-steps away
+    cache.insert((0, 1), prefetch=True)  # layer 0 is running: next chance is pass 2, where it is used
+    assert policy.forecast((2, 1)) == 2
+    assert policy.forecast((0, 1)) == 3
+
+
 def _skewed_passes(seed: int = 0, L: int = 4, E: int = 16, K: int = 2, P: int = 300):
     """Passes with sticky experts: each layer keeps an expert with probability 0.6, else redraws
     from a skewed popularity -- recency and frequency both carry information."""

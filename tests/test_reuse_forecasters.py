@@ -163,3 +163,14 @@ def test_mlp_trains_with_lightning_and_drives_the_policy_from_its_checkpoint(tmp
     rates = {name: replay_split(passes, make_policy(name, **params), 4, part).parts["test"].hit_rate
              for name, params in (("lru", {}), ("forecast", {"forecaster": str(path)}), ("belady", {}))}
     assert rates["lru"] < rates["forecast"] <= rates["belady"]
+
+
+def test_numpy_serving_of_the_mlp_equals_its_torch_forward():
+    import torch
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, len(FEATURE_NAMES))).astype(np.float32)
+    mlp = MLPReuse(3, 8, 2, hidden=16)
+    mlp.set_standardisation(x * 3 + 1)
+    torch_logits = mlp.net(torch.from_numpy(x)).detach().numpy()
+    assert np.allclose(mlp.logits(x), torch_logits, atol=1e-5)

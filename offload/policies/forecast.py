@@ -16,7 +16,7 @@ It only uses what the cache tells every policy -- pass and layer starts, inserts
 
 - at the end of each layer (the next ``on_layer_start``/``on_pass_start``) it records which experts
   the layer used into its :class:`~predictors.reuse_features.ReuseHistory` and refreshes the
-  forecast of that layer's E experts for their next opportunity (one small batch per layer); an
+  forecast of that layer's resident experts for their next opportunity (one small batch); an
   online forecaster first learns from the labels the layer just revealed; when a layer starts, its
   own row is re-forecast for the next pass (an evictable expert of the running layer is one the
   layer does not need);
@@ -113,14 +113,24 @@ class Forecast(EvictionPolicy):
         # pins the needed ones), so its next opportunity is the next pass: re-forecast the resident
         # ones for pass p+1 from the history as it stands (their age already counts this pass as a
         # miss). Only residents: the others get a fresh forecast when the layer ends.
-        resident = np.flatnonzero(self.resident_mask[layer])
-        if len(resident):
-            self.expected[layer, resident] = self.forecaster.expected_passes(
-                self.history, layer, max(self.pass_index, 0) + 1, resident)
+        self._reforecast(layer, np.flatnonzero(self.resident_mask[layer]), max(self.pass_index, 0) + 1)
+
+    def _reforecast(self, layer: int, experts: np.ndarray, next_pass: int) -> None:
+        """Refresh the forecast of ``experts`` of ``layer`` for the opportunity ``next_pass``.
+
+        Only resident experts are ever ranked, so only they are forecast (a few per layer instead
+        of E); a key that becomes resident by prefetch is forecast on insert, one that becomes
+        resident by a demand miss is pinned until its layer ends and forecast then.
+        """
+        if len(experts):
+            self.expected[layer, experts] = self.forecaster.expected_passes(self.history, layer, next_pass, experts)
 
     def on_insert(self, key: Key, *, prefetch: bool, hint: Any = None) -> None:
         super().on_insert(key, prefetch=prefetch, hint=hint)
         self.resident_mask[key] = True
+        if prefetch:
+            p = max(self.pass_index, 0)
+            self._reforecast(key[0], np.array([key[1]]), p if key[0] > self.layer else p + 1)
 
     def on_access(self, key: Key, *, score: float = 0.0, hint: Any = None) -> None:
         super().on_access(key, score=score, hint=hint)
@@ -154,7 +164,7 @@ class Forecast(EvictionPolicy):
                     label[experts] = True
                     self.forecaster.learn(self.history.features(layer, p)[seen], label[seen])
             self.history.observe(layer, p, experts, weights)
-            self.expected[layer] = self.forecaster.expected_passes(self.history, layer, p + 1)
+            self._reforecast(layer, np.flatnonzero(self.resident_mask[layer]), p + 1)
             used.clear()
         self.done_layers = max(self.done_layers, upto)
 
@@ -171,7 +181,7 @@ class Forecast(EvictionPolicy):
         return d0 + L * (n - 1.0)
 
     def forecast(self, key: Key) -> float:
-        """Forecast layer-steps until ``key`` is needed again (for reports and tests)."""
+        """Forecast layer-steps until resident ``key`` is needed again (for reports and tests)."""
         return float(self.next_use(np.array([key[0]]), np.array([key[1]]))[0])
 
     def _first_eligible(self, mask: np.ndarray, eligible: Eligible) -> Key | None:
