@@ -99,6 +99,36 @@ def _timed_upkeep(policy: Forecast) -> dict[str, float]:
     return acc
 
 
+def cost_microbenchmark(passes, forecaster: ReuseForecaster, slots: int, warm_passes: int = 20,
+                        repeats: int = 2000) -> dict[str, float]:
+    """Means of the policy's two costs on a warm cache, isolated from the replay:
+    one ``victim()`` over ``slots`` resident experts, and one layer of forecast upkeep
+    (fold the finished layer into the history + re-forecast the resident experts of two layers)."""
+    policy = Forecast(forecaster)
+    warm = min(warm_passes, passes.num_passes)
+    replay_split(take_first(passes, warm), policy, slots)
+    L = passes.num_layers
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        policy.victim(lambda key: True)
+    victim_us = 1e6 * (time.perf_counter() - t0) / repeats
+    t0 = time.perf_counter()
+    for i in range(repeats):
+        layer = i % L
+        if layer == 0:
+            policy.on_pass_start(policy.pass_index + 1, 1)
+        else:
+            policy.on_layer_start(layer)
+    upkeep_us = 1e6 * (time.perf_counter() - t0) / repeats
+    return {"victim_us": victim_us, "upkeep_us_per_layer": upkeep_us, "resident": int(policy.resident_mask.sum())}
+
+
+def take_first(passes, n: int):
+    from predictors.reuse_features import take_passes
+
+    return take_passes(passes, np.arange(passes.num_passes) < n)
+
+
 def evaluate_store(store: TraceStore, phase: str, capacities: list[str], *, epochs: int, seed: int,
                    val_fraction: float, test_fraction: float) -> dict[str, Any]:
     passes = build_passes(store, phase)
@@ -148,7 +178,14 @@ def evaluate_store(store: TraceStore, phase: str, capacities: list[str], *, epoc
         for row in rows:
             if row.get("capacity") == cap and "policy" in row:
                 row["gap_closed"] = gap_closed(row["test_hit_rate"], by["lru"], by["belady"])
-    return {"store": str(store.path), "fingerprint": store.fingerprint(), "phase": phase, "split": how,
+    cost = {}
+    for cap in capacities:
+        try:
+            cost[cap] = cost_microbenchmark(passes, mlp, parse_capacity(cap, store.model))
+        except UserError:
+            continue
+    console.print(f"  isolated cost (mlp forecaster): {cost}")
+    return {"store": str(store.path), "fingerprint": store.fingerprint(), "phase": phase, "split": how, "cost": cost,
             "passes": np.bincount(part, minlength=3).tolist(), "reuse_counted": info_c, "reuse_mlp": info_m,
             "rows": rows}
 
