@@ -71,7 +71,9 @@ def build_parser():
     parser.add_argument("--lookahead", type=int, default=3, help="D: forecast layers l+1..l+D")
     parser.add_argument("--overfetch", type=float, default=1.5, help="second k of the metrics = round(top_k * this)")
     parser.add_argument("--patience", type=int, default=3, help="early stopping: epochs without better val recall")
-    parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int | None, default=1,
+                        help="torch CPU threads; null = torch's default. The predictors' per-layer ops are small: "
+                        "with more threads than idle cores OpenMP spin-waits and a step gets ~100x slower")
     parser.add_class_arguments(DataConfig, "data")
     parser.add_class_arguments(CollectConfig, "collect")
     parser.add_class_arguments(MLPConfig, "mlp")

@@ -112,7 +112,7 @@ def training_samples_per_s(predictor, batch_size: int, steps: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for everything measured")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for everything measured")
     ap.add_argument("--repeats", type=int, default=200, help="timed calls per measurement (median)")
     ap.add_argument("--batch-size", type=int, default=256, help="training batch (tokens)")
     ap.add_argument("--train-steps", type=int, default=5)

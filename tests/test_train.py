@@ -12,7 +12,7 @@ import train
 from data_pipeline.errors import run_cli
 from predictors.checkpoint import latest_checkpoint, load_predictor, read_checkpoint
 
-QUIET = ["--wandb.mode", "disabled", "--trainer.enable_progress_bar", "false", "--threads", "2"]
+QUIET = ["--wandb.mode", "disabled", "--trainer.enable_progress_bar", "false", "--threads", "1"]
 REPO = Path(__file__).resolve().parents[1]
 
 
