@@ -67,7 +67,10 @@ def test_wandb_offline_by_default_without_a_key(synthetic, tmp_path: Path, monke
             "--trainer.enable_progress_bar", "false"]
     assert train.main(argv) == 0
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    assert len(runs) == 1
+    record = next(runs[0].glob("*.wandb")).read_bytes()
+    assert b"predictor-w" in record  # the best checkpoint, logged as a model artifact
+    assert list((runs[0] / "files" / "media" / "table").glob("comparison_*.table.json"))
 
 
 def test_hidden_state_family_on_a_store_without_hidden_states(tmp_path: Path, capsys) -> None:
