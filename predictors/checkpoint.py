@@ -136,12 +136,14 @@ def load_predictor(path: str | os.PathLike[str], model_info: ModelInfo | None = 
         raise UserError(f"checkpoint {path} does not fit family {family} ({str(e).splitlines()[0]})") from None
 
 
-def latest_checkpoint(dir: str | os.PathLike[str] = "checkpoints", family: str | None = None) -> Path | None:
+def latest_checkpoint(dir: str | os.PathLike[str] = "checkpoints", family: str | None = None,
+                      model_info: ModelInfo | None = None) -> Path | None:
     """The predictor file of the newest finished run under ``dir``, or None when there is none.
 
     A run folder holds ``run.json`` (written last, when the run is complete) naming its predictor
     files and its best learned family; ``family`` picks another family of that run. Folders
-    without ``run.json`` (a run in progress or one that failed) are ignored.
+    without ``run.json`` (a run in progress or one that failed) are ignored. With ``model_info``,
+    only runs trained for that model count (a newer run on another model's traces is skipped).
     """
     root = Path(dir)
     if not root.is_dir():
@@ -151,6 +153,8 @@ def latest_checkpoint(dir: str | os.PathLike[str] = "checkpoints", family: str |
         try:
             run = json.loads(run_file.read_text())
         except json.JSONDecodeError:
+            continue
+        if model_info is not None and run.get("model_key", model_info.key()) != model_info.key():
             continue
         files: dict[str, str] = run.get("predictors", {})
         name = family or run.get("best")

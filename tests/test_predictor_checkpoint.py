@@ -95,3 +95,7 @@ def test_latest_checkpoint_picks_the_newest_finished_run(store, tmp_path: Path) 
     os.utime(tmp_path / "old" / "run.json", (1, 1))
     assert latest_checkpoint(tmp_path) == tmp_path / "new" / "frequency.safetensors"
     assert latest_checkpoint(tmp_path, family="trajectory") is None
+    other = replace(store.model, model_id="gemma", num_layers=30)
+    (tmp_path / "new" / "run.json").write_text(json.dumps(
+        {"best": "frequency", "predictors": {"frequency": "frequency.safetensors"}, "model_key": other.key()}))
+    assert latest_checkpoint(tmp_path, model_info=store.model) == tmp_path / "old" / "frequency.safetensors"
