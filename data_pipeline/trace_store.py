@@ -191,6 +191,7 @@ class TraceStore:
         rows = [s.num_rows for s in self._shards]
         self._offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
         self._bounds: np.ndarray | None = None
+        self._concat: dict[str, np.ndarray] = {}  # whole columns of multi-shard stores, built once
 
     # ----------------------------------------------------------------- numbers
     @property
@@ -248,11 +249,14 @@ class TraceStore:
                     )
 
     def column(self, name: str) -> np.ndarray:
-        """A whole column over all shards (zero-copy when the store has one shard)."""
-        parts = [s.column(name) for s in self._shards]
-        if not parts:
+        """A whole column over all shards (zero-copy with one shard; concatenated once and kept otherwise)."""
+        if not self._shards:
             return np.zeros((0,), dtype=np.int64)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if len(self._shards) == 1:
+            return self._shards[0].column(name)
+        if name not in self._concat:
+            self._concat[name] = np.concatenate([s.column(name) for s in self._shards])
+        return self._concat[name]
 
     @property
     def seq_ids(self) -> np.ndarray:
@@ -320,19 +324,27 @@ class TraceStore:
         return self._bounds
 
     def sequence(self, index: int, layers: Sequence[int] | None = None, *, hidden: bool = True) -> SequenceTrace:
-        """The index-th sequence in storage order."""
+        """The index-th sequence in storage order (zero-copy views into the one shard that holds it)."""
         seq_id, start, stop = (int(x) for x in self.sequence_bounds()[index])
-        sl = slice(start, stop)
-        logits = self.router_logits(layers)[sl] if self.has_router_logits else None
-        hid = {layer: self.hidden(layer)[sl] for layer in self.hidden_layers} if hidden else {}
+        s = int(np.searchsorted(self._offsets, start, side="right") - 1)
+        shard = self._shards[s]
+        sl = slice(start - int(self._offsets[s]), stop - int(self._offsets[s]))
+        L, sel = self.num_layers, (None if layers is None else self._layers(layers))
+
+        def per_layer(name: str) -> np.ndarray:
+            arr = shard.column(name)[sl].reshape(stop - start, L, -1)
+            return arr if sel is None else arr[:, sel]
+
+        logits = per_layer("router_logits") if self.has_router_logits else None
+        hid = {layer: shard.column(f"hidden_{layer}")[sl] for layer in self.hidden_layers} if hidden else {}
         return SequenceTrace(
             seq_id=seq_id,
             start=start,
-            positions=self.positions[sl],
-            token_ids=self.token_ids[sl],
-            phases=self.phases[sl],
-            topk_ids=self.topk_ids(layers)[sl],
-            topk_weights=self.topk_weights(layers)[sl],
+            positions=shard.column("position")[sl],
+            token_ids=shard.column("token_id")[sl],
+            phases=shard.column("phase")[sl],
+            topk_ids=per_layer("topk_ids"),
+            topk_weights=per_layer("topk_weights"),
             router_logits=logits,
             hidden=hid,
         )
@@ -437,7 +449,10 @@ class TraceStoreWriter:
         if mpath.exists():
             old = _read_manifest(self.path)
             old_model = ModelInfo.from_dict(old["model"])
-            if old_model.key() != self.model.key():
+            old_key, new_key = old_model.key(), self.model.key()
+            if old_key["hidden_size"] is None or new_key["hidden_size"] is None:  # not known yet: no conflict
+                old_key["hidden_size"] = new_key["hidden_size"] = None
+            if old_key != new_key:
                 raise TraceStoreError(
                     f"{self.path} already holds traces of {old_model.model_id} "
                     f"({old_model.num_layers} layers x {old_model.num_experts} experts); "

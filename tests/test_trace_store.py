@@ -1,0 +1,220 @@
+"""The trace store: round trip, reader API, atomic shards and recovery, validation naming the bad file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_pipeline.trace_store import (
+    MANIFEST_NAME,
+    ModelInfo,
+    TraceStore,
+    TraceStoreError,
+    TraceStoreWriter,
+    open_store,
+)
+
+L, E, K, H = 3, 8, 2, 4
+INFO = ModelInfo(model_id="toy", family="olmoe", num_layers=L, num_experts=E, top_k=K, hidden_size=H)
+
+
+def make_rows(seq_ids, lengths, seed=0):
+    """Deterministic per-token arrays for the given sequences (ids distinct within a token's top-k)."""
+    rng = np.random.default_rng(seed)
+    sid = np.repeat(np.asarray(seq_ids, dtype=np.int64), lengths)
+    pos = np.concatenate([np.arange(n) for n in lengths]).astype(np.int32)
+    n = len(sid)
+    ids = np.stack([rng.permutation(E)[:K] for _ in range(n * L)]).reshape(n, L, K)
+    w = np.sort(rng.random((n, L, K)).astype(np.float32), axis=-1)[..., ::-1].copy()
+    return dict(
+        seq_id=sid, position=pos, token_id=(sid * 100 + pos).astype(np.int32), phase=(pos >= 2).astype(np.int8),
+        topk_ids=ids, topk_weights=w, router_logits=rng.standard_normal((n, L, E)).astype(np.float16),
+        hidden={0: rng.standard_normal((n, H)).astype(np.float16), 2: rng.standard_normal((n, H)).astype(np.float16)},
+    )
+
+
+def write_store(path: Path, shards: list[tuple[list[int], list[int]]], finalize: bool = True):
+    w = TraceStoreWriter(path, INFO, hidden_layers=[0, 2], store_router_logits=True, dataset={"name": "t"})
+    all_rows = []
+    for i, (sids, lens) in enumerate(shards):
+        rows = make_rows(sids, lens, seed=i)
+        w.write_shard(**rows)
+        all_rows.append(rows)
+    return (w.finalize() if finalize else w), all_rows
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_round_trip_and_reader_api(tmp_path):
+    store, rows = write_store(tmp_path / "s", [([0, 1], [4, 3]), ([5], [2])])
+    assert store.num_tokens == 9 and store.num_sequences == 3 and len(store) == 9
+    assert store.manifest["complete"] and store.manifest["num_tokens"] == 9 and store.manifest["num_sequences"] == 3
+    cat = {k: np.concatenate([r[k] for r in rows]) for k in ("seq_id", "topk_ids", "topk_weights", "router_logits")}
+    assert np.array_equal(store.seq_ids, cat["seq_id"])
+    assert np.array_equal(store.topk_ids(), cat["topk_ids"])
+    assert np.array_equal(store.topk_weights([2]), cat["topk_weights"][:, [2]])
+    assert np.array_equal(store.router_logits([0, 1]), cat["router_logits"][:, :2])
+    assert np.array_equal(store.hidden(2), np.concatenate([r["hidden"][2] for r in rows]))
+    assert store.sequence_bounds().tolist() == [[0, 0, 4], [1, 4, 7], [5, 7, 9]]
+    seq = store.sequence(1, layers=[1])
+    assert seq.seq_id == 1 and len(seq) == 3 and seq.topk_ids.shape == (3, 1, K)
+    assert np.array_equal(seq.topk_ids[:, 0], cat["topk_ids"][4:7, 1])
+    assert np.array_equal(seq.hidden[0], rows[0]["hidden"][0][4:7])
+    last = store.sequence(2)  # lives in the second shard
+    assert np.array_equal(last.token_ids, [500, 501]) and np.array_equal(last.router_logits, cat["router_logits"][7:9])
+    assert [s.seq_id for s in store.iter_sequences(hidden=False)] == [0, 1, 5]
+    tok = store.token(8)
+    assert tok["seq_id"] == 5 and tok["position"] == 1 and tok["phase"] == 0
+    assert np.array_equal(tok["topk_ids"], cat["topk_ids"][8]) and tok["hidden_2"].shape == (H,)
+    with pytest.raises(IndexError):
+        store.token(9)
+    with pytest.raises(TraceStoreError, match="layer 3 is out of range"):
+        store.topk_ids([3])
+    with pytest.raises(TraceStoreError, match="no hidden states for layer 1"):
+        store.hidden(1)
+    assert open_store(tmp_path / "s", verify_checksums=True).fingerprint() == store.fingerprint()
+
+
+def test_rank_order_and_dtypes_kept(tmp_path):
+    store, rows = write_store(tmp_path / "s", [([0], [3])])
+    assert store.topk_ids().dtype == np.int16 and store.topk_weights().dtype == np.float32
+    assert store.router_logits().dtype == np.float16 and store.hidden(0).dtype == np.float16
+    assert (np.diff(store.topk_weights(), axis=-1) <= 0).all()  # written highest first, read back so
+
+
+def test_rows_sorted_by_sequence_and_position(tmp_path):
+    w = TraceStoreWriter(tmp_path / "s", INFO)
+    rows = make_rows([3, 1], [2, 2])
+    perm = np.array([3, 0, 2, 1])
+    w.write_shard(**{k: v[perm] for k, v in rows.items() if k not in ("hidden", "router_logits")})
+    store = w.finalize()
+    assert store.seq_ids.tolist() == [1, 1, 3, 3] and store.positions.tolist() == [0, 1, 0, 1]
+
+
+def test_duplicate_sequence_refused(tmp_path):
+    w, _ = write_store(tmp_path / "s", [([0, 1], [2, 2])], finalize=False)
+    with pytest.raises(TraceStoreError, match="already stored"):
+        w.write_shard(**make_rows([1], [2]))
+
+
+def test_resume_skips_done_and_recovers_shards(tmp_path):
+    path = tmp_path / "s"
+    write_store(path, [([0, 1], [2, 2]), ([2], [3])], finalize=False)
+    shard_dir = path / "shards"
+    # a run killed mid-write leaves a .tmp, and one killed between rename and manifest leaves an unlisted shard
+    (shard_dir / "shard-00009.arrow.tmp").write_bytes(b"half a shard")
+    good = shard_dir / "shard-00001.arrow"
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    manifest["shards"] = manifest["shards"][:1]
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    (shard_dir / "shard-00007.arrow").write_bytes(good.read_bytes()[:100])  # truncated, never listed
+    w = TraceStoreWriter(path, INFO, hidden_layers=[0, 2], store_router_logits=True)
+    assert w.done_sequences == {0, 1, 2}  # the unlisted whole shard is adopted
+    assert not (shard_dir / "shard-00009.arrow.tmp").exists() and not (shard_dir / "shard-00007.arrow").exists()
+    w.write_shard(**make_rows([3], [1]))
+    store = w.finalize()
+    assert sorted(store.sequence_bounds()[:, 0].tolist()) == [0, 1, 2, 3] and store.num_tokens == 8
+
+
+def test_other_model_refused_and_untouched(tmp_path):
+    path = tmp_path / "s"
+    write_store(path, [([0], [2])])
+    before = digest(path)
+    other = ModelInfo(model_id="other", family="mixtral", num_layers=L, num_experts=E, top_k=K, hidden_size=H)
+    with pytest.raises(TraceStoreError, match="already holds traces of toy"):
+        TraceStoreWriter(path, other)
+    with pytest.raises(TraceStoreError, match="other --hidden-layers"):
+        TraceStoreWriter(path, INFO, hidden_layers=[1], store_router_logits=True)
+    assert digest(path) == before
+
+
+def test_non_store_folder_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(TraceStoreError, match="not empty and is not a trace store"):
+        TraceStoreWriter(tmp_path, INFO)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "shards").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete"])
+def test_bad_shard_names_the_file(tmp_path, damage):
+    path = tmp_path / "s"
+    write_store(path, [([0], [2]), ([1], [2])])
+    shard = path / "shards" / "shard-00001.arrow"
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif damage == "garbage":
+        shard.write_bytes(b"\x00" * 64)
+    else:
+        shard.unlink()
+    before = digest(path)
+    with pytest.raises(TraceStoreError) as e:
+        TraceStore(path)
+    msg = str(e.value)
+    assert "shard-00001.arrow" in msg and "\n" not in msg
+    with pytest.raises(TraceStoreError):  # resuming refuses too, and damages nothing
+        TraceStoreWriter(path, INFO, hidden_layers=[0, 2], store_router_logits=True)
+    assert digest(path) == before
+
+
+def test_checksum_and_row_count_checks(tmp_path):
+    path = tmp_path / "s"
+    write_store(path, [([0], [2])])
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    manifest["shards"][0]["sha256"] = "0" * 64
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    TraceStore(path)  # checksums are opt-in
+    with pytest.raises(TraceStoreError, match="does not match its checksum"):
+        TraceStore(path, verify_checksums=True)
+    manifest["shards"][0]["rows"] = 5
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(TraceStoreError, match="holds 2 rows but the manifest says 5"):
+        TraceStore(path)
+
+
+def test_bad_manifest(tmp_path):
+    with pytest.raises(TraceStoreError, match="does not exist"):
+        TraceStore(tmp_path / "nope")
+    tmp_path.joinpath("m").mkdir()
+    with pytest.raises(TraceStoreError, match="manifest.json is missing"):
+        TraceStore(tmp_path / "m")
+    (tmp_path / "m" / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(TraceStoreError, match="not valid JSON"):
+        TraceStore(tmp_path / "m")
+    (tmp_path / "m" / MANIFEST_NAME).write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(TraceStoreError, match="format_version 99"):
+        TraceStore(tmp_path / "m")
+
+
+def test_schema_mismatch_named(tmp_path):
+    path = tmp_path / "s"
+    write_store(path, [([0], [2])])
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    manifest["model"]["num_experts"] = 16  # router_logits width no longer matches
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(TraceStoreError, match="shard-00000.arrow column 'router_logits'"):
+        TraceStore(path)
+
+
+def test_router_weights_round_trip(tmp_path):
+    w = TraceStoreWriter(tmp_path / "s", INFO)
+    assert not w.finalize().has_router_weights
+    mats = {i: np.full((E, H), i, dtype=np.float32) for i in range(L)}
+    w.save_router_weights(mats)
+    store = TraceStore(tmp_path / "s")
+    got = store.router_weights()
+    assert sorted(got) == [0, 1, 2] and np.array_equal(got[2], mats[2])
+    (tmp_path / "s" / "router_weights.safetensors").write_bytes(b"junk")
+    with pytest.raises(TraceStoreError, match="router_weights.safetensors is corrupt"):
+        store.router_weights()
+
+
+def test_empty_store(tmp_path):
+    store = TraceStoreWriter(tmp_path / "s", INFO).finalize()
+    assert store.num_tokens == 0 and store.num_sequences == 0 and list(store.iter_sequences()) == []
