@@ -64,6 +64,19 @@ def test_demand_jumps_ahead_of_queued_prefetches_and_queued_jobs_cancel():
     assert not copier.cancel(first)
 
 
+def test_demand_on_an_idle_link_is_issued_inline_but_usable_only_on_arrival():
+    with ThrottledCopier(1e6) as copier:
+        job = copier.submit(_job(25_000))  # 0.1 s on the link
+        assert copier.inline_jobs == 1 and job.state == DONE  # copied by the caller: no thread hop
+        assert torch.equal(job.dst["w"], job.src["w"])
+        assert not job.is_ready()  # but the emulated link has not delivered it yet
+        queued = copier.submit(_job(25_000, PREFETCH, key=(0, 1)))
+        queued.wait()
+        job.wait()
+    assert job.is_ready() and time.perf_counter() >= job.ready_at
+    assert queued.ready_at - job.ready_at >= 0.1 * 0.999  # the link stays serial across both paths
+
+
 def test_non_positive_bandwidth_is_refused():
     for bad in (0, -5e9):
         with pytest.raises(ValueError):

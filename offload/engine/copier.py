@@ -10,12 +10,18 @@ A100 set-up.
 The link is modelled as one serial channel with a virtual clock: a job starts when both the job
 exists and the previous job has left the link, and it is *ready* ``nbytes / bandwidth`` later.
 Sleeping until that virtual time (instead of sleeping ``duration`` after waking up) keeps the
-throughput exact even though ``time.sleep`` overshoots by tens of microseconds: the jitter of one
-sleep is not added to the next job.
+throughput exact: the jitter of one sleep is not added to the next job, and the last 200 us before a
+deadline are spun, since ``time.sleep`` alone overshoots by about a small expert's copy time.
 
 Demand fetches (the main loop is stalled on them) jump ahead of queued prefetches; a job already on
 the link is never interrupted. Queued prefetches can be cancelled when the main loop needs their
 slot more urgently.
+
+A demand copy submitted while the link is idle and nothing is queued is issued by the caller itself
+(the memcpy, or on CUDA the async copy on the copy stream) and only *becomes usable* at its virtual
+arrival time: :meth:`CopyJob.wait` sleeps until then. The link timing is the same as through the
+worker, minus two thread hand-offs per miss, which on a busy CPU cost more than the emulated copy
+of a small expert itself.
 """
 
 from __future__ import annotations
@@ -26,10 +32,24 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 DEMAND, PREFETCH = 0, 1  # job priorities: lower runs first
+
+#: ``time.sleep`` overshoots by tens of microseconds, as long as a small expert's whole emulated copy:
+#: the last stretch before a deadline is spun instead (yielding the GIL each round).
+_SPIN_S = 200e-6
+
+
+def sleep_until(deadline: float) -> None:
+    """Return at ``deadline`` (perf_counter seconds), accurate to a few microseconds."""
+    remaining = deadline - time.perf_counter()
+    if remaining > _SPIN_S:
+        time.sleep(remaining - _SPIN_S)
+    while time.perf_counter() < deadline:
+        time.sleep(0)
 
 QUEUED, RUNNING, DONE, CANCELLED = "queued", "running", "done", "cancelled"
 
@@ -49,20 +69,30 @@ class CopyJob:
     ready_at: float | None = None  # perf_counter time the link delivered the last byte
     error: BaseException | None = None
     _done: threading.Event = field(default_factory=threading.Event)
+    _event: Any = None  # CUDA event of an inline copy
 
     def is_ready(self) -> bool:
-        return self._done.is_set() and self.state == DONE
+        if not self._done.is_set() or self.state != DONE:
+            return False
+        if self._event is not None and not self._event.query():
+            return False
+        return self.ready_at is None or time.perf_counter() >= self.ready_at
 
     def wait(self) -> None:
         self._done.wait()
         if self.error is not None:
             raise RuntimeError(f"copy of expert {self.key} failed") from self.error
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        if self.ready_at is not None:
+            sleep_until(self.ready_at)
 
 
 class ThrottledCopier:
     """A single copy worker emulating a host->device link of ``bandwidth`` bytes/s (None: unthrottled)."""
 
-    def __init__(self, bandwidth: float | None, device: torch.device | str = "cpu"):
+    def __init__(self, bandwidth: float | None, device: torch.device | str = "cpu", *, inline_demand: bool = True):
         if bandwidth is not None and not bandwidth > 0:
             raise ValueError(f"bandwidth must be positive, got {bandwidth}")
         self.bandwidth = bandwidth
@@ -72,6 +102,9 @@ class ThrottledCopier:
         self._order = itertools.count()
         self._cond = threading.Condition()
         self._link_free_at = 0.0
+        self._busy = False  # a copy is being issued (by the worker or inline)
+        self.inline_demand = inline_demand
+        self.inline_jobs = 0
         self._closed = False
         self.bytes_copied = 0
         self.jobs_done = 0
@@ -88,8 +121,26 @@ class ThrottledCopier:
             if self._closed:
                 raise RuntimeError("the copier is closed")
             job.submitted_at = time.perf_counter()
-            heapq.heappush(self._queue, (job.priority, next(self._order), job))
-            self._cond.notify()
+            inline = self.inline_demand and job.priority == DEMAND and not self._queue and not self._busy
+            if inline:
+                self._busy = True
+                job.state = RUNNING
+            else:
+                heapq.heappush(self._queue, (job.priority, next(self._order), job))
+                self._cond.notify()
+        if inline:
+            try:
+                self._copy(job, hold_link=False)
+                job.state = DONE
+                self.inline_jobs += 1
+            except BaseException as e:
+                job.error = e
+                job.state = DONE
+            finally:
+                job._done.set()
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify()
         return job
 
     def promote(self, job: CopyJob) -> None:
@@ -137,22 +188,27 @@ class ThrottledCopier:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
+                while (not self._queue or self._busy) and not self._closed:
                     self._cond.wait()
                 if self._closed:
                     return
                 _, _, job = heapq.heappop(self._queue)
                 job.state = RUNNING
+                self._busy = True
             try:
-                self._copy(job)
+                self._copy(job, hold_link=True)
                 job.state = DONE
             except BaseException as e:  # surfaced to whoever waits on the job
                 job.error = e
                 job.state = DONE
             finally:
+                with self._cond:
+                    self._busy = False
                 job._done.set()
 
-    def _copy(self, job: CopyJob) -> None:
+    def _copy(self, job: CopyJob, *, hold_link: bool) -> None:
+        """Issue the copy and book the link. ``hold_link``: the worker sleeps until the virtual
+        arrival (so the next job cannot start earlier); inline, the waiter sleeps instead."""
         start = max(self._link_free_at, job.submitted_at)
         if self._stream is not None:
             with torch.cuda.stream(self._stream):
@@ -160,7 +216,10 @@ class ThrottledCopier:
                     dst.copy_(job.src[name], non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(self._stream)
-            event.synchronize()
+            if hold_link:
+                event.synchronize()
+            else:
+                job._event = event
         else:
             for name, dst in job.dst.items():
                 dst.copy_(job.src[name])
@@ -169,9 +228,12 @@ class ThrottledCopier:
             ready = now
         else:
             ready = max(now, start + job.nbytes / self.bandwidth)
-            delay = ready - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
+            if hold_link:
+                # hold the link (so queued prefetches keep their place behind a later demand) but do
+                # not spin: waiters sleep precisely until ``ready_at`` themselves
+                remaining = ready - time.perf_counter() - _SPIN_S
+                if remaining > 0:
+                    time.sleep(remaining)
         self._link_free_at = ready
         self.busy_s += ready - max(start, job.submitted_at)
         self.bytes_copied += job.nbytes

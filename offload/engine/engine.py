@@ -93,6 +93,16 @@ def layer_accesses(ids: torch.Tensor, weights: torch.Tensor) -> list[tuple[int, 
     return [(e, score[e], best[e]) for e in sorted(total, key=lambda e: (-total[e], best[e], e))]
 
 
+@dataclass
+class Run:
+    """One expert computation of a layer: tokens that chose ``expert`` run ``run_as`` from ``slot``."""
+
+    expert: int
+    run_as: int
+    slot: int
+    job: CopyJob | None  # the copy to wait for, if any
+
+
 def clone_loaded(loaded: Any) -> Any:
     """A deep copy of a ``LoadedModel`` with its own adapter: the engine releases the expert weights
     of the model it wraps, so a plain reference and an engine never share one."""
@@ -150,7 +160,10 @@ class OffloadEngine:
         self._chosen: list[torch.Tensor] = []  # this pass: (T, K) ids per layer run so far
         self._previous: torch.Tensor | None = None  # (1, L, K) the previous token's experts
         self._forecasts: dict[int, list[np.ndarray]] = {}  # target layer -> forecasts made this pass
+        # per layer: substitutes (kept until they ran), runs still due per key, copies waiting for a slot
         self._substitutes: set[Key] = set()
+        self._pending: dict[Key, int] = {}
+        self._blocked: dict[Key, list[CopyJob]] = {}
         self.recorder: TraceRecorder | None = None
         self._closed = False
         for layer in range(self.num_layers):
@@ -233,26 +246,27 @@ class OffloadEngine:
         self._score_forecasts(layer, accesses)
         needed = [(layer, e) for e, _, _ in accesses]
         self.cache.begin_layer(layer, needed)
-        self._substitutes: set[Key] = set()  # resident experts standing in for misses: keep until run
-        # a long prompt may need more experts at one layer than there are slots: then each expert
-        # runs right after its access, before a later access of the layer may evict it
-        streaming = len(needed) > self._room_for(layer)
-        out = torch.zeros_like(x)
-        runs: list[tuple[int, int]] = []  # (expert the tokens chose, expert whose weights run)
+        self._substitutes = set()
+        self._pending = {}
+        self._blocked = {}
+        runs: list[Run] = []
         probs = None
         for e, score, rank in accesses:
             if probs is None and self._miss.mode == "substitute" and (layer, e) not in self.cache:
                 probs = torch.softmax(route.logits.double(), dim=-1).mean(dim=0).cpu().numpy()
-            run_as = self._access(layer, e, score, rank, probs, needed)
-            if run_as is None:
-                continue
-            if streaming:
-                self._compute(out, x, ids, weights, layer, e, run_as)
-            else:
-                runs.append((e, run_as))
+            run = self._access(layer, e, score, rank, probs, needed)
+            if run is not None:
+                runs.append(run)
+                self._pending[(layer, run.run_as)] = self._pending.get((layer, run.run_as), 0) + 1
         self._prefetch(layer, x)
-        for e, run_as in sorted(runs):  # ascending expert id: HF's accumulation order, bit-identical
-            self._compute(out, x, ids, weights, layer, e, run_as)
+        # Without slot reuse inside the layer, run experts in ascending id: HF's accumulation order,
+        # bit-identical outputs. When a long prompt needs more experts than there are slots, some copies
+        # wait for the expert whose slot they take: then run in access order, which frees slots in the
+        # order those copies were decided (a victim was always accessed before the key replacing it).
+        out = torch.zeros_like(x)
+        for run in (runs if self._blocked else sorted(runs, key=lambda r: r.expert)):
+            self._run(out, x, ids, weights, layer, run)
+        assert not self._blocked, "a copy was left waiting for an expert that never ran"
         shared = self.adapter.shared_forward(layer, x)
         if shared is not None:
             out = out + shared
@@ -275,23 +289,25 @@ class OffloadEngine:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return ids, weights.to(route.weights.dtype)
 
-    def _room_for(self, layer: int) -> int:
-        if self.cache.layer_capacity is not None:
-            return self.cache.layer_capacity[layer]
-        return self.cache.capacity
-
-    def _compute(self, out, x, ids, weights, layer: int, expert: int, run_as: int) -> None:
-        """Tokens that chose ``expert`` get ``run_as``'s output (the same expert unless substituted)."""
-        key = (layer, run_as)
-        self._wait(key)
-        slot = self.cache.slot_of(key)
-        assert slot is not None, f"{key} ran without being resident"
-        add_expert_output(out, x, ids, weights, expert, self.pool.slot(slot), self.adapter.expert_forward)
+    def _run(self, out, x, ids, weights, layer: int, run: Run) -> None:
+        """Tokens that chose ``run.expert`` get ``run.run_as``'s output (the same unless substituted),
+        from the slot decided at access time; then copies waiting for that slot may start."""
+        if run.job is not None:
+            self._wait(run.job)
+        params = self.pool.slot(run.slot)
+        add_expert_output(out, x, ids, weights, run.expert, params, self.adapter.expert_forward)
+        key = (layer, run.run_as)
+        self._pending[key] -= 1
+        if self._pending[key] == 0:
+            del self._pending[key]
+            for job in self._blocked.pop(key, []):
+                self.copier.submit(job)
 
     # ------------------------------------------------------------------ cache events
     def _access(self, layer: int, expert: int, score: float, rank: int, probs: np.ndarray | None,
-                needed: list[Key]) -> int | None:
-        """One demand access with miss handling; the expert whose weights will run, or None (dropped)."""
+                needed: list[Key]) -> Run | None:
+        """One demand access with miss handling: what will run, from which slot, after which copy; None
+        when the miss is dropped."""
         key = (layer, expert)
         c = self.counters
         c.accesses += 1
@@ -305,7 +321,7 @@ class OffloadEngine:
             if job is not None and not job.is_ready():
                 c.late_prefetch += 1
                 self.copier.promote(job)
-            return expert
+            return Run(expert, expert, r.slot, job)
         if self._miss.drops(rank):
             self._count_miss(self.cache.access(key, score, fetch=False))
             c.dropped += 1
@@ -319,45 +335,55 @@ class OffloadEngine:
                 self.cache.use((layer, sub), score)
                 self._substitutes.add((layer, sub))
                 c.substituted += 1
-                return sub
+                slot = self.cache.slot_of((layer, sub))
+                assert slot is not None
+                return Run(expert, sub, slot, self._jobs.get((layer, sub)))
         r = self.cache.access(key, score, protected=self._substitutes)
         self._count_miss(r)
-        if r.evicted is not None:
-            self._on_evicted(r.evicted)
-        self._submit(key, r.slot, DEMAND)
-        return expert
+        job = self._new_job(key, r.slot, DEMAND)
+        if r.evicted is not None and self._on_evicted(r.evicted):
+            self._blocked.setdefault(r.evicted, []).append(job)  # its slot is free once it has run
+        else:
+            self.copier.submit(job)
+        return Run(expert, expert, r.slot, job)
 
     def _count_miss(self, r: Any) -> None:
         self.counters.misses += 1
         self.counters.collision_misses += int(r.collision)
 
-    def _submit(self, key: Key, slot: int, priority: int) -> None:
+    def _new_job(self, key: Key, slot: int, priority: int) -> CopyJob:
         job = CopyJob(
             key=key, slot=slot, src=self.store.expert(*key), dst=self.pool.slot(slot),
             nbytes=self.store.expert_nbytes, priority=priority,
         )
-        self._jobs[key] = self.copier.submit(job)
+        self._jobs[key] = job
         self.counters.bytes_copied += job.nbytes
+        return job
 
-    def _on_evicted(self, key: Key) -> None:
+    def _on_evicted(self, key: Key) -> bool:
+        """Book-keeping for an evicted key; True when it still has to run in this layer (its slot
+        is then taken only after that run)."""
         self.counters.evictions += 1
         job = self._jobs.pop(key, None)
-        if job is not None and job.state == QUEUED and self.copier.cancel(job):
-            self.counters.bytes_copied -= job.nbytes
         if key in self._unused_prefetch:
             self._unused_prefetch.discard(key)
             self.counters.prefetch_wasted += 1
+        if key in self._pending:
+            return True
+        if job is not None and job.state == QUEUED and self.copier.cancel(job):
+            self.counters.bytes_copied -= job.nbytes
+        return False
 
-    def _wait(self, key: Key) -> None:
-        job = self._jobs.get(key)
-        if job is None:
-            return
+    def _wait(self, job: CopyJob) -> None:
         if not job.is_ready():
             t0 = time.perf_counter()
             self.copier.promote(job)
             job.wait()
             self.counters.stall_s += time.perf_counter() - t0
-        del self._jobs[key]
+        else:
+            job.wait()  # returns at once; on CUDA it also retires the copy's event
+        if self._jobs.get(job.key) is job:
+            del self._jobs[job.key]
 
     # ------------------------------------------------------------------ prefetch loop
     def _context(self, layer: int, x: torch.Tensor) -> PredictContext | None:
@@ -390,10 +416,11 @@ class OffloadEngine:
                 if ins is None:
                     continue  # the policy will not evict for a guess
                 if ins.evicted is not None:
-                    self._on_evicted(ins.evicted)
+                    blocked = self._on_evicted(ins.evicted)
+                    assert not blocked, "a prefetch evicted an expert the running layer still needs"
                 self._unused_prefetch.add(key)
                 self.counters.prefetch_issued += 1
-                self._submit(key, ins.slot, PREFETCH)
+                self.copier.submit(self._new_job(key, ins.slot, PREFETCH))
 
     def _score_forecasts(self, layer: int, accesses: list[tuple[int, float, int]]) -> None:
         """Precision/recall of every forecast made for ``layer`` in this pass, as the simulator's
