@@ -177,7 +177,7 @@ def load_texts(
     # ---- local files
     path = Path(os.path.expanduser(spec))
     suffix = path.suffix.lower()
-    if path.exists() or suffix in LOCAL_SUFFIXES or os.sep in spec:
+    if path.exists() or suffix in LOCAL_SUFFIXES or spec.startswith((".", "/", "~")):
         if not path.exists():
             raise UserError(f"dataset file {path} does not exist")
         if path.is_dir():
