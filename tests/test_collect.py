@@ -195,3 +195,46 @@ def test_parse_hidden_layers():
     for bad in ("5", "x"):
         with pytest.raises(UserError):
             parse_hidden_layers(bad, 3)
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_out_folder_of_another_model_refused_untouched(tiny, tmp_path, gemma_csv):
+    from data_pipeline.import_routes import import_routes
+
+    out = tmp_path / "gemma"
+    import_routes(gemma_csv, out)
+    before = _digest(out)
+    with pytest.raises(TraceStoreError, match="already holds traces of google_gemma"):
+        collect_traces(tiny, TEXTS, out, seq_len=16, batch_size=4, hidden_layers="none", progress=False)
+    assert _digest(out) == before
+
+
+def test_other_dataset_refused_untouched(tiny, tmp_path):
+    out = tmp_path / "s"
+    collect_traces(tiny, TEXTS[:3], out, seq_len=16, batch_size=4, hidden_layers="none", dataset_spec=_spec(),
+                   progress=False)
+    before = _digest(out)
+    with pytest.raises(UserError, match="another dataset"):
+        collect_traces(tiny, TEXTS, out, seq_len=16, batch_size=4, hidden_layers="none",
+                       dataset_spec={"name": "other"}, progress=False)
+    assert _digest(out) == before
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "nobody-here/no-such-moe-xyz"], "no-such-moe-xyz"),
+    (["--dataset", "nobody/no-such-dataset-xyz"], "no-such-dataset-xyz"),
+])
+def test_cli_bad_input_one_line_exit_2(tmp_path, args, needle):
+    out = tmp_path / "t"
+    r = subprocess.run([sys.executable, "-m", "data_pipeline.collect", "--out", str(out), *args],
+                       cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]
+    assert not out.exists()
