@@ -39,8 +39,10 @@ def bench(loaded: LoadedModel, batch_size: int, seq_len: int, batches: int) -> t
         plain(), hooked()  # warm-up
         tp, th = [], []
         for _ in range(3):  # interleaved, best of 3: robust to a shared machine
-            t = time.perf_counter(); plain(); tp.append(time.perf_counter() - t)
-            t = time.perf_counter(); hooked(); th.append(time.perf_counter() - t)
+            for fn, acc in ((plain, tp), (hooked, th)):
+                t = time.perf_counter()
+                fn()
+                acc.append(time.perf_counter() - t)
     return min(tp), min(th), n_tok
 
 
@@ -48,7 +50,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--olmoe-shaped", action="store_true", help="also a 4-layer 64-expert top-8 H=1024 model")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: no OpenMP spin on a shared box)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     rows = [("tiny-olmoe", load_model("tiny-olmoe"), 16, 128)]
     if args.olmoe_shaped:
         m = build_tiny_olmoe(0, hidden_size=1024, intermediate_size=512, num_hidden_layers=4, num_experts=64,
