@@ -162,7 +162,8 @@ def test_cli_killed_mid_run_then_resumed(tmp_path):
     cmd = [sys.executable, "-m", "data_pipeline.collect", "--out", str(out), "--max-tokens", "6000",
            "--seq-len", "64", "--batch-size", "4", "--shard-sequences", "4", "--hidden-layers", "0,2",
            "--no-progress"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # one intra-op thread: with 2 OpenMP threads on a loaded 2-core box a forward can stall for minutes
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          start_new_session=True)
     try:
