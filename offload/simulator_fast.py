@@ -58,6 +58,17 @@ def _unlink(k, layer, prv, nxt, head, tail):
 
 
 @nb.njit(cache=True, _nrt=False)
+def _drop(v, glob, L, E, p, prv, nxt, head, tail, resident, n_res_layer, evicted_pass, unused_pf):
+    """Take victim ``v`` out of its queue and the resident set; the caller counts the eviction."""
+    vl = v // E
+    _unlink(v, L if glob else vl, prv, nxt, head, tail)
+    resident[v] = False
+    n_res_layer[vl] -= 1
+    evicted_pass[v] = p
+    unused_pf[v] = False
+
+
+@nb.njit(cache=True, _nrt=False)
 def _append(k, layer, prv, nxt, head, tail):
     t = tail[layer]
     prv[k] = t
@@ -312,14 +323,9 @@ def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, 
                                     head, nxt, stamp, last_pass, count, total, nextuse, pin, served)
                         if v >= 0:
                             break
-                    vl = v // E
-                    _unlink(v, L if glob else vl, prv, nxt, head, tail)
-                    resident[v] = False
+                    _drop(v, glob, L, E, p, prv, nxt, head, tail, resident, n_res_layer, evicted_pass, unused_pf)
                     n_res -= 1
-                    n_res_layer[vl] -= 1
                     evictions += 1
-                    evicted_pass[v] = p
-                    unused_pf[v] = False
                 resident[k] = True
                 n_res += 1
                 n_res_layer[layer] += 1
@@ -371,14 +377,10 @@ def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, 
                                         head, nxt, stamp, last_pass, count, total, nextuse, pin, served)
                             if v < 0:
                                 continue
-                            vl = v // E
-                            _unlink(v, L if glob else vl, prv, nxt, head, tail)
-                            resident[v] = False
+                            _drop(v, glob, L, E, p, prv, nxt, head, tail, resident, n_res_layer, evicted_pass,
+                                  unused_pf)
                             n_res -= 1
-                            n_res_layer[vl] -= 1
                             evictions += 1
-                            evicted_pass[v] = p
-                            unused_pf[v] = False
                         resident[k2] = True
                         n_res += 1
                         n_res_layer[target] += 1

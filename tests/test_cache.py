@@ -6,28 +6,15 @@ import pytest
 
 from offload.cache import CacheFullError, ExpertCache, split_capacity
 from offload.policies import LRU, LeastStale, make_policy
-
-
-def replay(cache: ExpertCache, passes: list[list[list[int]]]) -> list[tuple]:
-    """Feed passes (per layer, expert ids in rank order); return (pass, layer, expert, hit, evicted)."""
-    events = []
-    for p, layers in enumerate(passes):
-        cache.begin_pass()
-        for layer, experts in enumerate(layers):
-            keys = [(layer, e) for e in experts]
-            cache.begin_layer(layer, keys)
-            for key in keys:
-                r = cache.access(key, 1.0)
-                events.append((p, layer, key[1], r.hit, r.evicted))
-    return events
+from tests.cache_replay import replay
 
 
 def test_lru_hand_trace_counts_and_collisions():
     cache = ExpertCache(2, 4, 3, LRU())
     events = replay(cache, [[[0, 1], [0, 1]], [[0, 1], [0, 1]]])
-    assert [e[3] for e in events] == [False, False, False, False, False, True, False, True]
+    assert [e[2] for e in events] == [False, False, False, False, False, True, False, True]
     # pass 0: (1,1) evicts (0,0); pass 1: (0,0) evicts (1,0) since (0,1) is pinned, then (1,0) evicts (0,0)
-    assert [e[4] for e in events if e[4]] == [(0, 0), (1, 0), (0, 0)]
+    assert [e[3] for e in events if e[3]] == [(0, 0), (1, 0), (0, 0)]
     t = cache.stats.totals()
     assert (t["accesses"], t["hits"], t["misses"], t["collision_misses"]) == (8, 2, 6, 1)
     assert cache.stats.collision_misses.tolist() == [0, 1]
@@ -80,7 +67,7 @@ def test_per_layer_partition_evicts_only_inside_the_layer():
     cache = ExpertCache(2, 8, 4, LRU(), partition="per-layer")
     events = replay(cache, [[[0, 1], [0]], [[2], [1]]])
     # layer 0 has 2 slots: (0,2) evicts (0,0) (the LRU of layer 0) although (1,0) is older overall
-    assert [e[4] for e in events if e[4]] == [(0, 0)]
+    assert [e[3] for e in events if e[3]] == [(0, 0)]
     assert {k[0] for k in cache.resident()}.issuperset({0, 1})
 
 

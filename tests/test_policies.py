@@ -8,27 +8,11 @@ import pytest
 
 from offload.cache import ExpertCache
 from offload.policies import FIFO, FLD, LFU, LHU, LRU, Belady, LeastStale, RandomEviction, ScoreBased
+from tests.cache_replay import replay
 
 # Two layers, capacity 3. Pass 0: L0 {a}, L1 {x}; pass 1: L0 {a}, L1 {y}; pass 2: L0 {c}, L1 {x}.
 # (a = (0,0), c = (0,2), x = (1,0), y = (1,1))
 STALE_TRACE = [[[0], [0]], [[0], [1]], [[2], [0]]]
-
-
-def replay(cache: ExpertCache, passes, scores=None, hints=None):
-    events = []
-    i = 0
-    for p, layers in enumerate(passes):
-        cache.begin_pass()
-        for layer, experts in enumerate(layers):
-            keys = [(layer, e) for e in experts]
-            cache.begin_layer(layer, keys)
-            for key in keys:
-                score = scores[i] if scores else 1.0
-                hint = hints[i] if hints else None
-                r = cache.access(key, score, hint=hint)
-                events.append((p, key, r.hit, r.evicted, r.collision))
-                i += 1
-    return events
 
 
 def summary(events):
