@@ -84,7 +84,7 @@ def time_kernel(rc: ReplayCache, cfg: SimConfig, repeats: int = 2) -> tuple[floa
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        ints, plc, _, _ = replay_kernel(*args)
+        _, plc, *_ = replay_kernel(*args)
         best = min(best, time.perf_counter() - t)
     return best, int(plc[2].sum()), int(plc[3].sum())
 

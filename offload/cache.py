@@ -214,14 +214,28 @@ class ExpertCache:
 
     # ------------------------------------------------------------------ prefetch path
     def insert(
-        self, key: Key, *, prefetch: bool = True, hint: Any = None, protected: Iterable[Key] = ()
+        self, key: Key, *, prefetch: bool = True, hint: Any = None, protected: Iterable[Key] = (),
+        victim: Key | None = None,
     ) -> InsertResult | None:
         """Make ``key`` resident without a demand access (a prefetch). None when the policy refused
-        to evict for it, or the key is already resident."""
+        to evict for it, or the key is already resident. ``victim``: the key to evict, as returned by
+        :meth:`choose_victim` just before (so a policy is asked once per decision)."""
         with self._lock:
             if key in self._slot:
                 return None
-            return self._insert(key, prefetch=prefetch, hint=hint, protected=frozenset(protected))
+            return self._insert(key, prefetch=prefetch, hint=hint, protected=frozenset(protected), victim=victim)
+
+    def full_for(self, layer: int) -> bool:
+        """Whether inserting a key of ``layer`` needs an eviction."""
+        with self._lock:
+            return self._full(layer)
+
+    def choose_victim(self, layer: int, *, prefetch: bool = True, protected: Iterable[Key] = ()) -> Key | bool:
+        """The key the policy would evict to insert a key of ``layer`` (without evicting it); False
+        when it refuses (a prefetch the policy will not evict for)."""
+        with self._lock:
+            victim = self._choose_victim(layer, prefetch, frozenset(protected))
+            return False if victim is None else victim
 
     def mark_predicted(self, keys: Iterable[Key]) -> None:
         """Forecast for this pass: resident keys become *current* (Least-Stale); others are ignored."""
@@ -230,16 +244,28 @@ class ExpertCache:
                 if key in self._slot:
                     self.policy.on_predicted(key)
 
+    def forecast(self, layer: int, experts: Any, p_use: Any, rest: float) -> None:
+        """The whole ranked forecast for ``layer`` in this pass: P(use) of each listed expert and of
+        every unlisted one (``rest``), for policies that weigh it (``EvictionPolicy.on_forecast``)."""
+        with self._lock:
+            self.policy.on_forecast(layer, experts, p_use, rest)
+
+    def reuse_probability(self, key: Key) -> float | None:
+        """The policy's estimate that resident ``key`` is needed at its next opportunity (None: no idea)."""
+        with self._lock:
+            return self.policy.reuse_probability(key)
+
     def advise(self, key: Key, info: Any) -> None:
         """Hand side information about a resident key to the policy (see policies/base.py)."""
         with self._lock:
             if key in self._slot:
                 self.policy.on_advice(key, info)
 
-    def evict(self, key: Key) -> None:
-        """Remove ``key`` explicitly (e.g. the engine drops a copy)."""
+    def evict(self, key: Key, *, cancelled: bool = False) -> None:
+        """Remove ``key`` explicitly. ``cancelled``: a prefetch withdrawn before its copy started (its
+        slot is given back; it is not counted as an eviction)."""
         with self._lock:
-            self._remove(key)
+            self._remove(key, counted=not cancelled)
 
     # ------------------------------------------------------------------ internals
     def _full(self, layer: int) -> bool:
@@ -247,11 +273,12 @@ class ExpertCache:
             return len(self._slot) >= self.capacity
         return not self._free[layer]
 
-    def _insert(self, key: Key, *, prefetch: bool, hint: Any, protected: frozenset[Key]) -> InsertResult | None:
+    def _insert(self, key: Key, *, prefetch: bool, hint: Any, protected: frozenset[Key],
+                victim: Key | None = None) -> InsertResult | None:
         layer = key[0]
         evicted = None
         if self._full(layer):
-            evicted = self._choose_victim(layer, prefetch, protected)
+            evicted = victim if victim is not None else self._choose_victim(layer, prefetch, protected)
             if evicted is None:
                 return None
             self._remove(evicted)
@@ -291,12 +318,15 @@ class ExpertCache:
                 )
         return victim
 
-    def _remove(self, key: Key) -> None:
+    def _remove(self, key: Key, counted: bool = True) -> None:
         slot = self._slot.pop(key)
         self._free[0 if self.layer_capacity is None else key[0]].append(slot)
         self.policy.on_evict(key)
-        self.stats.evictions += 1
-        self._evicted_in_pass.add(key)
+        if counted:
+            self.stats.evictions += 1
+            self._evicted_in_pass.add(key)
+        else:
+            self.stats.prefetch_inserted -= 1
         self._unused_prefetch.discard(key)
 
 

@@ -4,22 +4,22 @@ A reuse forecaster is fitted on the training passes of a store; its policy must 
 passes it never saw. The cache and the forecaster's history still run through every pass in
 order (a deployed cache would have seen the earlier passes too), but hits, misses and collision
 misses are tallied per split part (train/val/test), so the test numbers count only held-out
-passes. The loop is the demand-fetch core of :func:`offload.simulator.simulate_reference`
-(standard routing, fetch on miss, running layer protected, no prefetch), and a test checks that
-its totals equal the simulator's.
+passes. The loop is the simulator's: the one per-layer step (:mod:`offload.step`) with demand
+fetch, standard routing, the running layer protected and no prefetch; a test checks that its totals
+equal the simulator's.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from offload.cache import ExpertCache
-from offload.passes import NEVER, Passes
+from offload.passes import Passes
 from offload.policies.base import EvictionPolicy
+from offload.step import LayerStep
 
 PARTS = ("train", "val", "test")
 
@@ -62,8 +62,12 @@ class SplitResult:
 def replay_split(passes: Passes, policy: EvictionPolicy, capacity_slots: int,
                  pass_part: np.ndarray | None = None, *, time_victims: bool = False,
                  progress: Callable[[int], None] | None = None) -> SplitResult:
-    """Demand-fetch replay of all passes; counts per part of ``pass_part`` ((P,) 0/1/2, default all train)."""
+    """Demand-fetch replay of all passes through the one per-layer step (:mod:`offload.step`); counts
+    per part of ``pass_part`` ((P,) 0/1/2, default all train)."""
     import time
+
+    from offload.hardware import get_hardware
+    from offload.simulator import Future, Replay, SimBackend, layer_accesses
 
     L, E = passes.num_layers, passes.num_experts
     cache = ExpertCache(L, E, capacity_slots, policy)
@@ -79,24 +83,22 @@ def replay_split(passes: Passes, policy: EvictionPolicy, capacity_slots: int,
             return key
 
         policy.victim = timed  # type: ignore[method-assign]
-    next_use = passes.next_use() if policy.needs_future else None
+    replay = Replay(None, passes, None, get_hardware("a100-5gbs"), capacity_slots, np.ones(L), 2.0)
+    step = LayerStep(cache, SimBackend(replay))
+    future = Future(passes) if policy.needs_future else None
     part = np.zeros(passes.num_passes, dtype=np.int64) if pass_part is None else np.asarray(pass_part)
+    ptok = passes.pass_tokens
     for p in range(passes.num_passes):
         counts = result.parts[PARTS[int(part[p])]] if part[p] >= 0 else PartCounts()
-        counts.passes += 1
-        cache.begin_pass(int(passes.phase[p]))
+        before = step.counters.snapshot()
+        step.begin_pass(int(passes.phase[p]))
         for layer in range(L):
-            a, b = int(passes.layer_ptr[p * L + layer]), int(passes.layer_ptr[p * L + layer + 1])
-            experts = passes.expert[a:b]
-            cache.begin_layer(layer, [(layer, int(e)) for e in experts])
-            for j in range(a, b):
-                hint = None
-                if next_use is not None:
-                    hint = math.inf if next_use[j] >= NEVER else float(next_use[j])
-                r = cache.access((layer, int(passes.expert[j])), float(passes.score[j]), hint=hint)
-                counts.accesses += 1
-                counts.hits += int(r.hit)
-                counts.collision_misses += int(r.collision)
+            step.run_layer(layer, layer_accesses(passes, p, layer, future), int(ptok[p]))
+        delta = step.counters.minus(before)
+        counts.passes += 1
+        counts.accesses += delta.accesses
+        counts.hits += delta.hits
+        counts.collision_misses += delta.collision_misses
         if progress is not None:
             progress(p)
     return result

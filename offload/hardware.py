@@ -26,6 +26,7 @@ class Hardware:
     layer_us: float  # per layer and pass: attention, norms, router, launches (fixed part)
     token_us: float  # per layer and token: the dense part that grows with the prompt
     expert_us: float  # per expert run: kernel launches and gather/scatter
+    kernel_us: float = 5.0  # one small kernel launch (a predictor's fixed cost per launch)
 
     @property
     def link_bytes_per_s(self) -> float:
@@ -39,6 +40,10 @@ class Hardware:
         """Seconds one expert takes for ``tokens`` tokens: compute- or memory-bound, whichever is slower."""
         flops = 2.0 * (nbytes / bytes_per_param) * tokens
         return max(flops / (self.tflops * 1e12), nbytes / (self.hbm_gbps * 1e9)) + self.expert_us * 1e-6
+
+    def kernel_time(self, flops: float, nbytes: float, kernels: int) -> float:
+        """Seconds of a small computation: launches plus compute- or memory-bound work (roofline)."""
+        return kernels * self.kernel_us * 1e-6 + max(flops / (self.tflops * 1e12), nbytes / (self.hbm_gbps * 1e9))
 
     def layer_time(self, tokens: int) -> float:
         """Seconds of the non-expert part of one layer for a pass of ``tokens`` tokens."""
@@ -64,7 +69,7 @@ PROFILES: dict[str, Hardware] = {
     )
 }
 
-_FIELDS = ("link_gbps", "tflops", "hbm_gbps", "layer_us", "token_us", "expert_us")
+_FIELDS = ("link_gbps", "tflops", "hbm_gbps", "layer_us", "token_us", "expert_us", "kernel_us")
 
 
 def hardware_names() -> list[str]:
@@ -72,7 +77,8 @@ def hardware_names() -> list[str]:
 
 
 def get_hardware(spec: str) -> Hardware:
-    """``name`` or ``name:field=value,...`` (fields: link_gbps, tflops, hbm_gbps, layer_us, token_us, expert_us)."""
+    """``name`` or ``name:field=value,...`` (fields: link_gbps, tflops, hbm_gbps, layer_us, token_us, expert_us,
+    kernel_us)."""
     name, _, overrides = spec.partition(":")
     base = PROFILES.get(name.strip())
     if base is None:

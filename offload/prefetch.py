@@ -1,7 +1,8 @@
 """Prefetchers: which experts of layers l+1..l+D to copy in while layer l runs.
 
-A prefetcher turns a replay (:class:`offload.passes.Passes`) into a :class:`Forecast`: for every pass
-``p``, layer ``l`` and distance ``d`` the experts of layer ``l+d`` to fetch, best first. Forecasts
+A prefetcher turns a replay (:class:`offload.passes.Passes`) into an :class:`ExpertForecast`: for every
+pass ``p``, layer ``l`` and distance ``d`` the ranked candidate experts of layer ``l+d``, best first, and how
+many of them the selection rule picks. Forecasts
 are computed for the whole store before the replay (one ``predict`` call per layer over all tokens),
 so the replay loop only walks arrays.
 
@@ -33,34 +34,88 @@ from data_pipeline.errors import UserError
 from data_pipeline.trace_store import TraceStore
 from offload.passes import Passes
 
+#: ranked candidates kept per forecast: ``DEPTH_FACTOR * top_k`` (at least what the selection picks).
+#: Admission by value may go past the selected ones; eviction weighs every listed candidate.
+DEPTH_FACTOR = 4
+
+
+def forecast_depth(num_experts: int, top_k: int) -> int:
+    return min(num_experts, DEPTH_FACTOR * top_k)
+
 
 @dataclass
-class Forecast:
-    """Ragged forecasts: entries of (p, l, d) are ``expert[ptr[i]:ptr[i+1]]`` with i = (p*L + l)*D + d-1."""
+class ExpertForecast:
+    """Ragged ranked forecasts: entries of (p, l, d) are ``expert[ptr[i]:ptr[i+1]]``, best first, with
+    i = (p*L + l)*D + d-1. The first ``selected[i]`` of them are the selection rule's picks (what a
+    greedy prefetcher copies and what Least-Stale counts as current); ``prob`` holds P(use) when it
+    is known (the oracle: 1), else None and the step calibrates ranks online."""
 
     lookahead: int
     ptr: np.ndarray  # (P*L*D + 1,) int64
     expert: np.ndarray  # int32, best first
+    selected: np.ndarray  # (P*L*D,) int32
     covered: np.ndarray  # (L, D) bool: whether (l, d) forecasts were made (l+d < L and the predictor covers it)
+    prob: np.ndarray | None = None  # (len(expert),) float32
+
+    def index(self, p: int, layer: int, d: int, num_layers: int) -> int:
+        return (p * num_layers + layer) * self.lookahead + d - 1
 
     def entries(self, p: int, layer: int, d: int, num_layers: int) -> np.ndarray:
-        i = (p * num_layers + layer) * self.lookahead + d - 1
+        i = self.index(p, layer, d, num_layers)
         return self.expert[self.ptr[i]: self.ptr[i + 1]]
 
+    def picks(self, p: int, layer: int, d: int, num_layers: int) -> np.ndarray:
+        """The selected entries of (p, layer, d): what a greedy prefetcher copies."""
+        i = self.index(p, layer, d, num_layers)
+        return self.expert[self.ptr[i]: self.ptr[i] + self.selected[i]]
 
-def forecast_quality(passes: Passes, fc: Forecast) -> tuple[float, float]:
-    """Micro-averaged precision and recall of the forecast against the true experts of the target layers."""
+    def selected_mask(self) -> np.ndarray:
+        """(len(expert),) bool: whether each entry is among its forecast's selected ones."""
+        counts = np.diff(self.ptr)
+        rank = np.arange(len(self.expert)) - np.repeat(self.ptr[:-1], counts)
+        return rank < np.repeat(self.selected, counts)
+
+
+def rank_candidates(scores: np.ndarray, selection: Selection, top_k: int, depth: int) -> tuple[np.ndarray, int]:
+    """(T, E) scores of one pass's tokens for one target layer -> (ranked experts, how many selected).
+
+    One token: its experts by score; the selection rule picks the first ones. Several tokens (a
+    prefill pass): the union of every token's picks, ordered by score summed over the tokens, then
+    the other experts by summed score. At least ``depth`` are listed (all selected ones always).
+    Written once: the simulator's precomputed forecasts and the engine's live ones both use it.
+    """
+    counts = selection.counts(scores, top_k)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    if scores.shape[0] == 1:
+        n = int(counts[0])
+        return order[0, : max(n, depth)], n
+    mask = np.zeros(scores.shape[1], dtype=bool)
+    for t, n in enumerate(counts):
+        mask[order[t, :n]] = True
+    total = scores.sum(axis=0)
+    picked = np.flatnonzero(mask)
+    picked = picked[np.argsort(-total[picked], kind="stable")]
+    rest = np.flatnonzero(~mask)
+    rest = rest[np.argsort(-total[rest], kind="stable")]
+    return np.concatenate([picked, rest])[: max(len(picked), depth)], len(picked)
+
+
+def forecast_quality(passes: Passes, fc: ExpertForecast) -> tuple[float, float]:
+    """Micro-averaged precision and recall of the selected forecasts against the true experts of the
+    target layers."""
     P, L, E, D = passes.num_passes, passes.num_layers, passes.num_experts, fc.lookahead
     truth = np.zeros((P * L, E), dtype=bool)
     truth[np.repeat(np.arange(P * L), np.diff(passes.layer_ptr)), passes.expert] = True
     sizes = truth.sum(axis=1).reshape(P, L)
     counts = np.diff(fc.ptr)
     idx = np.repeat(np.arange(P * L * D), counts)
+    sel = fc.selected_mask()
+    idx, experts = idx[sel], fc.expert[sel]
     p, rem = np.divmod(idx, L * D)
     layer, dm1 = np.divmod(rem, D)
     target = p * L + layer + dm1 + 1
-    hits = int(truth[target, fc.expert].sum())
-    predicted = int(len(fc.expert))
+    hits = int(truth[target, experts].sum())
+    predicted = int(len(experts))
     relevant = 0
     for layer in range(L):
         for d in range(1, D + 1):
@@ -71,17 +126,20 @@ def forecast_quality(passes: Passes, fc: Forecast) -> tuple[float, float]:
     return precision, recall
 
 
-def _ragged_from_dense(dense: np.ndarray, lookahead: int, covered: np.ndarray) -> Forecast:
-    """(P, L, D, M) int expert ids padded with -1 -> ragged Forecast."""
+def _ragged_from_dense(dense: np.ndarray, selected: np.ndarray, lookahead: int, covered: np.ndarray) -> ExpertForecast:
+    """(P, L, D, M) int expert ids padded with -1, (P, L, D) selected counts -> ragged ExpertForecast."""
     valid = dense >= 0
     counts = valid.sum(axis=3).reshape(-1)
     ptr = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=ptr[1:])
-    return Forecast(lookahead, ptr, dense[valid].astype(np.int32), covered)
+    return ExpertForecast(lookahead, ptr, dense[valid].astype(np.int32), selected.reshape(-1).astype(np.int32),
+                          covered)
 
 
 class Prefetcher(ABC):
     name: str = ""
+    #: the forecast's P(use) is known exactly (the oracle); otherwise the step calibrates ranks
+    exact = False
 
     def __init__(self, lookahead: int = 1):
         if lookahead < 1:
@@ -89,7 +147,7 @@ class Prefetcher(ABC):
         self.lookahead = lookahead
 
     @abstractmethod
-    def forecast(self, passes: Passes, store: TraceStore | None) -> Forecast | None:
+    def forecast(self, passes: Passes, store: TraceStore | None) -> ExpertForecast | None:
         """Forecasts for every pass and layer, or None when nothing is prefetched."""
 
     def describe(self) -> dict[str, Any]:
@@ -99,16 +157,17 @@ class Prefetcher(ABC):
 class NoPrefetch(Prefetcher):
     name = "none"
 
-    def forecast(self, passes: Passes, store: TraceStore | None) -> Forecast | None:
+    def forecast(self, passes: Passes, store: TraceStore | None) -> ExpertForecast | None:
         return None
 
 
 class OraclePrefetch(Prefetcher):
-    """The true experts of layers l+1..l+D, in rank order."""
+    """The true experts of layers l+1..l+D, in rank order; P(use) = 1 and every other expert 0."""
 
     name = "oracle"
+    exact = True
 
-    def forecast(self, passes: Passes, store: TraceStore | None) -> Forecast:
+    def forecast(self, passes: Passes, store: TraceStore | None) -> ExpertForecast:
         P, L, D = passes.num_passes, passes.num_layers, self.lookahead
         counts = np.diff(passes.layer_ptr).reshape(P, L)
         src = np.full((P, L, D), -1, dtype=np.int64)  # index p*L + target, -1 when past the last layer
@@ -122,7 +181,8 @@ class OraclePrefetch(Prefetcher):
         starts = passes.layer_ptr[np.maximum(src, 0)]
         gather = np.repeat(starts - ptr[:-1], lens) + np.arange(ptr[-1])
         covered = np.array([[layer + d < L for d in range(1, D + 1)] for layer in range(L)], dtype=bool)
-        return Forecast(D, ptr, passes.expert[gather].astype(np.int32), covered)
+        return ExpertForecast(D, ptr, passes.expert[gather].astype(np.int32), lens.astype(np.int32), covered,
+                              prob=np.ones(int(ptr[-1]), dtype=np.float32))
 
 
 class Selection(ABC):
@@ -201,10 +261,11 @@ class PredictorPrefetch(Prefetcher):
             previous = torch.from_numpy(prev)
         return PredictContext(layer=layer, hidden=hidden, chosen=chosen, previous=previous)
 
-    def forecast(self, passes: Passes, store: TraceStore | None) -> Forecast:
+    def forecast(self, passes: Passes, store: TraceStore | None) -> ExpertForecast:
         if store is None:
             raise UserError(f"prefetch {self.name} needs the trace store")
         L, E, K, D, P = passes.num_layers, passes.num_experts, passes.top_k, self.lookahead, passes.num_passes
+        depth = forecast_depth(E, K)
         needs = self.predictor.needs
         if "hidden" in needs and not store.hidden_layers:
             raise UserError(f"prefetch {self.name} needs hidden states, and {store.path} has none "
@@ -217,54 +278,38 @@ class PredictorPrefetch(Prefetcher):
         lens = passes.row_stop - passes.row_start
         rows = np.repeat(passes.row_start - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(lens.sum())
         row_pass = np.repeat(np.arange(P), lens)
-        is_prefill = lens > 1
+        single = lens[row_pass] == 1
         covered = np.zeros((L, D), dtype=bool)
-        per_layer: list[list[np.ndarray]] = []
-        width = 1
+        dense = np.full((P, L, D, E), -1, dtype=np.int16 if E < 2**15 else np.int32)
+        selected = np.zeros((P, L, D), dtype=np.int32)
         for layer in range(L):
-            outs: list[np.ndarray] = []
             ds = [d for d in range(1, D + 1) if self.predictor.covers(layer, d)
                   and ("hidden" not in needs or store.has_hidden(layer))]
+            if not ds:
+                continue
             for d in ds:
                 covered[layer, d - 1] = True
-            if not ds:
-                per_layer.append([np.full((P, 0), -1, dtype=np.int32)] * D)
-                continue
             probs = np.empty((len(rows), D, E), dtype=np.float32)
             for s in range(0, len(rows), self.batch_rows):
                 r = rows[s: s + self.batch_rows]
                 ctx = self._context(store, layer, r, ids, prev_row)
                 probs[s: s + len(r)] = self.predictor.predict(ctx).detach().cpu().numpy()[:, :D]
-            for d in range(1, D + 1):
-                if d not in ds:
-                    outs.append(np.full((P, 0), -1, dtype=np.int32))
-                    continue
+            for d in ds:
                 pr = probs[:, d - 1]
-                order = np.argsort(-pr, axis=1, kind="stable")
-                n = self.selection.counts(pr, K)
-                m = int(n.max()) if len(n) else 0
-                top = np.where(np.arange(m)[None, :] < n[:, None], order[:, :m], -1)
-                out = np.full((P, max(m, 1)), -1, dtype=np.int32)
-                single = ~is_prefill[row_pass]
-                out[row_pass[single], :m] = top[single]
-                for p in np.flatnonzero(is_prefill):  # prefill: union of the tokens' picks
-                    sel = top[row_pass == p]
-                    mask = np.zeros(E, dtype=bool)
-                    mask[sel[sel >= 0]] = True
-                    total = pr[row_pass == p].sum(axis=0)
-                    picked = np.flatnonzero(mask)
-                    picked = picked[np.argsort(-total[picked], kind="stable")]
-                    if len(picked) > out.shape[1]:
-                        out = np.concatenate([out, np.full((P, len(picked) - out.shape[1]), -1, np.int32)], axis=1)
-                    out[p, : len(picked)] = picked
-                outs.append(out)
-            per_layer.append(outs)
-            width = max(width, *(o.shape[1] for o in outs))
-        dense = np.full((P, L, D, width), -1, dtype=np.int32)
-        for layer, outs in enumerate(per_layer):
-            for d, o in enumerate(outs):
-                dense[:, layer, d, : o.shape[1]] = o
-        return _ragged_from_dense(dense, D, covered)
+                # one-token passes, vectorised: exactly rank_candidates on a single row
+                order = np.argsort(-pr[single], axis=1, kind="stable")
+                n = self.selection.counts(pr[single], K)
+                m = max(depth, int(n.max()) if len(n) else 0)
+                top = order[:, :m]
+                keep = np.arange(m)[None, :] < np.maximum(n, depth)[:, None]
+                p_single = row_pass[single]
+                dense[p_single, layer, d - 1, :m] = np.where(keep, top, -1)
+                selected[p_single, layer, d - 1] = n
+                for p in np.unique(row_pass[~single]):  # a prefill pass: the union of its tokens' picks
+                    experts, picked = rank_candidates(pr[row_pass == p], self.selection, K, depth)
+                    dense[p, layer, d - 1, : len(experts)] = experts
+                    selected[p, layer, d - 1] = picked
+        return _ragged_from_dense(dense, selected, D, covered)
 
 
 PREFETCHERS = ("none", "topk", "score", "oracle", "gate")

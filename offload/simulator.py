@@ -1,36 +1,51 @@
-"""The trace-driven simulator: replay passes through the expert cache and report what it costs.
+"""The trace-driven simulator: replay passes through the per-layer step and report what it costs.
 
 :func:`simulate_configs` is the entry point (``evaluate.py`` and the engine call it): it builds the
 passes and forecasts once per store/phase/prefetcher and runs every configuration, through the numba
-kernels of :mod:`offload.simulator_fast` where they cover the configuration and through the readable
-reference loop :func:`simulate_reference` (the real :class:`~offload.cache.ExpertCache` and policy
-classes) otherwise. A test asserts that both give identical counts.
+kernel of :mod:`offload.simulator_fast` where it covers the configuration and through
+:func:`simulate_reference` otherwise: the one per-layer step of :mod:`offload.step` (the same code
+the engine runs) on a virtual clock (:class:`SimBackend`). A test asserts both give identical
+numbers.
 
-Per layer (see :mod:`offload.timing`): begin the layer (its experts are protected), run the
-non-expert part, do the demand accesses in rank order (misses are fetched, dropped or substituted),
-mark the forecast experts of layers l+1..l+D as predicted for this pass and prefetch those not
-resident, then run the experts.
+The timing model (:class:`SimBackend`): per layer the non-expert part runs first
+(``Hardware.layer_time``); demand misses queue on the link ahead of every prefetch not started yet
+(:mod:`offload.link`); the forecast runs on the device (``Hardware.kernel_time`` of the predictor's
+``work``, or ``predictor_us``); the layer's experts run one after another, those already there first,
+each starting when the device is free and its copy has arrived. Copies of later layers keep flowing
+while experts compute; waiting for a copy is **stall time**. TTFT = duration of a prefill pass, TPOT
+= mean duration of a decode pass.
+
+Held-out evaluation: ``passes="test"`` (alias ``held-out``) replays every pass in order -- the cache
+and the calibration warm up on the earlier ones, as a deployed cache would -- but counts and times
+only the passes of the test part of the store's train/val/test split (the split ``train.py`` made;
+:mod:`data_pipeline.splits`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from data_pipeline.errors import UserError
-from data_pipeline.trace_store import TraceStore
+from data_pipeline.trace_store import PREFILL, TraceStore
 from offload.cache import ExpertCache
 from offload.capacity import layer_expert_bytes, parse_capacity
+from offload.counters import Counters
 from offload.hardware import Hardware, bytes_per_param, get_hardware
+from offload.link import SimCopy, SimLink
 from offload.miss_handling import MissHandling
 from offload.passes import NEVER, Passes, _prefill_layer, build_passes
 from offload.policies import make_policy
-from offload.prefetch import Forecast, forecast_quality, make_prefetcher
+from offload.prefetch import ExpertForecast, Prefetcher, forecast_depth, make_prefetcher
 from offload.routing import ROUTINGS, CacheAwareRouter
-from offload.timing import Link
+from offload.step import Access, Candidates, LayerStep, Run
+
+PARTS = ("train", "val", "test")
+PASS_SETS = ("all", "train", "val", "test", "held-out")
 
 
 @dataclass
@@ -42,6 +57,7 @@ class SimConfig:
     prefetch: str = "none"
     lookahead: int = 1
     overfetch: float = 1.0
+    admission: str = "greedy"  # greedy | value (offload.admission)
     hardware: str = "a100-5gbs"
     phase: str = "both"
     cache: str = "global"
@@ -51,6 +67,11 @@ class SimConfig:
     drop_from_rank: int = 2
     substitute_tolerance: float = 0.05
     protect_layer: bool = True
+    predictor_us: float | None = None  # per forecast call; None: the predictor's roofline cost
+    copy_bytes: float | None = None  # bytes one copy moves over the link (emulate a model); None: the store's
+    passes: str = "all"  # all | train | val | test (held-out): which passes are counted
+    split: str = "auto"  # the train/val/test split (data_pipeline.splits), as train.py makes it
+    split_seed: int = 0
     policy_params: dict[str, Any] = field(default_factory=dict)
     backend: str = "auto"  # auto | fast | reference
 
@@ -59,6 +80,10 @@ class SimConfig:
         d.pop("backend")
         return d
 
+    @property
+    def counted_part(self) -> str:
+        return "test" if self.passes == "held-out" else self.passes
+
 
 @dataclass
 class Replay:
@@ -66,28 +91,145 @@ class Replay:
 
     store: TraceStore | None
     passes: Passes
-    forecast: Forecast | None
+    forecast: ExpertForecast | None
     hardware: Hardware
     capacity_slots: int
     layer_bytes: np.ndarray  # (L,) bytes of one expert of each layer
     bytes_per_param: float
+    predictor_cost: Callable[[int], float] = field(default=lambda tokens: 0.0)  # seconds per call
+    pass_part: np.ndarray | None = None  # (P,) 0/1/2 = train/val/test; None: every pass counts as train
+    copy_bytes: np.ndarray | None = None  # (L,) bytes a copy moves over the link; None: layer_bytes
+
+    @property
+    def link_bytes(self) -> np.ndarray:
+        return self.layer_bytes if self.copy_bytes is None else self.copy_bytes
 
 
-def _next_after(sorted_keys: np.ndarray, sorted_pos: np.ndarray, key: int, pos: int) -> float:
-    """Index of the first access of ``key`` at or after ``pos`` (inf when none)."""
-    lo = np.searchsorted(sorted_keys, key, side="left")
-    hi = np.searchsorted(sorted_keys, key, side="right")
-    j = lo + np.searchsorted(sorted_pos[lo:hi], pos, side="left")
-    return float(sorted_pos[j]) if j < hi else math.inf
+class SimBackend:
+    """The step's virtual machine: a clock, a :class:`~offload.link.SimLink` and the timing model."""
+
+    def __init__(self, replay: Replay):
+        self.hw = replay.hardware
+        self.link = SimLink(self.hw.link_bytes_per_s)
+        self.layer_bytes = replay.layer_bytes
+        self.link_bytes = replay.link_bytes
+        self.bpp = replay.bytes_per_param
+        self.predictor_cost = replay.predictor_cost
+        self.top_k = replay.passes.top_k
+        self.t = 0.0
+        self.tokens = 1
+        self.compute_s = 0.0  # pure compute (no waiting, no forecasts): the physical limit's other half
+
+    def now(self) -> float:
+        return self.t
+
+    def begin_layer(self, layer: int, tokens: int) -> None:
+        self.tokens = tokens
+        dt = self.hw.layer_time(tokens)
+        self.t += dt
+        self.compute_s += dt
+
+    def charge_forecast(self, started: float) -> float:
+        cost = self.predictor_cost(self.tokens)
+        self.t += cost
+        return cost
+
+    def layer_estimate(self, layer: int, tokens: int, experts: int) -> tuple[float, float]:
+        per_expert = max(1, round(tokens * self.top_k / max(experts, 1)))
+        return (self.hw.layer_time(tokens),
+                experts * self.hw.expert_time(float(self.layer_bytes[layer]), per_expert, self.bpp))
+
+    def copy_bytes(self, layer: int) -> float:
+        return float(self.link_bytes[layer])
+
+    def arrived(self, copy: SimCopy) -> bool:
+        return self.link.arrived(copy, self.t)
+
+    def wait(self, copy: SimCopy) -> float:
+        arrival = self.link.arrival(copy, self.t)
+        if arrival <= self.t:
+            return 0.0
+        waited = arrival - self.t
+        self.t = arrival
+        return waited
+
+    def run(self, run: Run) -> None:
+        dt = self.hw.expert_time(float(self.layer_bytes[run.layer]), run.tokens, self.bpp)
+        self.t += dt
+        self.compute_s += dt
+
+
+class Future:
+    """The next demand access of every key, for policies that see the future (Belady)."""
+
+    def __init__(self, passes: Passes):
+        keys = passes.keys()
+        self.next_use = passes.next_use()
+        self.order = np.argsort(keys, kind="stable")
+        self.sorted_keys = keys[self.order]
+        self.num_experts = passes.num_experts
+        self.position = 0  # first access index after the running layer
+
+    def access_hint(self, i: int) -> float:
+        nu = self.next_use[i]
+        return math.inf if nu >= NEVER else float(nu)
+
+    def prefetch_hint(self, key: tuple[int, int]) -> float:
+        """Index of the first access of ``key`` after the running layer (inf when none)."""
+        k = key[0] * self.num_experts + key[1]
+        lo = np.searchsorted(self.sorted_keys, k, side="left")
+        hi = np.searchsorted(self.sorted_keys, k, side="right")
+        j = lo + np.searchsorted(self.order[lo:hi], self.position, side="left")
+        return float(self.order[j]) if j < hi else math.inf
+
+
+def layer_accesses(passes: Passes, p: int, layer: int, future: Future | None = None) -> list[Access]:
+    """The demand accesses of pass ``p`` at ``layer`` as the step takes them (rank order)."""
+    L = passes.num_layers
+    a, b = int(passes.layer_ptr[p * L + layer]), int(passes.layer_ptr[p * L + layer + 1])
+    if future is not None:
+        future.position = b
+    return [Access(int(passes.expert[i]), float(passes.score[i]), int(passes.best_rank[i]), int(passes.tokens[i]),
+                   future.access_hint(i) if future is not None else None) for i in range(a, b)]
+
+
+def table_forecaster(fc: ExpertForecast, p: int, num_layers: int) -> Callable[[int], list[Candidates]]:
+    """The precomputed forecasts of pass ``p`` as the step's forecaster."""
+
+    def forecast(layer: int) -> list[Candidates]:
+        out = []
+        for d in range(1, fc.lookahead + 1):
+            if layer + d >= num_layers or not fc.covered[layer, d - 1]:
+                continue
+            i = fc.index(p, layer, d, num_layers)
+            a, b = int(fc.ptr[i]), int(fc.ptr[i + 1])
+            probs = None if fc.prob is None else fc.prob[a:b]
+            out.append(Candidates(d, layer + d, fc.expert[a:b], int(fc.selected[i]), probs))
+        return out
+
+    return forecast
+
+
+@dataclass
+class _Tally:
+    """What the counted passes of one replay add up to."""
+
+    counters: Counters = field(default_factory=Counters)
+    collisions: np.ndarray | None = None
+    prefill_times: list[float] = field(default_factory=list)
+    decode_times: list[float] = field(default_factory=list)
+    prefill_compute: list[float] = field(default_factory=list)
+    decode_compute: list[float] = field(default_factory=list)
+    prefill_bytes: float = 0.0
+    decode_bytes: float = 0.0
 
 
 def simulate_reference(replay: Replay, cfg: SimConfig) -> dict[str, Any]:
-    """The readable replay loop over the real cache and policy classes."""
-    ps, fc, hw = replay.passes, replay.forecast, replay.hardware
+    """The replay through :class:`offload.step.LayerStep` and the real cache and policy classes."""
+    ps, fc = replay.passes, replay.forecast
     L, E = ps.num_layers, ps.num_experts
     policy = make_policy(cfg.policy, **cfg.policy_params)
     cache = ExpertCache(L, E, replay.capacity_slots, policy, partition=cfg.cache)
-    miss = MissHandling(cfg.miss, cfg.drop_from_rank, cfg.substitute_tolerance)
     aware = cfg.routing == "cache-aware"
     if policy.needs_future and aware:
         raise UserError("belady needs the future, which cache-aware routing changes; use standard routing")
@@ -98,148 +240,120 @@ def simulate_reference(replay: Replay, cfg: SimConfig) -> dict[str, Any]:
             raise UserError(f"{cfg.routing if aware else 'substitute'} needs router logits; this store has none")
         logits = store.router_logits()
     router = CacheAwareRouter(L, ps.top_k, cfg.routing_lambda) if aware else None
-    keys = ps.keys()
-    next_use = ps.next_use() if policy.needs_future else None
-    order = np.argsort(keys, kind="stable")
-    sorted_keys, sorted_pos = keys[order], order
-    copy_s = replay.layer_bytes / hw.link_bytes_per_s
-    link = Link()
-    arrival: dict[tuple[int, int], float] = {}
-    t = 0.0
-    stall = 0.0
-    dropped = substituted = late = 0
-    prefetch_bytes = 0.0
-    prefill_times: list[float] = []
-    decode_times: list[float] = []
+    future = Future(ps) if policy.needs_future else None
+    backend = SimBackend(replay)
+    step = LayerStep(cache, backend, miss=MissHandling(cfg.miss, cfg.drop_from_rank, cfg.substitute_tolerance),
+                     admission=cfg.admission, lookahead=fc.lookahead if fc is not None else 1,
+                     depth=forecast_depth(E, ps.top_k), protect_layer=cfg.protect_layer,
+                     prefetch_hint=future.prefetch_hint if future is not None else None)
+    counted = _counted_passes(replay, cfg)
+    tally = _Tally(collisions=np.zeros(L, dtype=np.int64))
     ptok = ps.pass_tokens
     for p in range(ps.num_passes):
-        cache.begin_pass(int(ps.phase[p]))
-        t0 = t
+        before, coll_before = step.counters.snapshot(), cache.stats.collision_misses.copy()
+        t0, c0 = backend.now(), backend.compute_s
+        step.begin_pass(int(ps.phase[p]))
         rows = slice(int(ps.row_start[p]), int(ps.row_stop[p]))
+        forecaster = table_forecaster(fc, p, L) if fc is not None else None
         for layer in range(L):
-            a, b = int(ps.layer_ptr[p * L + layer]), int(ps.layer_ptr[p * L + layer + 1])
             if aware:
-                cached = np.zeros(E, dtype=bool)
-                for key in cache.resident():
-                    if key[0] == layer:
-                        cached[key[1]] = True
-                ids, w = router.route(layer, np.asarray(logits[rows, layer], dtype=np.float32), cached)
+                ids, w = router.route(layer, np.asarray(logits[rows, layer], dtype=np.float32),  # type: ignore[union-attr,index]
+                                      step.cached_mask(layer))
                 ex, sc, br, nt = _prefill_layer(ids, w, E)
-                positions = [None] * len(ex)
+                accesses = [Access(int(e), float(s), int(r), int(n)) for e, s, r, n in zip(ex, sc, br, nt, strict=True)]
             else:
-                ex, sc, br, nt = ps.expert[a:b], ps.score[a:b], ps.best_rank[a:b], ps.tokens[a:b]
-                positions = list(range(a, b))
-            needed = [(layer, int(e)) for e in ex]
-            cache.begin_layer(layer, needed if cfg.protect_layer else ())
-            t += hw.layer_time(int(ptok[p]))
+                accesses = layer_accesses(ps, p, layer, future)
             probs = None
-            run: list[tuple[tuple[int, int], float, int]] = []
-            for j, e in enumerate(ex):
-                key = (layer, int(e))
-                hint = None
-                if next_use is not None:
-                    nu = next_use[positions[j]]
-                    hint = math.inf if nu >= NEVER else float(nu)
-                if key in cache:
-                    cache.access(key, float(sc[j]), hint=hint)
-                    ready = arrival.get(key, 0.0)
-                    if ready > t:
-                        late += 1
-                    run.append((key, ready, int(nt[j])))
-                    continue
-                if miss.drops(int(br[j])):
-                    cache.access(key, float(sc[j]), fetch=False)
-                    dropped += 1
-                    continue
-                if cfg.miss == "substitute":
-                    if probs is None:
-                        z = np.asarray(logits[rows, layer], dtype=np.float64)
-                        q = np.exp(z - z.max(axis=1, keepdims=True))
-                        probs = (q / q.sum(axis=1, keepdims=True)).mean(axis=0)
-                    taken = {k for k in needed}
-                    cands = [k[1] for k in cache.resident() if k[0] == layer and k not in taken]
-                    sub = miss.substitute(int(e), probs, cands)
-                    if sub is not None:
-                        cache.access(key, float(sc[j]), fetch=False)
-                        cache.use((layer, sub), float(sc[j]))
-                        substituted += 1
-                        run.append(((layer, sub), arrival.get((layer, sub), 0.0), int(nt[j])))
-                        continue
-                cache.access(key, float(sc[j]), hint=hint)
-                arrival[key] = link.copy(t, copy_s[layer])
-                run.append((key, arrival[key], int(nt[j])))
-            if fc is not None:
-                nxt_pos = int(ps.layer_ptr[p * L + layer + 1])
-                for d in range(1, fc.lookahead + 1):
-                    target = layer + d
-                    if target >= L:
-                        break
-                    pk = [(target, int(e)) for e in fc.entries(p, layer, d, L)]
-                    cache.mark_predicted(pk)
-                    for key in pk:
-                        if key in cache:
-                            continue
-                        hint = None
-                        if next_use is not None:
-                            hint = _next_after(sorted_keys, sorted_pos, target * E + key[1], nxt_pos)
-                        if cache.insert(key, prefetch=True, hint=hint) is not None:
-                            arrival[key] = link.copy(t, copy_s[target])
-                            prefetch_bytes += float(replay.layer_bytes[target])
-            for key, ready, ntok in run:
-                if ready > t:
-                    stall += ready - t
-                    t = ready
-                t += hw.expert_time(float(replay.layer_bytes[key[0]]), ntok, replay.bytes_per_param)
-        (prefill_times if ps.phase[p] == 0 else decode_times).append(t - t0)
-    st = cache.stats
-    return _result(
-        replay, cfg,
-        accesses=int(st.accesses.sum()), hits=int(st.hits.sum()), misses=int(st.misses.sum()),
-        collision_per_layer=st.collision_misses.copy(), evictions=st.evictions,
-        prefetch_issued=st.prefetch_inserted, prefetch_used=st.prefetch_used,
-        prefetch_bytes=prefetch_bytes,
-        dropped=dropped, substituted=substituted, late=late, stall=stall,
-        prefill_times=prefill_times, decode_times=decode_times,
-    )
+            if logits is not None:
+                def probs(layer: int = layer, rows: slice = rows) -> np.ndarray:
+                    z = np.asarray(logits[rows, layer], dtype=np.float64)  # type: ignore[index]
+                    q = np.exp(z - z.max(axis=1, keepdims=True))
+                    return (q / q.sum(axis=1, keepdims=True)).mean(axis=0)
+            step.run_layer(layer, accesses, int(ptok[p]), forecaster=forecaster, probs=probs)
+        if not counted[p]:
+            continue
+        delta = step.counters.minus(before)
+        tally.counters = tally.counters.plus(delta)
+        tally.collisions += cache.stats.collision_misses - coll_before
+        if ps.phase[p] == PREFILL:
+            tally.prefill_times.append(backend.now() - t0)
+            tally.prefill_compute.append(backend.compute_s - c0)
+            tally.prefill_bytes += delta.bytes_moved
+        else:
+            tally.decode_times.append(backend.now() - t0)
+            tally.decode_compute.append(backend.compute_s - c0)
+            tally.decode_bytes += delta.bytes_moved
+    return _result(replay, cfg, tally, counted)
 
 
-def _result(replay: Replay, cfg: SimConfig, *, accesses: int, hits: int, misses: int,
-            collision_per_layer: np.ndarray, evictions: int, prefetch_issued: int, prefetch_used: int,
-            prefetch_bytes: float, dropped: int, substituted: int, late: int, stall: float,
-            prefill_times: list[float], decode_times: list[float]) -> dict[str, Any]:
-    collisions = int(collision_per_layer.sum())
+def _counted_passes(replay: Replay, cfg: SimConfig) -> np.ndarray:
+    P = replay.passes.num_passes
+    if cfg.passes == "all":
+        return np.ones(P, dtype=bool)
+    if replay.pass_part is None:
+        raise UserError(f"--passes {cfg.passes} needs a trace store to split")
+    counted = replay.pass_part == PARTS.index(cfg.counted_part)
+    if not counted.any():
+        raise UserError(f"the {cfg.counted_part} part of the split holds none of the replayed ({cfg.phase}) passes")
+    return counted
+
+
+def _mean(xs: list[float]) -> float | None:
+    return float(np.mean(xs)) if xs else None
+
+
+def _result(replay: Replay, cfg: SimConfig, tally: _Tally, counted: np.ndarray) -> dict[str, Any]:
+    c = tally.counters
+    collisions = tally.collisions if tally.collisions is not None else np.zeros(replay.passes.num_layers)
     out: dict[str, Any] = cfg.settings()
     out.pop("policy_params")
+    tokens = int(replay.passes.pass_tokens[counted].sum())
     out.update(
         policy_params=dict(cfg.policy_params),
         capacity_slots=replay.capacity_slots,
         capacity_fraction=replay.capacity_slots / (replay.passes.num_layers * replay.passes.num_experts),
-        passes=replay.passes.num_passes,
-        accesses=accesses,
-        hits=hits,
-        misses=misses,
-        hit_rate=hits / accesses if accesses else 0.0,
-        collision_misses=collisions,
-        collision_misses_per_layer=[int(x) for x in collision_per_layer],
-        collision_rate=collisions / accesses if accesses else 0.0,
-        evictions=evictions,
-        dropped=dropped,
-        substituted=substituted,
-        prefetch_issued=prefetch_issued,
-        prefetch_used=prefetch_used,
-        prefetch_wasted=prefetch_issued - prefetch_used,
-        prefetch_bytes=prefetch_bytes,
-        late_prefetch_hits=late,
-        stall_time_s=stall,
-        ttft_s=float(np.mean(prefill_times)) if prefill_times else None,
-        tpot_s=float(np.mean(decode_times)) if decode_times else None,
-        total_time_s=float(np.sum(prefill_times) + np.sum(decode_times)),
-        precision=None,
-        recall=None,
+        passes_replayed=replay.passes.num_passes,
+        passes_counted=int(counted.sum()),
+        tokens_counted=tokens,
+        accesses=c.accesses,
+        hits=c.hits,
+        misses=c.misses,
+        hit_rate=c.hits / c.accesses if c.accesses else 0.0,
+        collision_misses=c.collision_misses,
+        collision_misses_per_layer=[int(x) for x in collisions],
+        collision_rate=c.collision_misses / c.accesses if c.accesses else 0.0,
+        evictions=c.evictions,
+        dropped=c.dropped,
+        substituted=c.substituted,
+        prefetch_issued=c.prefetch_issued,
+        prefetch_used=c.prefetch_used,
+        prefetch_wasted=c.prefetch_wasted,
+        prefetch_cancelled=c.prefetch_cancelled,
+        prefetch_late_refused=c.prefetch_late_refused,
+        prefetch_bytes=c.prefetch_bytes,
+        demand_bytes=c.demand_bytes,
+        bytes_moved=c.bytes_moved,
+        wasted_bytes=c.wasted_bytes,
+        bytes_per_token=c.bytes_moved / tokens if tokens else 0.0,
+        wasted_bytes_per_token=c.wasted_bytes / tokens if tokens else 0.0,
+        late_prefetch_hits=c.late_prefetch,
+        stall_time_s=c.stall_s,
+        predictor_time_s=c.predictor_s,
+        ttft_s=_mean(tally.prefill_times),
+        tpot_s=_mean(tally.decode_times),
+        compute_ttft_s=_mean(tally.prefill_compute),
+        compute_tpot_s=_mean(tally.decode_compute),
+        prefill_bytes=tally.prefill_bytes,
+        decode_bytes=tally.decode_bytes,
+        prefill_passes=len(tally.prefill_times),
+        decode_passes=len(tally.decode_times),
+        total_time_s=float(np.sum(tally.prefill_times) + np.sum(tally.decode_times)),
+        precision=c.forecast_correct / c.forecast_predicted if c.forecast_predicted else None,
+        recall=c.forecast_correct / c.forecast_relevant if c.forecast_relevant else None,
         hardware_profile=replay.hardware.describe(),
     )
-    if replay.forecast is not None:
-        out["precision"], out["recall"] = forecast_quality(replay.passes, replay.forecast)
+    if replay.forecast is None:
+        out["precision"] = out["recall"] = None
     return out
 
 
@@ -255,6 +369,23 @@ def _layer_bytes(store: TraceStore | None, passes: Passes) -> np.ndarray:
     return np.full(passes.num_layers, 1.0)
 
 
+def predictor_cost(prefetcher: Prefetcher, hardware: Hardware, override_us: float | None) -> Callable[[int], float]:
+    """Seconds one forecast call takes on the device for a pass of ``tokens`` tokens."""
+    if override_us is not None:
+        if not (override_us >= 0 and math.isfinite(override_us)):
+            raise UserError(f"predictor cost must be a non-negative number of microseconds, got {override_us}")
+        return lambda tokens: override_us * 1e-6
+    predictor = getattr(prefetcher, "predictor", None)
+    if predictor is None:  # no prefetch, or the oracle: nothing runs
+        return lambda tokens: 0.0
+
+    def cost(tokens: int) -> float:
+        flops, nbytes, kernels = predictor.work(tokens)
+        return hardware.kernel_time(flops, nbytes, kernels)
+
+    return cost
+
+
 class ReplayCache:
     """Builds passes/forecasts once per (phase) and (phase, prefetcher, lookahead, overfetch)."""
 
@@ -263,7 +394,8 @@ class ReplayCache:
             raise ValueError("give a store or passes")
         self.store = store
         self._passes: dict[str, Passes] = {} if passes is None else {"*": passes}
-        self._forecasts: dict[tuple, Forecast | None] = {}
+        self._forecasts: dict[tuple, tuple[Prefetcher, ExpertForecast | None]] = {}
+        self._parts: dict[tuple, np.ndarray] = {}
 
     def passes(self, phase: str) -> Passes:
         if "*" in self._passes:
@@ -272,18 +404,38 @@ class ReplayCache:
             self._passes[phase] = build_passes(self.store, phase)  # type: ignore[arg-type]
         return self._passes[phase]
 
-    def forecast(self, cfg: SimConfig) -> Forecast | None:
+    def forecast(self, cfg: SimConfig) -> tuple[Prefetcher, ExpertForecast | None]:
         key = (cfg.phase, cfg.prefetch, cfg.lookahead, cfg.overfetch)
         if key not in self._forecasts:
             pf = make_prefetcher(cfg.prefetch, self.store, lookahead=cfg.lookahead, overfetch=cfg.overfetch)
-            self._forecasts[key] = pf.forecast(self.passes(cfg.phase), self.store)
+            self._forecasts[key] = (pf, pf.forecast(self.passes(cfg.phase), self.store))
         return self._forecasts[key]
+
+    def pass_part(self, cfg: SimConfig) -> np.ndarray | None:
+        """(P,) split part of every replayed pass (that of its first row), for held-out counting."""
+        if self.store is None:
+            return None
+        key = (cfg.phase, cfg.split, cfg.split_seed)
+        if key not in self._parts:
+            from data_pipeline.splits import split_rows
+
+            split = split_rows(self.store, seed=cfg.split_seed, split=cfg.split)
+            row_part = np.full(self.store.num_tokens, -1, dtype=np.int8)
+            for i, rows in enumerate((split.train, split.val, split.test)):
+                row_part[rows] = i
+            self._parts[key] = row_part[self.passes(cfg.phase).row_start]
+        return self._parts[key]
 
     def replay(self, cfg: SimConfig) -> Replay:
         if cfg.routing not in ROUTINGS:
             raise UserError(f"unknown routing {cfg.routing!r}; valid: {', '.join(ROUTINGS)}")
         if cfg.cache not in ("global", "per-layer"):
             raise UserError(f"unknown cache layout {cfg.cache!r}; valid: global, per-layer")
+        if cfg.passes not in PASS_SETS:
+            raise UserError(f"unknown pass set {cfg.passes!r}; valid: {', '.join(PASS_SETS)}")
+        from offload.admission import check_admission
+
+        check_admission(cfg.admission)
         MissHandling(cfg.miss, cfg.drop_from_rank, cfg.substitute_tolerance)
         make_policy(cfg.policy, **cfg.policy_params)
         hw = get_hardware(cfg.hardware)
@@ -303,18 +455,27 @@ class ReplayCache:
             raise UserError("cache-aware routing needs router logits; this store was collected without them")
         if cfg.miss == "substitute" and (self.store is None or not self.store.has_router_logits):
             raise UserError("substitute miss handling needs router logits; this store was collected without them")
-        return Replay(self.store, ps, self.forecast(cfg), hw, slots, _layer_bytes(self.store, ps), bpp)
+        prefetcher, fc = self.forecast(cfg)
+        copy_bytes = None
+        if cfg.copy_bytes is not None:
+            if not (cfg.copy_bytes > 0 and math.isfinite(cfg.copy_bytes)):
+                raise UserError(f"bytes per copy must be a positive number, got {cfg.copy_bytes}")
+            copy_bytes = np.full(ps.num_layers, float(cfg.copy_bytes))
+        return Replay(self.store, ps, fc, hw, slots, _layer_bytes(self.store, ps), bpp,
+                      predictor_cost(prefetcher, hw, cfg.predictor_us),
+                      self.pass_part(cfg) if cfg.passes != "all" else None, copy_bytes)
 
 
 def simulate(replay: Replay, cfg: SimConfig) -> dict[str, Any]:
-    """One configuration, on the fast kernels when they cover it (``cfg.backend``: auto|fast|reference)."""
+    """One configuration, on the fast kernel when it covers it (``cfg.backend``: auto|fast|reference)."""
     from offload import simulator_fast
 
     if cfg.backend not in ("auto", "fast", "reference"):
         raise UserError(f"unknown simulator backend {cfg.backend!r}; valid: auto, fast, reference")
     fast_ok = simulator_fast.supports(cfg)
     if cfg.backend == "fast" and not fast_ok:
-        raise UserError(f"the fast simulator does not cover policy={cfg.policy} miss={cfg.miss} routing={cfg.routing}")
+        raise UserError(f"the fast simulator does not cover policy={cfg.policy} miss={cfg.miss} "
+                        f"routing={cfg.routing} admission={cfg.admission}")
     if cfg.backend != "reference" and fast_ok:
         out = simulator_fast.simulate_fast(replay, cfg)
         out["backend"] = "fast"
@@ -328,16 +489,16 @@ def simulate_configs(store: TraceStore | None, configs: list[SimConfig], *, pass
                      progress: bool = False) -> list[dict[str, Any]]:
     """Run every configuration over one store (or hand-built ``passes``); one result dict each."""
     rc = ReplayCache(store, passes)
-    out = []
-    it: Any = configs
+    replays = [rc.replay(cfg) for cfg in configs]  # every configuration is checked before any runs
+    it: Any = zip(replays, configs, strict=True)
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(configs, desc="simulating", unit="config")
-    for cfg in it:
-        out.append(simulate(rc.replay(cfg), cfg))
-    return out
+        it = tqdm(it, total=len(configs), desc="simulating", unit="config")
+    return [simulate(replay, cfg) for replay, cfg in it]
 
 
 def with_overrides(cfg: SimConfig, **changes: Any) -> SimConfig:
     return replace(cfg, **changes)
+
+

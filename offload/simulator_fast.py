@@ -39,7 +39,8 @@ F_TFLOPS, F_HBM, F_LAYER_US, F_TOKEN_US, F_EXPERT_US, F_BPP = range(6)
 
 
 def supports(cfg: Any) -> bool:
-    return cfg.policy in POLICY_CODES and cfg.miss in ("fetch", "drop") and cfg.routing == "standard"
+    return (cfg.policy in POLICY_CODES and cfg.miss in ("fetch", "drop") and cfg.routing == "standard"
+            and cfg.admission == "greedy")
 
 
 @nb.njit(cache=True, _nrt=False)
@@ -82,10 +83,14 @@ def _append(k, layer, prv, nxt, head, tail):
 
 @nb.njit(cache=True, _nrt=False)
 def _eligible(k, mode, token, pin, served):
+    """mode 0: not pinned; 1: served at this layer; 2: anything; 3 (prefetch): neither pinned nor
+    still to run at this layer (``served`` then holds the layer's runs)."""
     if mode == 0:
         return pin[k] != token
     if mode == 1:
         return served[k] == token
+    if mode == 3:
+        return pin[k] != token and served[k] != token
     return True
 
 
@@ -209,10 +214,44 @@ def _expert_time(nbytes, ntok, fp):
     return (a if a > b else b) + fp[F_EXPERT_US] * 1e-6
 
 
+@nb.njit(cache=True, _nrt=False)
+def _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state):
+    """The link's queue up to ``now`` (offload.link.SimLink._advance): start, in order, every queued
+    prefetch the link reached strictly before ``now``. Returns (new head, link free time)."""
+    while qh < qt:
+        if not q_live[qh]:
+            qh += 1
+            continue
+        at = q_sub[qh] if q_sub[qh] > free else free
+        if at >= now:
+            break
+        k = q_key[qh]
+        free = at + q_dur[qh]
+        arrival[k] = free
+        copy_state[k] = 2
+        q_live[qh] = False
+        qh += 1
+    return qh, free
+
+
+# integer counters (indices into C) and float counters (indices into F)
+(C_ACC, C_HIT, C_MISS, C_LATE, C_COLL, C_DROP, C_EVICT, C_PF_ISSUED, C_PF_USED, C_PF_CANCEL, C_FC_PRED,
+ C_FC_CORR, C_FC_REL, C_PRED_CALLS) = range(14)
+NC = 14
+F_STALL, F_PRED_S, F_DEMAND_B, F_PF_B, F_PF_USED_B = range(5)
+NF = 5
+
+
 @nb.njit(cache=True)
-def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, next_use,
-                  sorted_keys, sorted_pos, fc_ptr, fc_expert, ip, layer_cap, copy_s, layer_bytes, fp):
-    """Replay all passes. Returns (int counters, per-layer int counters (4, L), floats, pass times)."""
+def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, next_use, sorted_keys, sorted_pos,
+                  fc_ptr, fc_expert, fc_selected, fc_covered, ip, layer_cap, copy_s, layer_bytes, link_bytes, fp,
+                  pcost, counted):
+    """Replay all passes; the same decisions as :class:`offload.step.LayerStep` with greedy admission.
+
+    Returns (int counters (NC,), per-layer counts (4, L): accesses, hits, misses, collisions, float
+    counters (NF,), per-pass time (P,), per-pass compute (P,), per-pass bytes moved (P,)); counters
+    cover the ``counted`` passes only.
+    """
     N = L * E
     P = len(phase)
     policy = ip[P_POLICY]
@@ -241,32 +280,52 @@ def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, 
     nextuse = np.zeros(N, dtype=np.int64)
     pin = np.full(N, -1, dtype=np.int64)
     served = np.full(N, -1, dtype=np.int64)
+    in_run = np.full(N, -1, dtype=np.int64)  # token of the layer whose runs include the key
     evicted_pass = np.full(N, -1, dtype=np.int64)
     unused_pf = np.zeros(N, dtype=np.bool_)
-    arrival = np.zeros(N, dtype=np.float64)
     n_res_layer = np.zeros(L, dtype=np.int64)
     n_res = 0
+    used = np.full(E, -1, dtype=np.int64)
 
-    per_layer_counts = np.zeros((4, L), dtype=np.int64)  # accesses, hits, misses, collisions
-    evictions = 0
-    pf_issued = 0
-    pf_used = 0
-    dropped = 0
-    late = 0
+    # the link: started copies end at ``free``; queued prefetches in admission order
+    arrival = np.zeros(N, dtype=np.float64)
+    copy_state = np.zeros(N, dtype=np.int8)  # 0: no copy to wait for, 1: queued, 2: started
+    qidx = np.full(N, -1, dtype=np.int64)
+    QN = len(fc_expert) + 1
+    q_key = np.zeros(QN, dtype=np.int64)
+    q_sub = np.zeros(QN, dtype=np.float64)
+    q_dur = np.zeros(QN, dtype=np.float64)
+    q_live = np.zeros(QN, dtype=np.bool_)
+    qh = 0
+    qt = 0
+    free = 0.0
+
+    C = np.zeros(NC, dtype=np.int64)
+    F = np.zeros(NF, dtype=np.float64)
+    PL = np.zeros((4, L), dtype=np.int64)
+    CT = np.zeros(NC, dtype=np.int64)
+    FT = np.zeros(NF, dtype=np.float64)
+    PLT = np.zeros((4, L), dtype=np.int64)
+    pass_time = np.zeros(P, dtype=np.float64)
+    pass_compute = np.zeros(P, dtype=np.float64)
+    pass_bytes = np.zeros(P, dtype=np.float64)
     clock = 0
     token = 0
-    link_free = 0.0
     t = 0.0
-    stall = 0.0
-    pf_bytes = 0.0
-    pass_time = np.zeros(P, dtype=np.float64)
+    comp = 0.0
     run_key = np.zeros(N + 1, dtype=np.int64)
-    run_ready = np.zeros(N + 1, dtype=np.float64)
     run_tok = np.zeros(N + 1, dtype=np.int64)
+    run_copy = np.zeros(N + 1, dtype=np.bool_)
+    run_block = np.full(N + 1, -1, dtype=np.int64)
+    run_first = np.zeros(N + 1, dtype=np.bool_)
 
     for p in range(P):
         is_prefill = phase[p] == 0
         t0 = t
+        c0 = comp
+        C0 = C.copy()
+        F0 = F.copy()
+        PL0 = PL.copy()
         for layer in range(L):
             token += 1
             a = layer_ptr[p * L + layer]
@@ -274,18 +333,54 @@ def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, 
             if protect:
                 for i in range(a, b):
                     pin[layer * E + expert[i]] = token
-            t += (fp[F_LAYER_US] + fp[F_TOKEN_US] * ptok[p]) * 1e-6
+            dt = (fp[F_LAYER_US] + fp[F_TOKEN_US] * ptok[p]) * 1e-6
+            t += dt
+            comp += dt
+            now = t
+            for i in range(a, b):
+                used[expert[i]] = token
+            # ---------------- 1. queued prefetches this layer does not use are cancelled
+            qh, free = _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state)
+            for e in range(E):
+                k = layer * E + e
+                if copy_state[k] == 1 and used[e] != token and unused_pf[k]:
+                    q_live[qidx[k]] = False
+                    qidx[k] = -1
+                    copy_state[k] = 0
+                    _unlink(k, L if glob else layer, prv, nxt, head, tail)
+                    resident[k] = False
+                    n_res_layer[layer] -= 1
+                    n_res -= 1
+                    unused_pf[k] = False
+                    F[F_PF_B] -= link_bytes[layer]
+                    C[C_PF_CANCEL] += 1
+            # ---------------- forecasts made for this layer: precision / recall
+            for d in range(1, D + 1):
+                src = layer - d
+                if src < 0:
+                    break
+                if fc_covered[src, d - 1]:
+                    fi = (p * L + src) * D + d - 1
+                    n = fc_selected[fi]
+                    C[C_FC_PRED] += n
+                    for j in range(fc_ptr[fi], fc_ptr[fi] + n):
+                        if used[fc_expert[j]] == token:
+                            C[C_FC_CORR] += 1
+                    C[C_FC_REL] += b - a
             nrun = 0
-            # ---------------- demand accesses, rank order
+            # ---------------- 2. demand accesses, rank order
             for i in range(a, b):
                 k = layer * E + expert[i]
-                per_layer_counts[0, layer] += 1
+                PL[0, layer] += 1
+                C[C_ACC] += 1
                 served[k] = token
                 if resident[k]:
-                    per_layer_counts[1, layer] += 1
+                    PL[1, layer] += 1
+                    C[C_HIT] += 1
                     if unused_pf[k]:
                         unused_pf[k] = False
-                        pf_used += 1
+                        C[C_PF_USED] += 1
+                        F[F_PF_USED_B] += link_bytes[layer]
                     if policy != FIFO:
                         clock += 1
                         stamp[k] = clock
@@ -300,22 +395,36 @@ def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, 
                         total[k] += score[i]
                     elif policy == BELADY:
                         nextuse[k] = next_use[i]
-                    ready = arrival[k]
-                    if ready > t:
-                        late += 1
+                    has = copy_state[k] != 0
+                    if has and not (copy_state[k] == 2 and arrival[k] <= now):
+                        C[C_LATE] += 1
+                        if copy_state[k] == 1:  # promote: starts now, ahead of the queued prefetches
+                            qh, free = _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival,
+                                                copy_state)
+                            q_live[qidx[k]] = False
+                            qidx[k] = -1
+                            start = now if now > free else free
+                            free = start + copy_s[layer]
+                            arrival[k] = free
+                            copy_state[k] = 2
                     run_key[nrun] = k
-                    run_ready[nrun] = ready
                     run_tok[nrun] = ntok[i]
+                    run_copy[nrun] = has
+                    run_block[nrun] = -1
+                    in_run[k] = token
                     nrun += 1
                     continue
-                per_layer_counts[2, layer] += 1
+                PL[2, layer] += 1
+                C[C_MISS] += 1
                 if evicted_pass[k] == p:
-                    per_layer_counts[3, layer] += 1
+                    PL[3, layer] += 1
+                    C[C_COLL] += 1
                 if drop and best_rank[i] >= drop_from:
-                    dropped += 1
+                    C[C_DROP] += 1
                     continue
                 # demand insert
                 full = n_res_layer[layer] >= layer_cap[layer] if per_layer else n_res >= capacity
+                blocked = -1
                 if full:
                     v = -1
                     for mode in range(3):
@@ -325,7 +434,16 @@ def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, 
                             break
                     _drop(v, glob, L, E, p, prv, nxt, head, tail, resident, n_res_layer, evicted_pass, unused_pf)
                     n_res -= 1
-                    evictions += 1
+                    C[C_EVICT] += 1
+                    if in_run[v] == token:
+                        blocked = v  # its run still reads the slot: the copy starts after it
+                    else:
+                        if copy_state[v] == 1:  # a queued prefetch: it never reaches the link
+                            q_live[qidx[v]] = False
+                            F[F_PF_B] -= link_bytes[v // E]
+                            C[C_PF_CANCEL] += 1
+                        qidx[v] = -1
+                        copy_state[v] = 0
                 resident[k] = True
                 n_res += 1
                 n_res_layer[layer] += 1
@@ -341,25 +459,35 @@ def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, 
                     total[k] += score[i]
                 elif policy == BELADY:
                     nextuse[k] = next_use[i]
-                start = t if t > link_free else link_free
-                link_free = start + copy_s[layer]
-                arrival[k] = link_free
+                F[F_DEMAND_B] += link_bytes[layer]
+                if blocked < 0:
+                    qh, free = _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state)
+                    start = now if now > free else free
+                    free = start + copy_s[layer]
+                    arrival[k] = free
+                    copy_state[k] = 2
                 run_key[nrun] = k
-                run_ready[nrun] = link_free
                 run_tok[nrun] = ntok[i]
+                run_copy[nrun] = blocked < 0
+                run_block[nrun] = blocked
+                in_run[k] = token
                 nrun += 1
-            # ---------------- forecasts for layers l+1..l+D
-            if D > 0:
+            # ---------------- 3 + 4. forecasts for layers l+1..l+D, greedy prefetch
+            if D > 0 and layer + 1 < L:
+                t += pcost[p]
+                F[F_PRED_S] += pcost[p]
+                C[C_PRED_CALLS] += 1
+                now = t
                 nxt_pos = layer_ptr[p * L + layer + 1]
-                for d in range(1, D + 1):
-                    target = layer + d
-                    if target >= L:
-                        break
-                    fi = (p * L + layer) * D + d - 1
-                    s0 = fc_ptr[fi]
-                    s1 = fc_ptr[fi + 1]
-                    if policy == LS:
-                        for j in range(s0, s1):
+                if policy == LS:  # the selected experts become current (all distances first)
+                    for d in range(1, D + 1):
+                        target = layer + d
+                        if target >= L:
+                            break
+                        if not fc_covered[layer, d - 1]:
+                            continue
+                        fi = (p * L + layer) * D + d - 1
+                        for j in range(fc_ptr[fi], fc_ptr[fi] + fc_selected[fi]):
                             k2 = target * E + fc_expert[j]
                             if resident[k2]:
                                 clock += 1
@@ -367,20 +495,33 @@ def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, 
                                 last_pass[k2] = p
                                 _unlink(k2, target, prv, nxt, head, tail)
                                 _append(k2, target, prv, nxt, head, tail)
-                    for j in range(s0, s1):
+                for d in range(1, D + 1):
+                    target = layer + d
+                    if target >= L:
+                        break
+                    if not fc_covered[layer, d - 1]:
+                        continue
+                    fi = (p * L + layer) * D + d - 1
+                    for j in range(fc_ptr[fi], fc_ptr[fi] + fc_selected[fi]):
                         k2 = target * E + fc_expert[j]
                         if resident[k2]:
                             continue
                         full = n_res_layer[target] >= layer_cap[target] if per_layer else n_res >= capacity
                         if full:
-                            v = _victim(0, True, target, layer, p, is_prefill, token, ip, L, E,
-                                        head, nxt, stamp, last_pass, count, total, nextuse, pin, served)
+                            v = _victim(3, True, target, layer, p, is_prefill, token, ip, L, E,
+                                        head, nxt, stamp, last_pass, count, total, nextuse, pin, in_run)
                             if v < 0:
                                 continue
                             _drop(v, glob, L, E, p, prv, nxt, head, tail, resident, n_res_layer, evicted_pass,
                                   unused_pf)
                             n_res -= 1
-                            evictions += 1
+                            C[C_EVICT] += 1
+                            if copy_state[v] == 1:
+                                q_live[qidx[v]] = False
+                                F[F_PF_B] -= link_bytes[v // E]
+                                C[C_PF_CANCEL] += 1
+                            qidx[v] = -1
+                            copy_state[v] = 0
                         resident[k2] = True
                         n_res += 1
                         n_res_layer[target] += 1
@@ -392,25 +533,64 @@ def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, 
                             count[k2] = 0
                         if policy == BELADY:
                             nextuse[k2] = _next_after(sorted_keys, sorted_pos, k2, nxt_pos)
-                        pf_issued += 1
+                        C[C_PF_ISSUED] += 1
                         unused_pf[k2] = True
-                        start = t if t > link_free else link_free
-                        link_free = start + copy_s[target]
-                        arrival[k2] = link_free
-                        pf_bytes += layer_bytes[target]
-            # ---------------- run the layer's experts
+                        F[F_PF_B] += link_bytes[target]
+                        qh, free = _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state)
+                        q_key[qt] = k2
+                        q_sub[qt] = now
+                        q_dur[qt] = copy_s[target]
+                        q_live[qt] = True
+                        qidx[k2] = qt
+                        copy_state[k2] = 1
+                        qt += 1
+            # ---------------- 5. run: experts already there first, then the rest in access order
             for r in range(nrun):
-                if run_ready[r] > t:
-                    stall += run_ready[r] - t
-                    t = run_ready[r]
-                if run_tok[r] == 1:
-                    t += et1[run_key[r] // E]
-                else:
-                    t += _expert_time(layer_bytes[run_key[r] // E], run_tok[r], fp)
+                k = run_key[r]
+                run_first[r] = run_block[r] < 0 and (not run_copy[r] or (copy_state[k] == 2 and arrival[k] <= t))
+            for group in range(2):
+                for r in range(nrun):
+                    if run_first[r] != (group == 0):
+                        continue
+                    k = run_key[r]
+                    if run_copy[r]:
+                        if copy_state[k] == 1:  # still queued: someone waits on it now
+                            qh, free = _advance(t, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival,
+                                                copy_state)
+                            if copy_state[k] == 1:
+                                q_live[qidx[k]] = False
+                                start = t if t > free else free
+                                free = start + copy_s[k // E]
+                                arrival[k] = free
+                        qidx[k] = -1
+                        copy_state[k] = 0
+                        if arrival[k] > t:
+                            F[F_STALL] += arrival[k] - t
+                            t = arrival[k]
+                    if run_tok[r] == 1:
+                        dt = et1[k // E]
+                    else:
+                        dt = _expert_time(layer_bytes[k // E], run_tok[r], fp)
+                    t += dt
+                    comp += dt
+                    for r2 in range(nrun):  # copies waiting for this expert's slot start now
+                        if run_block[r2] == k:
+                            k2 = run_key[r2]
+                            qh, free = _advance(t, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state)
+                            start = t if t > free else free
+                            free = start + copy_s[k2 // E]
+                            arrival[k2] = free
+                            copy_state[k2] = 2
+                            run_copy[r2] = True
+                            run_block[r2] = -1
         pass_time[p] = t - t0
-    ints = np.array([evictions, pf_issued, pf_used, dropped, late], dtype=np.int64)
-    floats = np.array([stall, pf_bytes], dtype=np.float64)
-    return ints, per_layer_counts, floats, pass_time
+        pass_compute[p] = comp - c0
+        pass_bytes[p] = (F[F_DEMAND_B] - F0[F_DEMAND_B]) + (F[F_PF_B] - F0[F_PF_B])
+        if counted[p]:
+            CT += C - C0
+            FT += F - F0
+            PLT += PL - PL0
+    return CT, PLT, FT, pass_time, pass_compute, pass_bytes
 
 
 def _params(replay: Any, cfg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -443,7 +623,7 @@ def _params(replay: Any, cfg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ip, layer_cap, fp
 
 
-def kernel_args(replay: Any, cfg: Any) -> tuple:
+def kernel_args(replay: Any, cfg: Any, counted: np.ndarray | None = None) -> tuple:
     """The positional arguments of :func:`replay_kernel` for one configuration."""
     ps = replay.passes
     ip, layer_cap, fp = _params(replay, cfg)
@@ -456,24 +636,42 @@ def kernel_args(replay: Any, cfg: Any) -> tuple:
         next_use = np.zeros(ps.num_accesses, dtype=np.int64)
         order = sorted_keys = np.zeros(0, dtype=np.int64)
     fc = replay.forecast
-    fc_ptr = fc.ptr if fc is not None else np.zeros(1, dtype=np.int64)
-    fc_expert = fc.expert if fc is not None else np.zeros(0, dtype=np.int32)
-    copy_s = replay.layer_bytes / replay.hardware.link_bytes_per_s
+    if fc is not None:
+        fc_ptr, fc_expert, fc_selected = fc.ptr, fc.expert.astype(np.int64), fc.selected.astype(np.int64)
+        fc_covered = fc.covered
+    else:
+        fc_ptr, fc_expert = np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        fc_selected, fc_covered = np.zeros(0, dtype=np.int64), np.zeros((ps.num_layers, 1), dtype=np.bool_)
+    link_bytes = np.asarray(replay.link_bytes, dtype=np.float64)
+    copy_s = link_bytes / replay.hardware.link_bytes_per_s
+    pcost = np.array([replay.predictor_cost(int(n)) if fc is not None else 0.0 for n in ps.pass_tokens])
+    if counted is None:
+        counted = np.ones(ps.num_passes, dtype=np.bool_)
     return (ps.num_layers, ps.num_experts, ps.phase, ps.pass_tokens, ps.layer_ptr, ps.expert, ps.score,
-            ps.best_rank, ps.tokens, next_use, sorted_keys, order, fc_ptr, fc_expert, ip, layer_cap,
-            copy_s, replay.layer_bytes.astype(np.float64), fp)
+            ps.best_rank, ps.tokens, next_use, sorted_keys, order, fc_ptr, fc_expert, fc_selected, fc_covered, ip,
+            layer_cap, copy_s, replay.layer_bytes.astype(np.float64), link_bytes, fp, pcost, counted)
 
 
 def simulate_fast(replay: Any, cfg: Any) -> dict[str, Any]:
-    from offload.simulator import _result
+    from offload.counters import Counters
+    from offload.simulator import _counted_passes, _result, _Tally
 
     ps = replay.passes
-    ints, plc, floats, pass_time = replay_kernel(*kernel_args(replay, cfg))
-    return _result(
-        replay, cfg,
-        accesses=int(plc[0].sum()), hits=int(plc[1].sum()), misses=int(plc[2].sum()),
-        collision_per_layer=plc[3].copy(), evictions=int(ints[0]), prefetch_issued=int(ints[1]),
-        prefetch_used=int(ints[2]), prefetch_bytes=float(floats[1]), dropped=int(ints[3]),
-        substituted=0, late=int(ints[4]), stall=float(floats[0]),
-        prefill_times=pass_time[ps.phase == 0].tolist(), decode_times=pass_time[ps.phase == 1].tolist(),
+    counted = _counted_passes(replay, cfg)
+    C, plc, F, pass_time, pass_compute, pass_bytes = replay_kernel(*kernel_args(replay, cfg, counted))
+    c = Counters(
+        passes=int(counted.sum()), accesses=int(C[C_ACC]), hits=int(C[C_HIT]), misses=int(C[C_MISS]),
+        late_prefetch=int(C[C_LATE]), collision_misses=int(C[C_COLL]), dropped=int(C[C_DROP]),
+        evictions=int(C[C_EVICT]), prefetch_issued=int(C[C_PF_ISSUED]), prefetch_used=int(C[C_PF_USED]),
+        prefetch_cancelled=int(C[C_PF_CANCEL]), demand_bytes=float(F[F_DEMAND_B]), prefetch_bytes=float(F[F_PF_B]),
+        prefetch_used_bytes=float(F[F_PF_USED_B]), stall_s=float(F[F_STALL]), predictor_calls=int(C[C_PRED_CALLS]),
+        predictor_s=float(F[F_PRED_S]), forecast_predicted=int(C[C_FC_PRED]), forecast_correct=int(C[C_FC_CORR]),
+        forecast_relevant=int(C[C_FC_REL]),
     )
+    pre = counted & (ps.phase == 0)
+    dec = counted & (ps.phase == 1)
+    tally = _Tally(counters=c, collisions=plc[3].copy(), prefill_times=pass_time[pre].tolist(),
+                   decode_times=pass_time[dec].tolist(), prefill_compute=pass_compute[pre].tolist(),
+                   decode_compute=pass_compute[dec].tolist(), prefill_bytes=float(pass_bytes[pre].sum()),
+                   decode_bytes=float(pass_bytes[dec].sum()))
+    return _result(replay, cfg, tally, counted)

@@ -50,6 +50,8 @@ class Predictor(ABC):
     family: ClassVar[str]
     #: which context fields the family needs: a subset of {"hidden", "chosen", "previous"}
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: kernel launches of one forecast on a GPU (the fixed part of its cost, see :meth:`work`)
+    kernels: ClassVar[int] = 4
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, lookahead: int):
         self.num_layers = num_layers
@@ -64,6 +66,24 @@ class Predictor(ABC):
     def describe(self) -> dict[str, Any]:
         """Hyper-parameters recorded in checkpoints and reports."""
         return {"family": self.family, "lookahead": self.lookahead}
+
+    def work(self, tokens: int) -> tuple[float, float, int]:
+        """(FLOPs, bytes read, kernel launches) of one :meth:`predict` call for ``tokens`` tokens.
+
+        The simulator turns it into time on the device (``Hardware.kernel_time``): the forecast runs
+        on the same device as the model, between a layer's routing and its experts. The default
+        shares the family's tensors (:meth:`state`) out over its layers -- each element read once
+        and used in one multiply-add per token -- with :attr:`kernels` launches; a family whose cost
+        is far from that overrides it.
+        """
+        state = getattr(self, "state", None)
+        elements = nbytes = 0
+        if callable(state):
+            for t in state().values():
+                elements += t.numel()
+                nbytes += t.numel() * t.element_size()
+        share = max(1, self.num_layers)
+        return 2.0 * tokens * elements / share, nbytes / share, self.kernels
 
     def covers(self, layer: int, distance: int) -> bool:
         """Whether the forecast of layer ``layer + distance`` made at ``layer`` means anything.

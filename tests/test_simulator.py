@@ -213,7 +213,7 @@ def test_predictor_backed_prefetch_uses_the_forecast(gemma_store):
     ids = gemma_store.topk_ids()
     row = int(ps.row_start[5])
     for layer, d in ((0, 1), (3, 2), (27, 2)):
-        assert sorted(fc.entries(5, layer, d, m.num_layers).tolist()) == sorted(ids[row - 1, layer + d].tolist())
+        assert sorted(fc.picks(5, layer, d, m.num_layers).tolist()) == sorted(ids[row - 1, layer + d].tolist())
     assert len(fc.entries(5, 29, 1, m.num_layers)) == 0 and not fc.covered[29, 0]
     precision, recall = forecast_quality(ps, fc)
     assert 0 < precision < 1 and precision == pytest.approx(recall)  # k predictions for k true experts

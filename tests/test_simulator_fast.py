@@ -9,7 +9,8 @@ from offload.passes import passes_from_lists
 from offload.simulator import SimConfig, simulate_configs
 
 COMPARED = ("accesses", "hits", "misses", "collision_misses", "collision_misses_per_layer", "evictions",
-            "dropped", "prefetch_issued", "prefetch_used", "late_prefetch_hits")
+            "dropped", "prefetch_issued", "prefetch_used", "prefetch_cancelled", "late_prefetch_hits", "passes_counted",
+            "prefill_passes", "decode_passes")
 
 
 def both(store, cfg: SimConfig, passes=None) -> tuple[dict, dict]:
@@ -22,7 +23,8 @@ def both(store, cfg: SimConfig, passes=None) -> tuple[dict, dict]:
 def assert_same(ref: dict, fast: dict) -> None:
     for k in COMPARED:
         assert ref[k] == fast[k], k
-    for k in ("stall_time_s", "ttft_s", "tpot_s", "prefetch_bytes"):
+    for k in ("stall_time_s", "ttft_s", "tpot_s", "prefetch_bytes", "demand_bytes", "wasted_bytes", "predictor_time_s",
+              "compute_ttft_s", "compute_tpot_s", "prefill_bytes", "decode_bytes", "precision", "recall"):
         if ref[k] is None:
             assert fast[k] is None
         else:
@@ -67,3 +69,24 @@ def test_fast_equals_reference_on_random_traces(seed):
         for capacity, prefetch, protect in (("6", "none", True), ("10", "oracle", True), ("20", "oracle", False)):
             cfg = SimConfig(policy=policy, capacity=capacity, prefetch=prefetch, lookahead=2, protect_layer=protect)
             assert_same(*both(None, cfg, passes=ps))
+
+
+@pytest.mark.parametrize("policy", ["lru", "least_stale", "belady"])
+def test_fast_equals_reference_with_a_ranked_forecast_held_out_and_predictor_cost(gemma_store, tmp_path_factory,
+                                                                                  policy):
+    """A predictor's ranked candidates (more listed than selected), only the held-out passes counted,
+    and the forecast's device time on the clock: both paths take the same decisions and times."""
+    from predictors.checkpoint import save_predictor
+    from predictors.frequency import ConditionalFrequency
+
+    path = tmp_path_factory.mktemp("ckpt") / "cf"
+    if not path.with_suffix(".safetensors").exists():
+        pred = ConditionalFrequency.fit(gemma_store.topk_ids(), gemma_store.num_experts, 2)
+        save_predictor(pred, path, model=gemma_store.model)
+    for passes, cost in (("held-out", 30.0), ("all", None)):
+        cfg = SimConfig(policy=policy, capacity="5%", phase="decode", prefetch=f"ckpt:{path}.safetensors",
+                        lookahead=2, overfetch=1.5, passes=passes, predictor_us=cost)
+        ref, fast = both(gemma_store, cfg)
+        assert ref["prefetch_cancelled"] > 0 and ref["prefetch_used"] > 0
+        assert (ref["passes_counted"] < ref["passes_replayed"]) == (passes == "held-out")
+        assert_same(ref, fast)

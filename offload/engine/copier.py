@@ -62,7 +62,7 @@ class CopyJob:
     slot: int
     src: Mapping[str, torch.Tensor]
     dst: Mapping[str, torch.Tensor]
-    nbytes: int
+    nbytes: int  # bytes the link is held for (an emulated expert size may differ from the real copy)
     priority: int
     submitted_at: float = field(default_factory=time.perf_counter)
     state: str = QUEUED
@@ -168,6 +168,14 @@ class ThrottledCopier:
         with self._cond:
             return len(self._queue)
 
+    def free_at(self, now: float) -> float:
+        """When the link would be idle if nothing else were submitted (perf_counter seconds)."""
+        with self._cond:
+            t = max(now, self._link_free_at)
+            if self.bandwidth is not None:
+                t += sum(job.nbytes for _, _, job in self._queue) / self.bandwidth
+            return t
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -239,3 +247,43 @@ class ThrottledCopier:
         self.bytes_copied += job.nbytes
         self.jobs_done += 1
         job.ready_at = ready
+
+
+class CopierLink:
+    """The engine's side of :class:`offload.link.Link`: the step's copy decisions on the real watchdog.
+
+    ``host_expert(key)`` gives the host tensors of an expert, ``slot(i)`` the device views of a slot;
+    ``link_bytes`` is what a copy holds the link for (the real expert size, or an emulated one).
+    """
+
+    def __init__(self, copier: ThrottledCopier, host_expert, slot, link_bytes: int):
+        self.copier = copier
+        self._host_expert = host_expert
+        self._slot = slot
+        self.link_bytes = link_bytes
+
+    def copy_seconds(self, nbytes: float) -> float:
+        bw = self.copier.bandwidth
+        return 0.0 if bw is None else nbytes / bw
+
+    def submit(self, key, nbytes: float, priority: int, now: float, *, slot: int = -1) -> CopyJob:
+        job = CopyJob(key=key, slot=slot, src=self._host_expert(key), dst=self._slot(slot), nbytes=int(nbytes),
+                      priority=priority)
+        return self.copier.submit(job)
+
+    def promote(self, job: CopyJob, now: float) -> None:
+        self.copier.promote(job)
+
+    def cancel(self, job: CopyJob, now: float) -> bool:
+        return self.copier.cancel(job)
+
+    def started(self, job: CopyJob, now: float) -> bool:
+        return job.state != QUEUED
+
+    def free_at(self, now: float) -> float:
+        return self.copier.free_at(now)
+
+    def eta(self, job: CopyJob, now: float) -> float:
+        if job.ready_at is not None:
+            return job.ready_at
+        return self.free_at(now)

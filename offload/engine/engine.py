@@ -3,24 +3,22 @@
 Figure 2 of SpecMD, in this code:
 
 - **main loop**: the model's own forward; every MoE block's forward is replaced by
-  :meth:`OffloadEngine._moe_forward`, which routes (routing policy), looks every needed expert up in
-  the shared :class:`offload.cache.ExpertCache` (same cache and eviction policies as the simulator),
-  applies the miss handler, and computes the experts from device slots.
+  :meth:`OffloadEngine._moe_forward`, which routes (routing policy) and hands the layer's accesses to
+  the one per-layer step (:class:`offload.step.LayerStep`): the same code the simulator runs, so
+  every cache, miss-handling and prefetch decision is the simulator's. Only the backend differs:
+  :class:`EngineBackend` computes experts from device slots and reads a wall clock.
 - **prefetch loop**: at layer ``l`` the predictor reads the real MoE input and forecasts layers
-  ``l+1 .. l+D``; the prefetcher turns scores into keys; the cache admits them (evicting only what
-  the policy allows for a prefetch, never an expert the running layer needs: the cache pins them).
+  ``l+1 .. l+D``; :func:`offload.prefetch.rank_candidates` turns its scores into ranked candidates
+  (the simulator's own rule); the step admits them (greedy, or by expected value).
 - **watchdog**: :class:`offload.engine.copier.ThrottledCopier` moves the bytes over the emulated
-  link, demand copies before prefetches.
+  link, demand copies before queued prefetches, through :class:`offload.engine.copier.CopierLink`.
+  ``expert_bytes`` makes each copy hold the link as long as the target model's expert would
+  (OLMoE-1B-7B's 12.6 MB by default in ``evaluate.py``), while the real, small weights are copied:
+  outputs do not change.
 
-All cache decisions (which key goes to which slot, which key is evicted) are taken on the main
-thread, in the order the simulator takes them, so with demand fetch the engine's hits and misses are
-exactly the simulator's. Only the copies run concurrently. A slot whose key was evicted while its
-copy was still queued gets that copy cancelled; a copy already on the link finishes before the next
-one starts (the link is serial), so a slot is never written by two copies at once.
-
-Hit accounting: an access is a *hit* when the key is resident in the cache directory, including a
-prefetch still on the link (the simulator counts those as hits too); the wait for such a late
-prefetch is counted as ``late_prefetch`` and as stall time.
+All cache decisions are taken on the main thread; only the copies run concurrently. Expert outputs
+are summed in ascending expert id whatever order the experts ran in (those already there first),
+so with demand fetch the engine's logits are the plain model's, bit for bit.
 """
 
 from __future__ import annotations
@@ -37,18 +35,17 @@ import torch
 from data_pipeline.adapters import get_adapter
 from data_pipeline.errors import UserError
 from offload.cache import ExpertCache
-from offload.engine.copier import DEMAND, PREFETCH, QUEUED, CopyJob, ThrottledCopier
+from offload.engine.copier import CopierLink, CopyJob, ThrottledCopier
 from offload.engine.device_pool import DevicePool
 from offload.engine.expert_store import HostExpertStore
 from offload.engine.generate import Generation, greedy_generate
-from offload.engine.metrics import Counters
-from offload.engine.moe_layer import add_expert_output, replace_forward, restore_forward
+from offload.engine.moe_layer import expert_rows, replace_forward, restore_forward
 from offload.engine.trace import TraceRecorder
 from offload.miss_handling import MissHandling
 from offload.policies import make_policy
-from offload.policies.base import Key
-from offload.prefetch import PercentileSelection, Selection, TopKSelection
+from offload.prefetch import PercentileSelection, Selection, TopKSelection, forecast_depth, rank_candidates
 from offload.routing import ROUTINGS, CacheAwareRouter
+from offload.step import Access, Candidates, LayerStep, Run
 from predictors.base import PredictContext, Predictor
 
 
@@ -67,6 +64,8 @@ class EngineConfig:
     substitute_tolerance: float = 0.05
     prefetch: str = "topk"  # how forecast scores become prefetches: topk (x overfetch) or score (percentile)
     prefetch_params: dict[str, Any] = field(default_factory=dict)
+    admission: str = "greedy"  # greedy | value (offload.admission)
+    expert_bytes: int | None = None  # bytes a copy holds the link for (emulate a bigger model); None: real
     partition: str = "global"
     device: str = "cpu"
 
@@ -91,16 +90,6 @@ def layer_accesses(ids: torch.Tensor, weights: torch.Tensor) -> list[tuple[int, 
     # float32 like the store's score column, so near-ties break the same way
     score = {e: float(np.float32(v)) for e, v in total.items()}
     return [(e, score[e], best[e]) for e in sorted(total, key=lambda e: (-total[e], best[e], e))]
-
-
-@dataclass
-class Run:
-    """One expert computation of a layer: tokens that chose ``expert`` run ``run_as`` from ``slot``."""
-
-    expert: int
-    run_as: int
-    slot: int
-    job: CopyJob | None  # the copy to wait for, if any
 
 
 def clone_loaded(loaded: Any) -> Any:
@@ -151,23 +140,30 @@ class OffloadEngine:
             raise UserError(f"unknown routing {config.routing!r}; valid: {', '.join(ROUTINGS)}")
         self._router = (CacheAwareRouter(self.num_layers, self.top_k, config.routing_lambda)
                         if config.routing == "cache-aware" else None)
-        self._miss = MissHandling(config.miss, config.drop_from_rank, config.substitute_tolerance)
-        self._prefetcher = _make_prefetcher(config, self.top_k) if predictor is not None else None
         self.copier = ThrottledCopier(config.bandwidth, self.device)
-        self.counters = Counters()
-        self._jobs: dict[Key, CopyJob] = {}
-        self._unused_prefetch: set[Key] = set()
+        link_bytes = int(config.expert_bytes) if config.expert_bytes is not None else self.store.expert_nbytes
+        if link_bytes <= 0:
+            raise UserError(f"emulated expert size must be positive, got {link_bytes} bytes")
+        self.backend = EngineBackend(self, CopierLink(self.copier, lambda key: self.store.expert(*key),
+                                                      self.pool.slot, link_bytes))
+        self._select = _make_selection(config) if predictor is not None else None
+        self._max_distance = int(config.prefetch_params.get("lookahead", 1 << 30))
+        lookahead = min(predictor.lookahead, self._max_distance) if predictor is not None else 1
+        self.step = LayerStep(self.cache, self.backend,
+                              miss=MissHandling(config.miss, config.drop_from_rank, config.substitute_tolerance),
+                              admission=config.admission, lookahead=lookahead,
+                              depth=forecast_depth(self.num_experts, self.top_k))
         self._chosen: list[torch.Tensor] = []  # this pass: (T, K) ids per layer run so far
         self._previous: torch.Tensor | None = None  # (1, L, K) the previous token's experts
-        self._forecasts: dict[int, list[np.ndarray]] = {}  # target layer -> forecasts made this pass
-        # per layer: substitutes (kept until they ran), runs still due per key, copies waiting for a slot
-        self._substitutes: set[Key] = set()
-        self._pending: dict[Key, int] = {}
-        self._blocked: dict[Key, list[CopyJob]] = {}
         self.recorder: TraceRecorder | None = None
         self._closed = False
         for layer in range(self.num_layers):
             replace_forward(adapter.moe_block(layer), self._block_forward(layer))
+
+    @property
+    def counters(self):
+        """The step's event counters (offload.counters.Counters)."""
+        return self.step.counters
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -194,8 +190,7 @@ class OffloadEngine:
         if len(self._chosen) == self.num_layers:
             self._previous = torch.stack([ids[-1:] for ids in self._chosen], dim=1)  # last token
         self._chosen = []
-        self._forecasts = {}
-        self.cache.begin_pass(phase)
+        self.step.begin_pass(phase)
         if self.recorder is not None:
             self.recorder.begin_pass(phase)
 
@@ -232,9 +227,8 @@ class OffloadEngine:
         return forward
 
     def _moe_forward(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        """One MoE layer, in the simulator's order (offload/simulator.py): begin the layer (its experts
-        are pinned), the demand accesses in rank order with miss handling, the prefetches for later
-        layers, then the experts."""
+        """One MoE layer: route, then the one per-layer step (offload/step.py) with this engine's
+        backend; the experts' outputs are summed in ascending expert id (HF's order, exact)."""
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         route = self.adapter.route(layer, x)
@@ -242,31 +236,15 @@ class OffloadEngine:
         self._chosen.append(ids)
         if self.recorder is not None:
             self.recorder.layer(layer, ids, weights, x, route.logits)
-        accesses = layer_accesses(ids, weights)
-        self._score_forecasts(layer, accesses)
-        needed = [(layer, e) for e, _, _ in accesses]
-        self.cache.begin_layer(layer, needed)
-        self._substitutes = set()
-        self._pending = {}
-        self._blocked = {}
-        runs: list[Run] = []
-        probs = None
-        for e, score, rank in accesses:
-            if probs is None and self._miss.mode == "substitute" and (layer, e) not in self.cache:
-                probs = torch.softmax(route.logits.double(), dim=-1).mean(dim=0).cpu().numpy()
-            run = self._access(layer, e, score, rank, probs, needed)
-            if run is not None:
-                runs.append(run)
-                self._pending[(layer, run.run_as)] = self._pending.get((layer, run.run_as), 0) + 1
-        self._prefetch(layer, x)
-        # Without slot reuse inside the layer, run experts in ascending id: HF's accumulation order,
-        # bit-identical outputs. When a long prompt needs more experts than there are slots, some copies
-        # wait for the expert whose slot they take: then run in access order, which frees slots in the
-        # order those copies were decided (a victim was always accessed before the key replacing it).
-        out = torch.zeros_like(x)
-        for run in (runs if self._blocked else sorted(runs, key=lambda r: r.expert)):
-            self._run(out, x, ids, weights, layer, run)
-        assert not self._blocked, "a copy was left waiting for an expert that never ran"
+        accesses = [Access(e, score, rank, int((ids == e).sum())) for e, score, rank in layer_accesses(ids, weights)]
+
+        def probs() -> np.ndarray:
+            return torch.softmax(route.logits.double(), dim=-1).mean(dim=0).cpu().numpy()
+
+        self.backend.begin_compute(x, ids, weights)
+        forecaster = self._forecaster(x) if self.predictor is not None else None
+        self.step.run_layer(layer, accesses, x.shape[0], forecaster=forecaster, probs=probs)
+        out = self.backend.finish_compute()
         shared = self.adapter.shared_forward(layer, x)
         if shared is not None:
             out = out + shared
@@ -289,102 +267,6 @@ class OffloadEngine:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return ids, weights.to(route.weights.dtype)
 
-    def _run(self, out, x, ids, weights, layer: int, run: Run) -> None:
-        """Tokens that chose ``run.expert`` get ``run.run_as``'s output (the same unless substituted),
-        from the slot decided at access time; then copies waiting for that slot may start."""
-        if run.job is not None:
-            self._wait(run.job)
-        params = self.pool.slot(run.slot)
-        add_expert_output(out, x, ids, weights, run.expert, params, self.adapter.expert_forward)
-        key = (layer, run.run_as)
-        self._pending[key] -= 1
-        if self._pending[key] == 0:
-            del self._pending[key]
-            for job in self._blocked.pop(key, []):
-                self.copier.submit(job)
-
-    # ------------------------------------------------------------------ cache events
-    def _access(self, layer: int, expert: int, score: float, rank: int, probs: np.ndarray | None,
-                needed: list[Key]) -> Run | None:
-        """One demand access with miss handling: what will run, from which slot, after which copy; None
-        when the miss is dropped."""
-        key = (layer, expert)
-        c = self.counters
-        c.accesses += 1
-        if key in self.cache:
-            r = self.cache.access(key, score)
-            c.hits += 1
-            if r.first_use_of_prefetch:
-                c.prefetch_used += 1
-                self._unused_prefetch.discard(key)
-            job = self._jobs.get(key)
-            if job is not None and not job.is_ready():
-                c.late_prefetch += 1
-                self.copier.promote(job)
-            return Run(expert, expert, r.slot, job)
-        if self._miss.drops(rank):
-            self._count_miss(self.cache.access(key, score, fetch=False))
-            c.dropped += 1
-            return None
-        if probs is not None:
-            taken = set(needed)
-            candidates = [k[1] for k in self.cache.resident() if k[0] == layer and k not in taken]
-            sub = self._miss.substitute(expert, probs, candidates)
-            if sub is not None:
-                self._count_miss(self.cache.access(key, score, fetch=False))
-                self.cache.use((layer, sub), score)
-                self._substitutes.add((layer, sub))
-                c.substituted += 1
-                slot = self.cache.slot_of((layer, sub))
-                assert slot is not None
-                return Run(expert, sub, slot, self._jobs.get((layer, sub)))
-        r = self.cache.access(key, score, protected=self._substitutes)
-        self._count_miss(r)
-        job = self._new_job(key, r.slot, DEMAND)
-        if r.evicted is not None and self._on_evicted(r.evicted):
-            self._blocked.setdefault(r.evicted, []).append(job)  # its slot is free once it has run
-        else:
-            self.copier.submit(job)
-        return Run(expert, expert, r.slot, job)
-
-    def _count_miss(self, r: Any) -> None:
-        self.counters.misses += 1
-        self.counters.collision_misses += int(r.collision)
-
-    def _new_job(self, key: Key, slot: int, priority: int) -> CopyJob:
-        job = CopyJob(
-            key=key, slot=slot, src=self.store.expert(*key), dst=self.pool.slot(slot),
-            nbytes=self.store.expert_nbytes, priority=priority,
-        )
-        self._jobs[key] = job
-        self.counters.bytes_copied += job.nbytes
-        return job
-
-    def _on_evicted(self, key: Key) -> bool:
-        """Book-keeping for an evicted key; True when it still has to run in this layer (its slot
-        is then taken only after that run)."""
-        self.counters.evictions += 1
-        job = self._jobs.pop(key, None)
-        if key in self._unused_prefetch:
-            self._unused_prefetch.discard(key)
-            self.counters.prefetch_wasted += 1
-        if key in self._pending:
-            return True
-        if job is not None and job.state == QUEUED and self.copier.cancel(job):
-            self.counters.bytes_copied -= job.nbytes
-        return False
-
-    def _wait(self, job: CopyJob) -> None:
-        if not job.is_ready():
-            t0 = time.perf_counter()
-            self.copier.promote(job)
-            job.wait()
-            self.counters.stall_s += time.perf_counter() - t0
-        else:
-            job.wait()  # returns at once; on CUDA it also retires the copy's event
-        if self._jobs.get(job.key) is job:
-            del self._jobs[job.key]
-
     # ------------------------------------------------------------------ prefetch loop
     def _context(self, layer: int, x: torch.Tensor) -> PredictContext | None:
         assert self.predictor is not None
@@ -398,41 +280,97 @@ class OffloadEngine:
         return PredictContext(layer=layer, hidden=x if "hidden" in needs else None, chosen=chosen,
                               previous=previous)
 
-    def _prefetch(self, layer: int, x: torch.Tensor) -> None:
-        if self.predictor is None or self._prefetcher is None or layer + 1 >= self.num_layers:
-            return
-        ctx = self._context(layer, x)
-        if ctx is None:
-            return
-        scores = self.predictor.predict(ctx)  # (T, D, E)
-        for target, experts in self._prefetcher(scores, layer, self.predictor):
-            self._forecasts.setdefault(target, []).append(experts)
-            keys = [(target, int(e)) for e in experts]
-            self.cache.mark_predicted(keys)
-            for key in keys:
-                if key in self.cache:
-                    continue
-                ins = self.cache.insert(key, prefetch=True, protected=self._substitutes)
-                if ins is None:
-                    continue  # the policy will not evict for a guess
-                if ins.evicted is not None:
-                    blocked = self._on_evicted(ins.evicted)
-                    assert not blocked, "a prefetch evicted an expert the running layer still needs"
-                self._unused_prefetch.add(key)
-                self.counters.prefetch_issued += 1
-                self.copier.submit(self._new_job(key, ins.slot, PREFETCH))
+    def _forecaster(self, x: torch.Tensor):
+        """The step's forecaster at this layer: the predictor on the real MoE input, ranked by the
+        simulator's own rule (:func:`offload.prefetch.rank_candidates`)."""
+        assert self.predictor is not None and self._select is not None
+        predictor, selection = self.predictor, self._select
+        depth = forecast_depth(self.num_experts, self.top_k)
 
-    def _score_forecasts(self, layer: int, accesses: list[tuple[int, float, int]]) -> None:
-        """Precision/recall of every forecast made for ``layer`` in this pass, as the simulator's
-        ``forecast_quality`` counts them (one entry per (source layer, distance))."""
-        made = self._forecasts.pop(layer, [])
-        if not made:
-            return
-        actual = np.array([e for e, _, _ in accesses])
-        for predicted in made:
-            self.counters.forecast_predicted += len(predicted)
-            self.counters.forecast_correct += int(np.isin(predicted, actual).sum())
-            self.counters.forecast_relevant += len(actual)
+        def forecast(layer: int) -> list[Candidates]:
+            ctx = self._context(layer, x)
+            if ctx is None:
+                return []
+            scores = predictor.predict(ctx).detach().float().cpu().numpy()  # (T, D, E)
+            out = []
+            for d in range(1, min(scores.shape[1], self._max_distance) + 1):
+                if not predictor.covers(layer, d):
+                    continue
+                experts, selected = rank_candidates(scores[:, d - 1], selection, self.top_k, depth)
+                out.append(Candidates(d, layer + d, experts, selected))
+            return out
+
+        return forecast
+
+
+class EngineBackend:
+    """The step's machine in the engine: device slots, the real copier and the wall clock."""
+
+    def __init__(self, engine: OffloadEngine, link: CopierLink):
+        self.engine = engine
+        self.link = link
+        self._x: torch.Tensor | None = None
+        self._layer_t0 = 0.0
+        self._phase_layer_s = {True: 0.0, False: 0.0}  # EMA of a layer's compute, prefill / decode
+        self._parts: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def now(self) -> float:
+        return time.perf_counter()
+
+    def begin_layer(self, layer: int, tokens: int) -> None:
+        self._tokens = tokens
+        self._layer_t0 = time.perf_counter()
+
+    def charge_forecast(self, started: float) -> float:
+        return time.perf_counter() - started  # it already ran on this device
+
+    def layer_estimate(self, layer: int, tokens: int, experts: int) -> tuple[float, float]:
+        """Measured: the EMA of this phase's layer time (no stalls), split evenly."""
+        ema = self._phase_layer_s[tokens > 1]
+        return 0.5 * ema, 0.5 * ema
+
+    def copy_bytes(self, layer: int) -> float:
+        return float(self.link.link_bytes)
+
+    def arrived(self, copy: CopyJob) -> bool:
+        return copy.is_ready()
+
+    def wait(self, copy: CopyJob) -> float:
+        if copy.is_ready():
+            copy.wait()  # returns at once; on CUDA it also retires the copy's event
+            return 0.0
+        t0 = time.perf_counter()
+        self.engine.copier.promote(copy)
+        copy.wait()
+        return time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- expert compute
+    def begin_compute(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        self._x, self._ids, self._weights = x, ids, weights
+        self._parts = []
+
+    def run(self, run: Run) -> None:
+        """Tokens that chose ``run.expert`` get ``run.run_as``'s output (the same unless substituted)."""
+        assert self._x is not None
+        rank, token = expert_rows(self._ids, run.expert)
+        if token.numel():
+            params = self.engine.pool.slot(run.slot)
+            y = self.engine.adapter.expert_forward(params, self._x[token]) * self._weights[token, rank, None]
+            self._parts.append((run.expert, token, y))
+
+    def finish_compute(self) -> torch.Tensor:
+        """The layer's output, summed in ascending expert id (HF's accumulation order)."""
+        assert self._x is not None
+        out = torch.zeros_like(self._x)
+        for _, token, y in sorted(self._parts, key=lambda part: part[0]):
+            out.index_add_(0, token, y.to(out.dtype))
+        elapsed = time.perf_counter() - self._layer_t0
+        key = self._tokens > 1
+        prev = self._phase_layer_s[key]
+        self._phase_layer_s[key] = elapsed if prev == 0.0 else 0.8 * prev + 0.2 * elapsed
+        self._parts = []
+        self._x = None
+        return out
 
 
 # ---------------------------------------------------------------------- policy plumbing
@@ -442,37 +380,3 @@ def _make_selection(config: EngineConfig) -> Selection:
     if config.prefetch == "score":
         return PercentileSelection(float(config.prefetch_params.get("percentile", 0.8)))
     raise UserError(f"unknown prefetch selection {config.prefetch!r}; valid: topk, score")
-
-
-def _make_prefetcher(config: EngineConfig, top_k: int):
-    """Scores (T, D, E) at layer l -> [(layer l+d, experts best first)], the simulator's selection rules.
-
-    Per token the selection (``offload.prefetch``: top ``ceil(k*overfetch)`` or above a percentile)
-    picks experts of each covered layer l+d, best first; a prefill pass takes the union over its
-    tokens ordered by summed probability, as :class:`offload.prefetch.PredictorPrefetch` does.
-    Nearer layers come first: they are needed sooner.
-    """
-    selection = _make_selection(config)
-    max_distance = int(config.prefetch_params.get("lookahead", 1 << 30))
-
-    def select(scores: torch.Tensor, layer: int, predictor: Predictor) -> list[tuple[int, np.ndarray]]:
-        probs = scores.detach().float().cpu().numpy()  # (T, D, E)
-        out: list[tuple[int, np.ndarray]] = []
-        for d in range(1, min(probs.shape[1], max_distance) + 1):
-            if not predictor.covers(layer, d):
-                continue
-            pr = probs[:, d - 1]
-            order = np.argsort(-pr, axis=1, kind="stable")
-            counts = selection.counts(pr, top_k)
-            if pr.shape[0] == 1:
-                picked = order[0, : counts[0]]
-            else:
-                mask = np.zeros(pr.shape[1], dtype=bool)
-                for t, n in enumerate(counts):
-                    mask[order[t, :n]] = True
-                picked = np.flatnonzero(mask)
-                picked = picked[np.argsort(-pr.sum(axis=0)[picked], kind="stable")]
-            out.append((layer + d, picked))
-        return out
-
-    return select

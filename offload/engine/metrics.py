@@ -1,42 +1,16 @@
 """What the engine measures, per prompt and in total.
 
-Counters are plain integers the engine bumps while it runs; a prompt's numbers are the difference
-of two snapshots, so one engine can serve many prompts without being rebuilt.
+The counters are the per-layer step's (:class:`offload.counters.Counters`, the simulator's too); a
+prompt's numbers are the difference of two snapshots, so one engine serves many prompts.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from statistics import mean
 from typing import Any
 
-
-@dataclass
-class Counters:
-    """Cumulative event counts of one engine (see DESIGN.md for access / hit / collision)."""
-
-    accesses: int = 0  # (layer, expert) needed in a pass
-    hits: int = 0  # resident and ready when needed
-    misses: int = 0  # had to wait for a copy (demand fetch or a prefetch still on the link)
-    late_prefetch: int = 0  # misses whose expert a prefetch had already put on its way
-    collision_misses: int = 0  # misses on an expert evicted earlier in the same pass
-    dropped: int = 0  # missed experts skipped by the drop miss-handler
-    substituted: int = 0  # missed experts replaced by a cached one
-    prefetch_issued: int = 0
-    prefetch_used: int = 0  # prefetched expert accessed before being evicted
-    prefetch_wasted: int = 0  # prefetched expert evicted (or cancelled) without an access
-    evictions: int = 0
-    bytes_copied: int = 0
-    stall_s: float = 0.0  # time the main loop waited for copies
-    forecast_predicted: int = 0  # experts forecast (one per (source layer, distance, expert))
-    forecast_correct: int = 0  # of those, really needed at the target layer
-    forecast_relevant: int = 0  # experts needed at target layers that had a forecast
-
-    def snapshot(self) -> Counters:
-        return Counters(**asdict(self))
-
-    def minus(self, earlier: Counters) -> Counters:
-        return Counters(**{f.name: getattr(self, f.name) - getattr(earlier, f.name) for f in fields(self)})
+from offload.counters import Counters
 
 
 @dataclass
@@ -57,7 +31,8 @@ class PromptMetrics:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("generated")
-        d.update(d.pop("counters"))
+        d.pop("counters")
+        d.update(self.counters.as_dict())
         return d
 
 
@@ -69,15 +44,14 @@ def summarize(prompts: list[PromptMetrics]) -> dict[str, float]:
     """Totals and rates over prompts (times are means per prompt; rates are over all accesses)."""
     total = Counters()
     for p in prompts:
-        for f in fields(total):
-            setattr(total, f.name, getattr(total, f.name) + getattr(p.counters, f.name))
-    out: dict[str, float] = {k: v for k, v in asdict(total).items()}
+        total = total.plus(p.counters)
+    out: dict[str, float] = total.as_dict()
     out.update(
         prompts=len(prompts),
         hit_rate=_rate(total.hits, total.accesses),
         miss_rate=_rate(total.misses, total.accesses),
         collision_rate=_rate(total.collision_misses, total.accesses),
-        prefetch_accuracy=_rate(total.prefetch_used, total.prefetch_used + total.prefetch_wasted),
+        prefetch_accuracy=_rate(total.prefetch_used, total.prefetch_issued),
         precision=_rate(total.forecast_correct, total.forecast_predicted),
         recall=_rate(total.forecast_correct, total.forecast_relevant),
         ttft_s=mean(p.ttft_s for p in prompts) if prompts else 0.0,

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from offload.counters import Counters
 from offload.engine.generate import Generation, greedy_generate
-from offload.engine.metrics import Counters, PromptMetrics
+from offload.engine.metrics import PromptMetrics
 from offload.engine.prompts import Prompt, exact_match
 
 

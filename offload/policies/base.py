@@ -9,6 +9,7 @@ inside a pass::
     on_insert(key, prefetch, hint)            a key became resident (demand fetch or prefetch)
     on_access(key, score, hint)               a demand access (a hit, or the access right after its miss insert)
     on_predicted(key)                         a resident key was forecast for this pass (Least-Stale: "current")
+    on_forecast(layer, experts, p_use, rest)  the whole ranked forecast of a layer ahead, with P(use)
     on_evict(key)                             a key left the cache
     on_advice(key, info)                      side information about a key, outside any access
 
@@ -83,6 +84,15 @@ class EvictionPolicy(ABC):
 
     def on_predicted(self, key: Key) -> None:
         """A resident key was selected by the prefetcher/predictor for this pass (ignored by default)."""
+        return None
+
+    def on_forecast(self, layer: int, experts: Any, p_use: Any, rest: float) -> None:
+        """The ranked forecast for ``layer`` in this pass: ``p_use[i]`` = P(``experts[i]`` is needed),
+        ``rest`` = P(an unlisted expert is). Ignored by default."""
+        return None
+
+    def reuse_probability(self, key: Key) -> float | None:
+        """P(resident ``key`` is needed at its next opportunity), for policies that estimate it."""
         return None
 
     def on_evict(self, key: Key) -> None:

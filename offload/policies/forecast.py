@@ -32,6 +32,11 @@ Parameters:
   (``on_predicted``) and its layer is still ahead, its probability of being used at that
   opportunity is raised to at least this value (None: ignore the marks).
 - ``prefetch_may_evict``: whether a prefetch may evict at all (default True, like LRU).
+- ``use_forecasts`` (default True): the lookahead forecasts of the running pass
+  (``on_forecast``: P(use) of every expert of a layer still ahead) set that layer's coming
+  opportunity: ``N = 1 + (1 - q) * N_history``. A key just prefetched for a layer ahead (q high) is
+  then among the last to go, and an expert of a layer ahead that the forecast rules out is among
+  the first.
 """
 
 from __future__ import annotations
@@ -49,11 +54,12 @@ class Forecast(EvictionPolicy):
     name = "forecast"
 
     def __init__(self, forecaster: Any = None, *, predicted_reuse: float | None = None,
-                 prefetch_may_evict: bool = True):
+                 prefetch_may_evict: bool = True, use_forecasts: bool = True):
         if predicted_reuse is not None and not 0.0 < predicted_reuse <= 1.0:
             raise ValueError(f"predicted_reuse must be in (0, 1], got {predicted_reuse}")
         self.forecaster_spec = forecaster
         self.predicted_reuse = predicted_reuse
+        self.use_forecasts = use_forecasts
         self.prefetch_may_evict = prefetch_may_evict
         self.forecaster = None
         self._placeholder = True  # the base constructor binds a 1 x 1 placeholder before the cache does
@@ -91,6 +97,8 @@ class Forecast(EvictionPolicy):
         self.touch_clock = np.zeros(shape, dtype=np.int64)
         self.touch_pass = np.full(shape, -1, dtype=np.int64)
         self.predicted = np.zeros(shape, dtype=bool)
+        # P(used in the running pass) of layers a lookahead forecast covered in this pass (nan: none)
+        self.this_pass = np.full(shape, np.nan)
         self.pending: list[dict[int, float]] = [{} for _ in range(num_layers)]
         self.done_layers = 0  # layers of the running pass already folded into the history
         self.expected = np.ones(shape)  # forecast N per (layer, expert) for its next opportunity
@@ -105,6 +113,7 @@ class Forecast(EvictionPolicy):
         super().on_pass_start(pass_index, phase)
         self.done_layers = 0
         self.predicted[:] = False
+        self.this_pass[:] = np.nan
 
     def on_layer_start(self, layer: int) -> None:
         self._finish_layers(layer)
@@ -141,6 +150,17 @@ class Forecast(EvictionPolicy):
         self.predicted[key] = True
         self.touch_pass[key] = self.pass_index
 
+    def on_forecast(self, layer: int, experts: Any, p_use: Any, rest: float) -> None:
+        if not self.use_forecasts or layer <= self.layer:
+            return
+        row = np.full(self.num_experts, float(rest))
+        row[np.asarray(experts, dtype=np.int64)] = np.asarray(p_use, dtype=np.float64)
+        # several distances forecast one layer: the latest (nearest) forecast is the best informed
+        self.this_pass[layer] = row
+
+    def reuse_probability(self, key: Key) -> float | None:
+        return float(min(1.0, 1.0 / max(self.expected[key], 1.0)))
+
     def on_evict(self, key: Key) -> None:
         super().on_evict(key)
         self.resident_mask[key] = False
@@ -175,6 +195,11 @@ class Forecast(EvictionPolicy):
         ahead = layers > here
         d0 = np.where(ahead, layers - here, layers - here + L)
         n = self.expected[layers, experts]
+        if self.use_forecasts:
+            # a lookahead forecast of this pass: used at the coming opportunity with P = q, else the
+            # history's expectation counted from the opportunity after it
+            q = self.this_pass[layers, experts]
+            n = np.where(ahead & ~np.isnan(q), 1.0 + (1.0 - np.nan_to_num(q)) * n, n)
         if self.predicted_reuse is not None:
             marked = ahead & self.predicted[layers, experts]
             n = np.where(marked, np.minimum(n, 1.0 / self.predicted_reuse), n)
@@ -217,7 +242,7 @@ class Forecast(EvictionPolicy):
         f = self.forecaster
         return {"policy": self.name, "forecaster": getattr(f, "family", None),
                 **({} if f is None else f.hparams()), "predicted_reuse": self.predicted_reuse,
-                "prefetch_may_evict": self.prefetch_may_evict}
+                "prefetch_may_evict": self.prefetch_may_evict, "use_forecasts": self.use_forecasts}
 
 
 class LeastStaleForecast(Forecast):
@@ -231,10 +256,10 @@ class LeastStaleForecast(Forecast):
     name = "least_stale_forecast"
 
     def __init__(self, forecaster: Any = None, *, predicted_reuse: float | None = None,
-                 prefetch_evicts_current: bool = False, left_first: bool = False):
+                 prefetch_evicts_current: bool = False, left_first: bool = False, use_forecasts: bool = True):
         self.prefetch_evicts_current = prefetch_evicts_current
         self.left_first = left_first
-        super().__init__(forecaster, predicted_reuse=predicted_reuse)
+        super().__init__(forecaster, predicted_reuse=predicted_reuse, use_forecasts=use_forecasts)
 
     def victim(self, eligible: Eligible, *, for_prefetch: bool = False) -> Key | None:
         stale = self.resident_mask & (self.touch_pass < self.pass_index)
