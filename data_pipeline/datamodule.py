@@ -1,11 +1,7 @@
-"""Training pairs from a trace store: a split by sequence, a token dataset and the DataModule.
+"""Training pairs from a trace store: the token dataset and the DataModule.
 
-Neighbouring tokens of one sequence share most of their routing, so a split by token would leak
-the test set into training; splits are by sequence. A store with fewer sequences than the split
-needs (an imported single-prompt log, such as the gemma trace) is split by position instead:
-every sequence's prefill and the first part of its decode train, the next part validates, the
-last part tests -- a forecast of later decode steps from earlier ones, which is what an engine
-serving that prompt would face. :attr:`TraceSplit.how` says which split was made.
+The train/val/test split (by sequence, or by position for single-prompt traces) lives in
+:mod:`data_pipeline.splits`, which evaluation shares without importing Lightning.
 
 A batch is a dict of tensors over B tokens:
 
@@ -19,7 +15,6 @@ A batch is a dict of tensors over B tokens:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,73 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data_pipeline.errors import UserError
-from data_pipeline.trace_store import DECODE, TraceStore
-
-SPLITS = ("auto", "sequence", "position")
-
-
-@dataclass
-class TraceSplit:
-    train: np.ndarray  # global row indices
-    val: np.ndarray
-    test: np.ndarray
-    how: str  # "sequence" or "position"
-
-    def describe(self) -> str:
-        sizes = f"{len(self.train)}/{len(self.val)}/{len(self.test)} tokens"
-        if self.how == "sequence":
-            return f"split by sequence (train/val/test {sizes})"
-        return f"split by position within each sequence's decode: train on the first part, evaluate on the rest ({sizes})"
-
-
-def _counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
-    n_val = max(1, int(round(n * val_fraction)))
-    n_test = max(1, int(round(n * test_fraction)))
-    return n - n_val - n_test, n_val, n_test
-
-
-def split_rows(store: TraceStore, *, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
-               split: str = "auto") -> TraceSplit:
-    """Deterministic train/val/test rows for ``seed``; by sequence unless there are too few."""
-    if split not in SPLITS:
-        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise UserError("val_fraction and test_fraction must be in (0, 1) and sum to less than 1")
-    bounds = store.sequence_bounds()
-    if store.num_tokens == 0:
-        raise UserError(f"trace store {store.path} is empty (0 tokens); collect or import traces first")
-    n_seq = len(bounds)
-    how = split if split != "auto" else ("sequence" if n_seq >= 3 else "position")
-    if how == "sequence":
-        n_train, n_val, n_test = _counts(n_seq, val_fraction, test_fraction)
-        if n_train < 1:
-            raise UserError(
-                f"trace store {store.path} has {n_seq} sequence(s); a train/val/test split by sequence needs "
-                f"at least 3 (collect more, or use split: position)"
-            )
-        order = np.random.default_rng(seed).permutation(n_seq)
-        parts = [order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:]]
-        rows = [np.concatenate([np.arange(bounds[i, 1], bounds[i, 2]) for i in sorted(p)]) for p in parts]
-        return TraceSplit(*rows, how="sequence")
-    phases = store.phases
-    parts_rows: list[list[np.ndarray]] = [[], [], []]
-    for _, start, stop in bounds:
-        rows = np.arange(start, stop)
-        decode = rows[phases[start:stop] == DECODE]
-        timeline = decode if len(decode) >= 3 else rows  # no decode phase: split the prompt itself
-        n_train, n_val, n_test = _counts(len(timeline), val_fraction, test_fraction)
-        if n_train < 1:
-            continue
-        first_val = timeline[n_train]
-        parts_rows[0].append(rows[rows < first_val])
-        parts_rows[1].append(timeline[n_train:n_train + n_val])
-        parts_rows[2].append(timeline[n_train + n_val:])
-    if not parts_rows[0]:
-        raise UserError(
-            f"trace store {store.path} is too small to split: {store.num_tokens} token(s) in {n_seq} sequence(s); "
-            f"a split by position needs at least 3 tokens in a sequence"
-        )
-    return TraceSplit(*(np.concatenate(p) for p in parts_rows), how="position")
+from data_pipeline.splits import SPLITS, TraceSplit, split_rows  # noqa: F401  (re-exported)
+from data_pipeline.trace_store import TraceStore
 
 
 def previous_rows(store: TraceStore) -> np.ndarray:

@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-SWEPT = ("policy", "prefetch", "capacity", "hardware", "phase", "cache", "lookahead", "miss", "routing")
+SWEPT = ("policy", "prefetch", "capacity", "hardware", "phase", "cache", "lookahead", "admission", "miss", "routing")
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -18,42 +18,72 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def _ms(v: float | None, digits: int) -> str:
+    return _fmt(None if v is None else v * 1e3, digits)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
 def print_table(results: list[dict[str, Any]], console: Any = None) -> None:
-    """One row per configuration; rows of the same setting sit together with least_stale and belady side by side."""
+    """One row per configuration, grouped by setting; each setting ends with its physical limit.
+
+    Latency is what a user decides on: TTFT/TPOT with the share of the gap closed between LRU without
+    prefetch (0 %) and Belady + oracle prefetch (100 %), and the bytes moved / wasted per token next to
+    the hit rate (see :mod:`offload.latency`).
+    """
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(width=None if Console().is_terminal else 200)
+    from offload.latency import setting_key
+
+    console = console or Console(width=None if Console().is_terminal else 240)
     varying = [k for k in SWEPT if len({str(r.get(k)) for r in results}) > 1] or ["policy"]
     if "policy" not in varying:
         varying.insert(0, "policy")
-    table = Table(title="expert-cache simulation", show_lines=False)
+    counted = {r.get("passes", "all") for r in results}
+    title = "expert-cache simulation" + ("" if counted == {"all"} else
+                                         f" (counted: {', '.join(sorted(counted))} passes of the split)")
+    table = Table(title=title, show_lines=False, caption=(
+        "gap: share of the TTFT/TPOT gap closed between LRU without prefetch (0%) and Belady + oracle prefetch "
+        "(100%); physical limit: Belady's bytes / bandwidth or the pure compute, whichever is longer; "
+        "MB/tok: bytes moved per token (wasted: prefetched, never used)"))
     for k in varying:
         table.add_column(k)
-    for col in ("slots", "hit rate", "misses", "collisions", "coll. rate", "pf used/issued", "stall s",
-                "TTFT ms", "TPOT ms", "prec/rec"):
+    for col in ("slots", "hit rate", "coll. rate", "pf used/issued", "MB/tok", "wasted MB/tok", "stall s",
+                "TTFT ms", "TTFT gap", "TPOT ms", "TPOT gap", "prec/rec"):
         table.add_column(col, justify="right")
     order = {"least_stale": 0, "belady": 1}
 
     def sort_key(r: dict[str, Any]) -> tuple:
-        rest = tuple(str(r.get(k)) for k in varying if k not in ("policy", "capacity"))
-        return rest + (r.get("capacity_slots", 0), order.get(r["policy"], 2), r["policy"])
+        rest = tuple(str(r.get(k)) for k in varying if k not in ("policy", "capacity", "prefetch", "lookahead",
+                                                                   "admission"))
+        return rest + (r.get("capacity_slots", 0), bool(r.get("reference")), order.get(r["policy"], 2), r["policy"],
+                       str(r.get("prefetch")), str(r.get("lookahead")), str(r.get("admission")))
 
-    for r in sorted(results, key=sort_key):
+    rows = sorted(results, key=sort_key)
+    for i, r in enumerate(rows):
         pr = "-" if r.get("precision") is None else f"{r['precision']:.2f}/{r['recall']:.2f}"
+        style = "dim" if r.get("reference") else None
         table.add_row(
             *[_fmt(r.get(k)) for k in varying],
             str(r["capacity_slots"]),
             _fmt(r["hit_rate"]),
-            str(r["misses"]),
-            str(r["collision_misses"]),
             _fmt(r["collision_rate"], 4),
             f"{r['prefetch_used']}/{r['prefetch_issued']}",
+            _fmt(r.get("bytes_per_token", 0.0) / 1e6, 2),
+            _fmt(r.get("wasted_bytes_per_token", 0.0) / 1e6, 2),
             _fmt(r["stall_time_s"]),
-            _fmt(None if r["ttft_s"] is None else r["ttft_s"] * 1e3, 1),
-            _fmt(None if r["tpot_s"] is None else r["tpot_s"] * 1e3, 2),
-            pr,
+            _ms(r["ttft_s"], 1), _pct(r.get("ttft_gap_closed")),
+            _ms(r["tpot_s"], 2), _pct(r.get("tpot_gap_closed")),
+            pr, style=style,
         )
+        last = i + 1 == len(rows) or setting_key(rows[i + 1]) != setting_key(r)
+        if last and (r.get("limit_ttft_s") is not None or r.get("limit_tpot_s") is not None):
+            cells = ["physical limit" if k == "policy" else "" for k in varying]
+            table.add_row(*cells, str(r["capacity_slots"]), *[""] * 6, _ms(r.get("limit_ttft_s"), 1), "",
+                          _ms(r.get("limit_tpot_s"), 2), "", "", style="bold", end_section=True)
     console.print(table)
 
 

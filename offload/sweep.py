@@ -35,12 +35,23 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default="global", help="cache layout, comma list (global, per-layer)")
     p.add_argument("--lookahead", default="1", help="prefetch lookahead distance(s) D >= 1, comma list")
     p.add_argument("--overfetch", type=float, default=1.0, help="top-k prefetch overfetch factor (k * factor)")
+    p.add_argument("--admission", default="greedy", help="prefetch admission, comma list: greedy (every selected "
+                   "expert, the paper's) or value (only what arrives in time and is worth its copy)")
+    p.add_argument("--passes", default="all", help="passes counted: all, or the held-out part of train.py's split "
+                   "(held-out = test; train, val)")
+    p.add_argument("--predictor-us", type=float, default=None,
+                   help="device time of one forecast call (default: the predictor's roofline cost)")
     p.add_argument("--miss", default="fetch", help=f"miss handling, comma list ({', '.join(MISS_MODES)})")
     p.add_argument("--routing", default="standard", help=f"routing, comma list ({', '.join(ROUTINGS)})")
     p.add_argument("--routing-lambda", type=float, default=0.3, help="cache-aware routing lambda")
     p.add_argument("--backend", default="auto", choices=["auto", "fast", "reference"], help="simulator implementation")
     p.add_argument("--predictor", help="reuse-forecaster checkpoint (python -m predictors.reuse) for the forecast "
                    "policies (forecast, least_stale_forecast); without it they count reuse online from the run")
+    p.add_argument("--copy-bytes", type=float, default=None,
+                   help="bytes one expert copy moves over the link (default: the store's expert size)")
+    p.add_argument("--no-references", action="store_true",
+                   help="do not add the reference rows (LRU without prefetch = 0%%, Belady + oracle = 100%%, the "
+                        "physical limit) to each setting")
     p.add_argument("--json", help="write {\"results\": [...]} here")
     p.add_argument("--plots", help="write PNG plots into this folder")
 
@@ -93,14 +104,16 @@ def build_configs(args: argparse.Namespace) -> list[SimConfig]:
         if c not in ("global", "per-layer"):
             raise UserError(f"unknown cache layout {c!r}; valid: global, per-layer")
     configs = []
-    for pf, d, hw, ph, cache, miss, routing, cap, pol in itertools.product(
-        prefetchers, lookaheads, hardware, phases, _split(args.cache), _split(args.miss), _split(args.routing),
-        _split(args.capacity), policies,
+    for pf, d, adm, hw, ph, cache, miss, routing, cap, pol in itertools.product(
+        prefetchers, lookaheads, _split(args.admission), hardware, phases, _split(args.cache), _split(args.miss),
+        _split(args.routing), _split(args.capacity), policies,
     ):
-        if pf == "none" and d != lookaheads[0]:
-            continue  # the lookahead means nothing without a prefetcher
+        if pf == "none" and (d != lookaheads[0] or adm != _split(args.admission)[0]):
+            continue  # the lookahead and the admission mean nothing without a prefetcher
         params = {"forecaster": args.predictor} if getattr(args, "predictor", None) and pol in FORECAST_POLICIES else {}
         configs.append(SimConfig(policy=pol, capacity=cap, prefetch=pf, lookahead=d, overfetch=args.overfetch,
+                                 admission=adm, passes=args.passes, predictor_us=args.predictor_us,
+                                 copy_bytes=args.copy_bytes,
                                  hardware=hw, phase=ph, cache=cache, miss=miss, routing=routing,
                                  routing_lambda=args.routing_lambda, backend=args.backend, policy_params=params))
     return configs
@@ -108,12 +121,18 @@ def build_configs(args: argparse.Namespace) -> list[SimConfig]:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from offload import report
+    from offload.latency import annotate, reference_configs
 
     store = TraceStore(args.trace)
     configs = build_configs(args)
+    references = reference_configs(configs) if not args.no_references else []
+    configs = configs + references
     if "belady" in [c.policy for c in configs] and "cache-aware" in [c.routing for c in configs]:
         configs = [c for c in configs if not (c.policy == "belady" and c.routing == "cache-aware")]
     results = simulate_configs(store, configs, progress=len(configs) > 4)
+    for r, c in zip(results, configs, strict=True):
+        r["reference"] = c in references
+    annotate(results)
     report.print_table(results)
     if args.json:
         report.write_json(results, args.json)

@@ -32,6 +32,12 @@ def test_sweep_writes_json_table_and_plots(gemma_store, tmp_path, capsys):
     by = {(x["policy"], x["capacity"], x["prefetch"]): x for x in results}
     assert by[("belady", "5%", "none")]["hits"] >= by[("least_stale", "5%", "none")]["hits"]
     assert by[("lru", "5%", "oracle")]["precision"] == 1.0
+    # every row is placed between its setting's references: LRU without prefetch (0 %) and Belady + oracle (100 %)
+    assert not any(x["reference"] for x in results)  # the sweep already held them
+    for cap in ("1%", "5%"):
+        assert by[("lru", cap, "none")]["tpot_gap_closed"] == 0.0
+        assert by[("belady", cap, "oracle")]["tpot_gap_closed"] == 1.0
+        assert by[("least_stale", cap, "oracle")]["limit_tpot_s"] <= by[("belady", cap, "oracle")]["tpot_s"]
     assert len(r["collision_misses_per_layer"]) == 30
     table = capsys.readouterr().out
     assert "least_stale" in table and "belady" in table
@@ -74,6 +80,6 @@ def test_hardware_override_changes_timing(gemma_store, tmp_path):
     out = tmp_path / "hw.json"
     evaluate.main(["--trace", str(gemma_store.path), "--policy", "lru", "--hardware",
                    "a100-5gbs,a100-5gbs:link_gbps=10", "--json", str(out)])
-    slow, fast = json.loads(out.read_text())["results"]
+    slow, fast = [r for r in json.loads(out.read_text())["results"] if not r["reference"]]
     assert slow["misses"] == fast["misses"] and fast["stall_time_s"] < slow["stall_time_s"]
     assert fast["hardware_profile"]["link_gbps"] == 10.0
