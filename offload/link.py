@@ -15,16 +15,19 @@ calls, so the scheduling rules exist once:
 - ``free_at(now)``: when the link would be idle if nothing else were submitted (started and queued
   copies included); prefetch admission uses it to decide whether a copy can arrive in time.
 
-:class:`SimLink` runs on a virtual clock (the simulator); :class:`offload.engine.copier.CopierLink`
-wraps the engine's real watchdog thread. In :class:`SimLink` a queued prefetch starts at
+:class:`SimLink` is that link, whatever the clock: the simulator drives it with its virtual time,
+the engine (:class:`offload.engine.copier.ThrottledCopier`) with the wall clock, issuing the real
+copy when a copy starts (``on_start``) and waiting until its arrival. A queued prefetch starts at
 ``max(link free, its submit time)`` unless a demand arrives strictly before that instant; the queue
 is advanced lazily to ``now`` before every operation, which is exact because every operation that
-can reorder the queue (a submit, a promotion, a cancellation) first advances it.
+can reorder the queue (a submit, a promotion, a cancellation) first advances it, and ``now`` never
+goes back.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,6 +46,7 @@ class SimCopy:
     start: float | None = None
     arrival: float | None = None
     cancelled: bool = False
+    payload: Any = None  # what the backend copies (the engine: host tensors -> a device slot)
 
 
 class Link(Protocol):
@@ -64,19 +68,22 @@ class Link(Protocol):
 
 
 class SimLink:
-    """A virtual serial link of ``bytes_per_s``; times are seconds on the simulator's clock."""
+    """A serial link of ``bytes_per_s`` (None: copies take no time); times are seconds on the caller's
+    clock. ``on_start(copy)`` runs when a copy starts (the engine issues the real copy there)."""
 
-    def __init__(self, bytes_per_s: float):
-        if not bytes_per_s > 0:
+    def __init__(self, bytes_per_s: float | None, on_start: Callable[[SimCopy], None] | None = None):
+        if bytes_per_s is not None and not bytes_per_s > 0:
             raise ValueError(f"link bandwidth must be positive, got {bytes_per_s}")
-        self.bytes_per_s = float(bytes_per_s)
+        self.bytes_per_s = None if bytes_per_s is None else float(bytes_per_s)
+        self.on_start = on_start
         self._free = 0.0  # when the last started copy leaves the link
         self._queue: deque[SimCopy] = deque()  # prefetches not started yet, in admission order
         self.busy_s = 0.0
         self.bytes_moved = 0.0
+        self.copies = 0
 
     def copy_seconds(self, nbytes: float) -> float:
-        return nbytes / self.bytes_per_s
+        return 0.0 if self.bytes_per_s is None else nbytes / self.bytes_per_s
 
     def _start(self, c: SimCopy, at: float) -> None:
         c.start = at
@@ -84,6 +91,9 @@ class SimLink:
         self._free = c.arrival
         self.busy_s += c.seconds
         self.bytes_moved += c.nbytes
+        self.copies += 1
+        if self.on_start is not None:
+            self.on_start(c)
 
     def _advance(self, now: float) -> None:
         """Start, in order, every queued prefetch the link reached strictly before ``now``."""
@@ -99,9 +109,10 @@ class SimLink:
             q.popleft()
             self._start(c, at)
 
-    def submit(self, key: Any, nbytes: float, priority: int, now: float, *, slot: int = -1) -> SimCopy:
+    def submit(self, key: Any, nbytes: float, priority: int, now: float, *, slot: int = -1,
+               payload: Any = None) -> SimCopy:
         self._advance(now)
-        c = SimCopy(key, nbytes, self.copy_seconds(nbytes), priority, now)
+        c = SimCopy(key, nbytes, self.copy_seconds(nbytes), priority, now, payload=payload)
         if priority == DEMAND:
             self._start(c, now if now > self._free else self._free)
         else:
@@ -145,6 +156,11 @@ class SimLink:
         if copy.arrival is not None:
             return copy.arrival
         return self.free_at(now)
+
+    def queued(self, now: float) -> int:
+        """Prefetches waiting for the link."""
+        self._advance(now)
+        return sum(not c.cancelled for c in self._queue)
 
     def free_at(self, now: float) -> float:
         self._advance(now)

@@ -398,6 +398,8 @@ class LayerStep:
                         n_access: int, runs: list[Run]) -> None:
         cache, link, c = self.cache, self.backend.link, self.counters
         starts = self._layer_starts(layer, now, tokens, n_access, runs)
+        # only this loop adds to the link until the layer runs: ask for its backlog once, then keep count
+        free = link.free_at(now)
         for cand, p_use in plans:
             t_layer = starts[cand.target]
             copy_s = link.copy_seconds(self.backend.copy_bytes(cand.target))
@@ -409,7 +411,7 @@ class LayerStep:
                 q = float(p_use[r])
                 if q < MIN_P_USE:
                     break
-                start = link.free_at(now)
+                start = max(free, now)
                 if start + copy_s > t_layer:
                     c.prefetch_late_refused += 1
                     break  # later candidates would queue behind this one: none is in time either
@@ -427,8 +429,8 @@ class LayerStep:
                 value = prefetch_value(p_use=q, copy_s=copy_s, victim_copy_s=victim_copy_s,
                                        p_victim_before=p_before, p_victim_later=p_later, start=start,
                                        demand_starts=between, p_demand=self.p_demand.value)
-                if value.admit:
-                    self._prefetch(key, now, victim, chosen=True)
+                if value.admit and self._prefetch(key, now, victim, chosen=True):
+                    free = start + copy_s
 
     def _victim_odds(self, victim: Key, layer: int, target: int) -> tuple[float, float]:
         """(P(victim needed before ``target`` runs), P(needed at its next opportunity after that))."""

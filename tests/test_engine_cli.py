@@ -78,17 +78,27 @@ def test_default_run_with_a_checkpoint_prints_the_table_and_writes_json(capsys, 
     main(["--policy", "least_stale", "--checkpoints", str(tmp_path / "checkpoints"), "--prompts", "2",
           "--max-new-tokens", "4", "--no-wandb", "--json", str(out), "--plots", str(tmp_path / "plots")])
     printed = capsys.readouterr().out
-    for label in ("plain model", "least_stale + learned", "lru + learned", "oracle bound"):
+    for label in ("plain model", "least_stale + learned", "lru + learned", "lru + none (0% reference)",
+                  "belady + oracle (100%", "physical limit", "copy-bound"):
         assert label in printed
     report = json.loads(out.read_text())
     assert report["lookahead"] == 2 and report["capacity_slots"] == 10  # 5 % of 6 x 32
-    ls, lru, oracle = report["rows"]
+    # by default every copy costs what an OLMoE-1B-7B expert would on the 5 GB/s link
+    assert report["emulated"] == "olmoe-1b-7b" and report["copy_bytes"] == 3 * 2048 * 1024 * 2
+    assert report["copy_ms"] == pytest.approx(12582912 / 5e9 * 1e3)
+    ls, lru, zero, oracle, limit = report["rows"]
+    assert zero["role"] == "zero" and zero["engine"]["summary"]["prefetch_issued"] == 0
+    assert zero["tpot_gap_closed"] in (0.0, None) and oracle["tpot_gap_closed"] in (1.0, None)
+    assert report["physical_limit"]["tpot_s"] <= oracle["sim"]["tpot_s"]
+    assert report["physical_limit"]["ttft_s"] <= oracle["sim"]["ttft_s"]
     for row in (ls, lru):
         s = row["engine"]["summary"]
         assert s["hits"] + s["misses"] == s["accesses"] > 0
         assert s["token_agreement"] == 1.0  # fetch mode: exact
         assert s["forecast_predicted"] > 0 and 0 < s["precision"] <= 1
         assert row["sim"]["accesses"] == s["accesses"]  # the simulator replayed this very run
+        assert row["sim"]["copy_bytes"] == report["copy_bytes"]  # ... with the same emulated copies
+        assert s["bytes_moved"] == (s["misses"] + s["prefetch_issued"] - s["prefetch_cancelled"]) * 12582912
     assert oracle["sim"]["policy"] == "belady" and oracle["sim"]["prefetch"] == "oracle"
     assert oracle["sim"]["hit_rate"] >= max(ls["engine"]["summary"]["hit_rate"], lru["engine"]["summary"]["hit_rate"])
     assert {p.name for p in (tmp_path / "plots").glob("*.png")} == {"hit_collision.png", "ttft.png",
@@ -102,6 +112,7 @@ def test_paper_systems_run_next_to_least_stale(capsys, tmp_path, system):
     main(["--system", system, *FAST, "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["label"] for r in rows[:2]] == [system, f"{system} + LS"]
+    assert all(r["admission"] == "greedy" for r in rows[:2])  # the paper's prefetchers
     assert rows[1]["policy"] == "least_stale"
     for r in rows[:2]:
         s = r["engine"]["summary"]

@@ -1,4 +1,4 @@
-"""The watchdog copier: throttling, priorities, cancellation, and the slot pool / host tier."""
+"""The engine's link: the simulator's link rules on the wall clock, with real copies; and the slot pool."""
 
 from __future__ import annotations
 
@@ -7,74 +7,84 @@ import time
 import pytest
 import torch
 
-from offload.engine.copier import CANCELLED, DEMAND, DONE, PREFETCH, QUEUED, CopyJob, ThrottledCopier
+from offload.engine.copier import DEMAND, PREFETCH, ThrottledCopier
 from offload.engine.device_pool import DevicePool
 
 
-def _job(n_floats: int, priority: int = DEMAND, key=(0, 0)) -> CopyJob:
-    src = {"w": torch.arange(n_floats, dtype=torch.float32)}
-    dst = {"w": torch.zeros(n_floats)}
-    return CopyJob(key=key, slot=0, src=src, dst=dst, nbytes=4 * n_floats, priority=priority)
+def _tensors(n_floats: int) -> tuple[dict, dict]:
+    return {"w": torch.arange(n_floats, dtype=torch.float32)}, {"w": torch.zeros(n_floats)}
+
+
+def _submit(copier: ThrottledCopier, n_floats: int, priority: int = DEMAND, key=(0, 0)):
+    src, dst = _tensors(n_floats)
+    return copier.submit(key, src, dst, 4 * n_floats, priority), dst
 
 
 def test_transfer_of_b_bytes_takes_at_least_b_over_bandwidth():
     bandwidth = 1e6  # 1 MB/s: 100 kB must take >= 0.1 s
-    with ThrottledCopier(bandwidth) as copier:
-        job = _job(25_000)
-        t0 = time.perf_counter()
-        copier.submit(job).wait()
-        elapsed = time.perf_counter() - t0
-    assert job.state == DONE
-    assert torch.equal(job.dst["w"], job.src["w"])
-    assert elapsed >= job.nbytes / bandwidth
+    copier = ThrottledCopier(bandwidth)
+    t0 = time.perf_counter()
+    copy, dst = _submit(copier, 25_000)
+    copier.wait(copy)
+    elapsed = time.perf_counter() - t0
+    assert torch.equal(dst["w"], torch.arange(25_000, dtype=torch.float32))
+    assert elapsed >= copy.nbytes / bandwidth
     assert elapsed < 0.1 + 0.5  # and it is a throttle, not a hang
+    assert copier.ready(copy) and copier.bytes_copied == 100_000
 
 
-def test_link_is_serial_so_total_time_is_sum_of_transfers():
+def test_link_is_serial_so_prefetches_arrive_one_transfer_apart():
     bandwidth = 2e6
-    with ThrottledCopier(bandwidth) as copier:
-        jobs = [_job(10_000, PREFETCH, key=(0, i)) for i in range(5)]  # 5 x 40 kB = 0.1 s
-        t0 = time.perf_counter()
-        for j in jobs:
-            copier.submit(j)
-        for j in jobs:
-            j.wait()
-        elapsed = time.perf_counter() - t0
-        assert copier.bytes_copied == 200_000
-    assert elapsed >= 200_000 / bandwidth
-    # ready times are spaced by at least one transfer each
-    ready = [j.ready_at for j in jobs]
-    assert all(b - a >= 40_000 / bandwidth * 0.999 for a, b in zip(ready, ready[1:], strict=False))
+    copier = ThrottledCopier(bandwidth)
+    copies = [_submit(copier, 10_000, PREFETCH, key=(0, i))[0] for i in range(5)]  # 5 x 40 kB = 0.1 s
+    t0 = time.perf_counter()
+    for c in copies:
+        copier.wait(c)
+    assert time.perf_counter() - t0 >= 0.1 - 0.03  # the first started before t0
+    arrivals = [c.arrival for c in copies]
+    assert all(b - a == pytest.approx(40_000 / bandwidth) for a, b in zip(arrivals, arrivals[1:], strict=False))
 
 
-def test_demand_jumps_ahead_of_queued_prefetches_and_queued_jobs_cancel():
-    with ThrottledCopier(1e6) as copier:
-        first = copier.submit(_job(5_000, PREFETCH, key=(0, 0)))  # 20 ms on the link
-        while first.state == QUEUED:  # wait until the worker has it on the link
-            time.sleep(0.001)
-        queued = [copier.submit(_job(5_000, PREFETCH, key=(0, i))) for i in (1, 2)]
-        demand = copier.submit(_job(5_000, DEMAND, key=(1, 0)))
-        assert copier.cancel(queued[1])
-        demand.wait()
-        queued[0].wait()
-        first.wait()
-    assert queued[1].state == CANCELLED
-    assert demand.ready_at < queued[0].ready_at  # overtook the prefetch queued before it
-    assert first.ready_at <= demand.ready_at  # but never interrupts the job on the link
+def test_demand_jumps_ahead_of_queued_prefetches_and_queued_ones_cancel():
+    copier = ThrottledCopier(1e6)
+    first, _ = _submit(copier, 5_000, PREFETCH, key=(0, 0))  # 20 ms on the link, starts at once
+    assert copier.started(first)
+    queued = [_submit(copier, 5_000, PREFETCH, key=(0, i))[0] for i in (1, 2)]
+    assert not copier.started(queued[0])
+    demand, dst = _submit(copier, 5_000, DEMAND, key=(1, 0))
+    assert torch.equal(dst["w"], torch.arange(5_000, dtype=torch.float32))  # issued at once by the caller
+    assert copier.cancel(queued[1]) and queued[1].start is None
+    copier.wait(demand)
+    copier.wait(queued[0])
+    assert demand.arrival < queued[0].arrival  # overtook the prefetch queued before it
+    assert first.arrival == pytest.approx(demand.start)  # but never interrupts the copy on the link
     assert not copier.cancel(first)
+    assert copier.copies == 3  # the cancelled prefetch moved nothing
 
 
-def test_demand_on_an_idle_link_is_issued_inline_but_usable_only_on_arrival():
-    with ThrottledCopier(1e6) as copier:
-        job = copier.submit(_job(25_000))  # 0.1 s on the link
-        assert copier.inline_jobs == 1 and job.state == DONE  # copied by the caller: no thread hop
-        assert torch.equal(job.dst["w"], job.src["w"])
-        assert not job.is_ready()  # but the emulated link has not delivered it yet
-        queued = copier.submit(_job(25_000, PREFETCH, key=(0, 1)))
-        queued.wait()
-        job.wait()
-    assert job.is_ready() and time.perf_counter() >= job.ready_at
-    assert queued.ready_at - job.ready_at >= 0.1 * 0.999  # the link stays serial across both paths
+def test_promotion_starts_a_queued_prefetch_next():
+    copier = ThrottledCopier(1e6)
+    _submit(copier, 5_000, PREFETCH, key=(0, 0))
+    a, _ = _submit(copier, 5_000, PREFETCH, key=(0, 1))
+    b, dst = _submit(copier, 5_000, PREFETCH, key=(0, 2))
+    copier.promote(b)
+    assert copier.started(b) and not copier.started(a)
+    copier.wait(a)
+    assert b.arrival < a.arrival and torch.equal(dst["w"], torch.arange(5_000, dtype=torch.float32))
+
+
+def test_demand_is_usable_only_on_arrival():
+    copier = ThrottledCopier(1e6)
+    copy, _ = _submit(copier, 25_000)  # 0.1 s on the link
+    assert not copier.ready(copy)  # copied already, but the emulated link has not delivered it
+    copier.wait(copy)
+    assert copier.ready(copy) and time.perf_counter() >= copy.arrival
+
+
+def test_unthrottled_copies_are_ready_at_once():
+    copier = ThrottledCopier(None)
+    copy, dst = _submit(copier, 100, PREFETCH)
+    assert copier.ready(copy) and torch.equal(dst["w"], torch.arange(100, dtype=torch.float32))
 
 
 def test_non_positive_bandwidth_is_refused():

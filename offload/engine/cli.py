@@ -1,19 +1,23 @@
-"""``python evaluate.py --policy least_stale``: run the offloaded engine and report it next to baselines.
+"""``python evaluate.py --policy least_stale``: run the offloaded engine and report it next to its references.
 
-With no other arguments it evaluates the demo model (``tiny-olmoe``) on the offline demo prompts with
-the newest learned predictor in ``checkpoints/`` prefetching, and prints one table:
+With no other arguments it evaluates the demo model on demo prompts the predictor never trained on
+(texts after those its trace store holds), with the newest learned predictor in ``checkpoints/``
+prefetching by expected value, and prints one table:
 
-- the chosen policy with the predictor (engine, measured),
-- LRU with the same predictor (engine, measured),
-- the oracle bound: Belady eviction + oracle prefetch, simulated on the same prompts,
+- the chosen policy with the predictor, LRU with the same predictor, and LRU without prefetch (the
+  0 % reference): engine runs, measured;
+- Belady + oracle prefetch (the 100 % reference) and the physical limit (Belady's bytes over the
+  link, or the pure compute): simulated on the plain model's routing of the same prompts;
 
-with prediction precision/recall, hit rate, collision rate, stall time, TTFT and TPOT, the TTFT the
-simulator predicts for the same run on a named hardware profile, and token agreement with the plain
-model. ``--system`` reproduces one of the paper's four systems instead, next to the same system with
-Least-Stale as a drop-in eviction policy. ``--mode sim`` replays everything in the simulator only.
-
-Every engine run records the routing its cache saw; the simulator rows replay those recordings, so
-engine and simulator talk about exactly the same accesses.
+with hit rate, collisions, bytes moved per token, stall, TTFT and TPOT with the share of the gap
+closed, the simulator's TTFT/TPOT for the same recorded run, and token agreement with the plain
+model. Copies are **copy-bound** by default: each holds the emulated link as long as one
+OLMoE-1B-7B expert would (12.6 MB at 5 GB/s = 2.5 ms; ``--expert-bytes``), while the real, small
+weights are copied, so outputs are unchanged. The simulator rows use a profile of this machine
+fitted to the plain engine run (``--hardware calibrated``), so engine and simulator can be compared
+row by row. ``--system`` reproduces one of the paper's four systems instead, next to the same
+system with Least-Stale as a drop-in eviction policy. ``--mode sim`` replays everything in the
+simulator only.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from data_pipeline.errors import UserError, run_cli
@@ -39,6 +44,14 @@ SYSTEMS: dict[str, dict[str, Any]] = {
     "zhu": dict(policy="score", prefetch="score", miss="substitute", routing="standard"),
     "mixturecache": dict(policy="lru", prefetch="none", miss="fetch", routing="cache-aware"),
     "hobbit": dict(policy="lhu", prefetch="topk", miss="precision-cascade", routing="standard"),
+}
+
+#: expert sizes of the paper's models (bf16, gate + up + down projections): what ``--expert-bytes`` emulates
+EXPERT_TARGETS: dict[str, int] = {
+    "olmoe-1b-7b": 3 * 2048 * 1024 * 2,  # 12.6 MB (12 MiB)
+    "qwen1.5-moe-a2.7b": 3 * 2048 * 1408 * 2,  # 17.3 MB (16.5 MiB)
+    "phi-3.5-moe": 3 * 4096 * 6400 * 2,  # 157 MB (150 MiB)
+    "mixtral-8x7b": 3 * 4096 * 14336 * 2,  # 352 MB (336 MiB)
 }
 
 _BANDWIDTH_UNITS = {"": 1.0, "b": 1.0, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
@@ -57,6 +70,24 @@ def parse_bandwidth(text: str) -> float | None:
     if not value > 0:
         raise UserError(f"bandwidth {text!r} must be positive")
     return value
+
+
+def parse_expert_bytes(text: str) -> int | None:
+    """``olmoe-1b-7b`` (or another name in EXPERT_TARGETS), a size (``12.6MB``, ``300MiB``, ``5e6``), or
+    ``model``: the model's own expert size (None)."""
+    s = str(text).strip().lower()
+    if s in ("model", "real", "none"):
+        return None
+    if s in EXPERT_TARGETS:
+        return EXPERT_TARGETS[s]
+    m = re.fullmatch(r"([0-9.]+(?:e[-+]?[0-9]+)?)([kmgt]i?b|b)?", s.replace(" ", ""))
+    if m is None:
+        raise UserError(f"--expert-bytes {text!r} is neither a size (12.6MB), 'model' nor one of "
+                        f"{', '.join(EXPERT_TARGETS)}")
+    value = float(m.group(1)) * _BANDWIDTH_UNITS[m.group(2) or ""]
+    if not (value >= 1 and value < 1e13):
+        raise UserError(f"--expert-bytes {text!r} must be at least one byte")
+    return int(value)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,8 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lookahead", type=int, default=None, help="layers ahead to prefetch (default: the predictor's)")
     p.add_argument("--overfetch", type=float, default=1.0, help="top-k prefetch takes ceil(k * overfetch) experts")
     p.add_argument("--percentile", type=float, default=0.8, help="score prefetch threshold quantile")
+    p.add_argument("--admission", default="value", choices=("value", "greedy"),
+                   help="value: prefetch only what arrives in time and is worth its copy; greedy: every selected "
+                        "expert (the paper's); --system presets use greedy")
     p.add_argument("--capacity", default="5%", help="expert cache size: 5%%, 0.6GB or a slot count")
     p.add_argument("--bandwidth", default="5GB/s", help="emulated host->device link (inf: unthrottled)")
+    p.add_argument("--expert-bytes", default="olmoe-1b-7b",
+                   help=f"bytes each copy holds the link for: {', '.join(EXPERT_TARGETS)}, a size (12.6MB) or "
+                        "'model' (the model's own); the weights copied stay the model's, so outputs do not change")
     p.add_argument("--routing", default="standard", choices=("standard", "cache-aware"))
     p.add_argument("--routing-lambda", type=float, default=0.3)
     p.add_argument("--miss", default="fetch", choices=("fetch", "drop", "substitute"))
@@ -97,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA for real models), float32, bfloat16")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the watchdog needs a core and tiny matmuls gain nothing)")
-    p.add_argument("--hardware", default="a100-5gbs", help="hardware profile for the simulated TTFT column")
+    p.add_argument("--hardware", default="calibrated",
+                   help="profile of the simulator's columns: calibrated (this machine, fitted to the plain engine "
+                        "run) or a named profile (a100-5gbs, ...) to see the same run on other hardware")
     p.add_argument("--json", default=None, help="write all numbers to this JSON file")
     p.add_argument("--plots", default=None, help="write PNG plots into this folder")
     p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=True,
@@ -118,21 +157,32 @@ class RowSpec:
     miss: str = "fetch"
     routing: str = "standard"
     engine: bool = True
+    admission: str = "value"
+    role: str = ""  # "zero" (0 % reference), "full" (100 % reference), "limit" (physical limit)
 
 
 def _rows(args: argparse.Namespace) -> list[RowSpec]:
     if args.system is not None:
         s = SYSTEMS[args.system]
-        base = RowSpec(args.system, s["policy"], s["prefetch"], s["miss"], s["routing"])
+        base = RowSpec(args.system, s["policy"], s["prefetch"], s["miss"], s["routing"], admission="greedy")
         rows = [base]
         if s["policy"] != "least_stale":
             rows.append(replace(base, label=f"{args.system} + LS", policy="least_stale"))
     else:
-        base = RowSpec(f"{args.policy} + {args.prefetch}", args.policy, args.prefetch, args.miss, args.routing)
+        base = RowSpec(f"{args.policy} + {args.prefetch}", args.policy, args.prefetch, args.miss, args.routing,
+                       admission=args.admission)
         rows = [base]
-        if args.policy != "lru":
+        if args.policy != "lru" and args.prefetch != "none":
             rows.append(replace(base, label=f"lru + {args.prefetch}", policy="lru"))
-    rows.append(RowSpec("oracle bound: belady + oracle", "belady", "oracle", engine=False))
+    zero = RowSpec("lru + none (0% reference)", "lru", "none", role="zero")
+    same = [r for r in rows if (r.policy, r.prefetch, r.miss, r.routing) == ("lru", "none", "fetch", "standard")]
+    if same:
+        same[0].role = "zero"
+    else:
+        rows.append(zero)
+    rows.append(RowSpec("belady + oracle (100% reference)", "belady", "oracle", engine=False, admission="greedy",
+                        role="full"))
+    rows.append(RowSpec("physical limit", "belady", "none", engine=False, role="limit"))
     return rows
 
 
@@ -220,7 +270,8 @@ def _hardware_spec(name: str, bandwidth: float | None) -> str:
 
 
 def _engine_row(args, row: RowSpec, loaded, prompts, predictor, lookahead: int, slots: int,
-                bandwidth: float | None, reference: list[list[int]], workdir: Path) -> tuple[dict, Any]:
+                bandwidth: float | None, expert_bytes: int | None, reference: list[list[int]],
+                workdir: Path) -> tuple[dict, Any]:
     from offload.engine.engine import EngineConfig, OffloadEngine, clone_loaded
     from offload.engine.metrics import summarize
     from offload.engine.run import run_prompts
@@ -230,7 +281,7 @@ def _engine_row(args, row: RowSpec, loaded, prompts, predictor, lookahead: int, 
         routing_lambda=args.routing_lambda, miss=row.miss,
         prefetch="score" if row.prefetch == "score" else "topk",
         prefetch_params={"overfetch": args.overfetch, "percentile": args.percentile, "lookahead": lookahead},
-        device=str(args.device),
+        admission=row.admission, expert_bytes=expert_bytes, device=str(args.device),
     )
     with OffloadEngine(clone_loaded(loaded), config, predictor=predictor if row.prefetch != "none" else None) as eng:
         recorder = eng.record(hidden=True)
@@ -244,14 +295,15 @@ def _engine_row(args, row: RowSpec, loaded, prompts, predictor, lookahead: int, 
     return {"summary": summarize(metrics), "prompts": [m.as_dict() for m in metrics]}, store
 
 
-def _simulate(args, row: RowSpec, store, predictor, lookahead: int, hardware: str) -> dict[str, Any]:
+def _simulate(args, row: RowSpec, store, predictor, lookahead: int, hardware: str, expert_bytes: int | None,
+              predictor_us: float | None = None) -> dict[str, Any]:
     from offload.simulator import SimConfig, simulate_configs
 
-    prefetch = "oracle" if not row.engine else _sim_prefetch(row, predictor, lookahead)
+    prefetch = row.prefetch if not row.engine else _sim_prefetch(row, predictor, lookahead)
     cfg = SimConfig(
         policy=row.policy, capacity=args.capacity, prefetch=prefetch, lookahead=lookahead,
-        overfetch=args.overfetch, hardware=hardware, miss=row.miss, routing=row.routing,
-        routing_lambda=args.routing_lambda,
+        overfetch=args.overfetch, admission=row.admission, hardware=hardware, miss=row.miss, routing=row.routing,
+        routing_lambda=args.routing_lambda, copy_bytes=expert_bytes, predictor_us=predictor_us,
     )
     if row.engine and row.routing == "cache-aware":
         # the recording holds the engine's re-routed choices: replay them as they are
@@ -259,62 +311,146 @@ def _simulate(args, row: RowSpec, store, predictor, lookahead: int, hardware: st
     return simulate_configs(store, [cfg])[0]
 
 
+def _measured_predictor_us(summary: dict[str, Any]) -> float | None:
+    """The engine's own per-forecast time (what the simulator charges for the same row)."""
+    calls = summary.get("predictor_calls") or 0
+    return 1e6 * summary["predictor_s"] / calls if calls else None
+
+
+def _prompts(args: argparse.Namespace, dataset: str, predictor: Any) -> tuple[list, str]:
+    """Prompts the predictor never trained on: the texts after every text its trace store holds."""
+    from offload.engine.prompts import load_prompts
+
+    skip, note = 0, "training-free prefetch: nothing to hold out"
+    source = getattr(predictor, "source", None)
+    if source is not None:
+        store_path = _trained_on(Path(source))
+        if store_path is None:
+            note = f"could not tell which texts {source} trained on: prompts are the first of {dataset}"
+        else:
+            from data_pipeline.text_sources import load_texts
+            from data_pipeline.trace_store import TraceStore
+
+            held = TraceStore(store_path)
+            name = (held.manifest.get("dataset") or {}).get("name")
+            if name == load_texts(dataset, limit=1).spec.get("name"):
+                skip = int(held.seq_ids.max()) + 1 if held.num_tokens else 0
+                note = (f"held out: texts {skip}-{skip + args.prompts - 1} of {dataset}; the predictor trained on "
+                        f"{store_path}, which holds texts 0-{skip - 1}")
+            else:
+                note = f"held out: the predictor trained on {name!r} ({store_path}), the prompts are {dataset}"
+    return load_prompts(dataset, args.prompts, skip=skip), note
+
+
+def _trained_on(checkpoint: Path) -> Path | None:
+    """The trace store a train.py checkpoint was fitted on (its run.json), if it still exists."""
+    import json
+
+    run = checkpoint.parent / "run.json"
+    try:
+        store = Path(json.loads(run.read_text())["store"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return store if (store / "manifest.json").is_file() else None
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Run every row; returns the report dict (also what --json writes)."""
     bandwidth = _check_inputs(args)
+    expert_bytes = parse_expert_bytes(args.expert_bytes)
     if str(args.device) == "cpu":
         torch.set_num_threads(args.threads)
-    hardware = _hardware_spec(args.hardware, bandwidth)
     rows = _rows(args)
     if args.mode == "sim" and args.store:
-        return _replay_store(args, rows, hardware, bandwidth)
+        return _replay_store(args, rows, _hardware_spec(args.hardware, bandwidth), bandwidth, expert_bytes)
     if args.store:
         raise UserError("--store is for --mode sim; the engine generates its own routing")
 
     from offload.capacity import parse_capacity
     from offload.engine.generate import check_fits
     from offload.engine.metrics import summarize
-    from offload.engine.prompts import load_prompts
     from offload.engine.run import encode, run_prompts
 
     loaded = _load(args)
     slots = parse_capacity(args.capacity, loaded.info)
     dataset = args.dataset or ("demo" if args.model == TINY else "gsm8k")
-    prompts = load_prompts(dataset, args.prompts)
-    for prompt in prompts:
-        check_fits(loaded.model, encode(loaded.tokenizer, prompt).shape[1], args.max_new_tokens)
-    predictors = {r.prefetch: _predictor(args, loaded, r.prefetch) for r in rows if r.prefetch != "oracle"}
+    predictors = {r.prefetch: _predictor(args, loaded, r.prefetch) for r in rows
+                  if r.prefetch not in ("oracle", "none")}
     main_predictor = predictors.get(rows[0].prefetch)
     lookahead = _lookahead(args, main_predictor)
+    prompts, prompt_note = _prompts(args, dataset, main_predictor)
+    for prompt in prompts:
+        check_fits(loaded.model, encode(loaded.tokenizer, prompt).shape[1], args.max_new_tokens)
 
     plain_metrics, _ = run_prompts(loaded, prompts, args.max_new_tokens, progress="plain model")
     reference = [m.generated for m in plain_metrics]
-    report = _header(args, loaded.info, slots, bandwidth, hardware, lookahead, main_predictor)
-    report.update(dataset=dataset, prompts=len(prompts), plain=summarize(plain_metrics))
     with tempfile.TemporaryDirectory(prefix="engine-traces-") as tmp:
         workdir = Path(tmp)
-        shared_store = None  # the plain routing: what sim mode and the oracle row replay
+        plain_store, plain_times = _record(args, loaded, prompts, workdir)
+        hardware, fit = _hardware(args, loaded, plain_store, plain_times, bandwidth)
+        report = _header(args, loaded.info, slots, bandwidth, hardware, lookahead, main_predictor, expert_bytes)
+        report.update(dataset=dataset, prompts=len(prompts), prompt_note=prompt_note, calibration=fit,
+                      plain=summarize(plain_metrics))
         for row in rows:
             entry = _entry(row)
+            store = plain_store
+            predictor_us = None
             if row.engine and args.mode == "engine":
-                entry["engine"], store = _engine_row(args, row, loaded, prompts, predictors[row.prefetch],
-                                                     lookahead, slots, bandwidth, reference, workdir)
-                shared_store = shared_store or store
-            else:
-                if shared_store is None:
-                    shared_store = _record(args, loaded, prompts, workdir)
-                store = shared_store
-            entry["sim"] = _simulate(args, row, store, predictors.get(row.prefetch), lookahead, hardware)
+                entry["engine"], store = _engine_row(args, row, loaded, prompts, predictors.get(row.prefetch),
+                                                     lookahead, slots, bandwidth, expert_bytes, reference, workdir)
+                predictor_us = _measured_predictor_us(entry["engine"]["summary"])
+            entry["sim"] = _simulate(args, row, store, predictors.get(row.prefetch), lookahead, hardware,
+                                     expert_bytes, predictor_us)
             report["rows"].append(entry)
+    _gaps(report)
     return report
 
 
-def _header(args, info, slots: int, bandwidth, hardware: str, lookahead: int, predictor) -> dict[str, Any]:
+def _hardware(args, loaded, plain_store, plain_times: list[float], bandwidth: float | None):
+    """The simulator's profile: this machine's compute fitted to the plain engine run, or a named one."""
+    if args.hardware != "calibrated":
+        return _hardware_spec(args.hardware, bandwidth), None
+    from offload.engine.calibrate import fit_compute_profile
+
+    params = loaded.info.expert_bytes / loaded.model.dtype.itemsize
+    return fit_compute_profile(plain_store, np.asarray(plain_times), link_bytes_per_s=bandwidth, expert_params=params)
+
+
+def _gaps(report: dict[str, Any]) -> None:
+    """Gap closed per row (measured for engine rows, simulated otherwise) and the physical limit."""
+    from offload.latency import gap_closed, physical_limit
+
+    rows = report["rows"]
+    zero = next((r for r in rows if r["role"] == "zero"), None)
+    full = next((r for r in rows if r["role"] == "full"), None)
+    limit = next((r for r in rows if r["role"] == "limit"), None)
+    if limit is not None:
+        bound = physical_limit(limit["sim"])
+        limit["limit"] = bound
+        report["physical_limit"] = bound
+    for r in rows:
+        for key in ("ttft_s", "tpot_s"):
+            name = key.split("_")[0]
+            full_v = full["sim"].get(key) if full else None
+            if r.get("engine") and zero and zero.get("engine"):
+                r[f"{name}_gap_closed"] = gap_closed(r["engine"]["summary"][key], zero["engine"]["summary"][key],
+                                                     full_v)
+            elif zero:
+                r[f"{name}_gap_closed"] = gap_closed(r["sim"].get(key), zero["sim"].get(key), full_v)
+
+
+def _header(args, info, slots: int, bandwidth, hardware: str, lookahead: int, predictor,
+            expert_bytes: int | None) -> dict[str, Any]:
+    real = info.expert_bytes
+    link_bytes = expert_bytes if expert_bytes is not None else real
     return {
         "model": info.model_id, "capacity": args.capacity, "capacity_slots": slots,
         "capacity_fraction": slots / (info.num_layers * info.num_experts),
         "bandwidth_bytes_per_s": bandwidth, "hardware": hardware, "device": str(args.device), "mode": args.mode,
         "system": args.system, "lookahead": lookahead, "max_new_tokens": args.max_new_tokens,
+        "admission": args.admission if args.system is None else "greedy",
+        "expert_bytes": real, "copy_bytes": link_bytes, "emulated": args.expert_bytes if expert_bytes else None,
+        "copy_ms": None if bandwidth is None or link_bytes is None else 1e3 * link_bytes / bandwidth,
         "predictor": getattr(predictor, "source", None) or (predictor.describe() if predictor else None),
         "rows": [],
     }
@@ -322,11 +458,12 @@ def _header(args, info, slots: int, bandwidth, hardware: str, lookahead: int, pr
 
 def _entry(row: RowSpec) -> dict[str, Any]:
     return {"label": row.label, "policy": row.policy, "prefetch": row.prefetch, "miss": row.miss,
-            "routing": row.routing}
+            "routing": row.routing, "admission": row.admission, "role": row.role}
 
 
 def _record(args, loaded, prompts, workdir: Path):
-    """The plain model's routing on the prompts, recorded by an engine that holds every expert."""
+    """The plain model's routing on the prompts and the time of every pass, recorded by an engine
+    that holds every expert (no copy): what the reference rows replay and the calibration fits."""
     from offload.engine.engine import EngineConfig, OffloadEngine, clone_loaded
     from offload.engine.run import run_prompts
 
@@ -334,13 +471,15 @@ def _record(args, loaded, prompts, workdir: Path):
     config = EngineConfig(capacity_slots=a.num_layers * a.num_experts, policy="lru", bandwidth=None,
                           device=str(args.device))
     with OffloadEngine(clone_loaded(loaded), config) as eng:
+        run_prompts(loaded, prompts[:1], args.max_new_tokens, engine=eng)  # warm: load every expert once
         recorder = eng.record(hidden=True)
-        run_prompts(loaded, prompts, args.max_new_tokens, engine=eng, progress="recording routing")
-    return recorder.write(workdir / "plain", loaded.info, router_weights={
+        _, generations = run_prompts(loaded, prompts, args.max_new_tokens, engine=eng, progress="recording routing")
+    store = recorder.write(workdir / "plain", loaded.info, router_weights={
         i: a.router_weight(i).detach().float().cpu().numpy() for i in range(a.num_layers)})
+    return store, [t for g in generations for t in g.pass_s]
 
 
-def _replay_store(args, rows: list[RowSpec], hardware: str, bandwidth) -> dict[str, Any]:
+def _replay_store(args, rows: list[RowSpec], hardware: str, bandwidth, expert_bytes) -> dict[str, Any]:
     """--mode sim --store PATH: every row simulated on an existing trace store (no model is run)."""
     from data_pipeline.trace_store import open_store
     from offload.capacity import parse_capacity
@@ -359,12 +498,13 @@ def _replay_store(args, rows: list[RowSpec], hardware: str, bandwidth) -> dict[s
             predictors["learned"].source = str(path)
     main_predictor = predictors.get(rows[0].prefetch)
     lookahead = _lookahead(args, main_predictor) if main_predictor else (args.lookahead or 1)
-    report = _header(args, store.model, slots, bandwidth, hardware, lookahead, main_predictor)
+    report = _header(args, store.model, slots, bandwidth, hardware, lookahead, main_predictor, expert_bytes)
     report.update(dataset=str(store.path), prompts=store.num_sequences)
     for row in rows:
         entry = _entry(row)
-        entry["sim"] = _simulate(args, row, store, predictors.get(row.prefetch), lookahead, hardware)
+        entry["sim"] = _simulate(args, row, store, predictors.get(row.prefetch), lookahead, hardware, expert_bytes)
         report["rows"].append(entry)
+    _gaps(report)
     return report
 
 

@@ -11,7 +11,7 @@ Figure 2 of SpecMD, in this code:
   ``l+1 .. l+D``; :func:`offload.prefetch.rank_candidates` turns its scores into ranked candidates
   (the simulator's own rule); the step admits them (greedy, or by expected value).
 - **watchdog**: :class:`offload.engine.copier.ThrottledCopier` moves the bytes over the emulated
-  link, demand copies before queued prefetches, through :class:`offload.engine.copier.CopierLink`.
+  link -- the simulator's own link rules on the wall clock: demand copies before queued prefetches.
   ``expert_bytes`` makes each copy hold the link as long as the target model's expert would
   (OLMoE-1B-7B's 12.6 MB by default in ``evaluate.py``), while the real, small weights are copied:
   outputs do not change.
@@ -35,12 +35,13 @@ import torch
 from data_pipeline.adapters import get_adapter
 from data_pipeline.errors import UserError
 from offload.cache import ExpertCache
-from offload.engine.copier import CopierLink, CopyJob, ThrottledCopier
+from offload.engine.copier import CopierLink, ThrottledCopier
 from offload.engine.device_pool import DevicePool
 from offload.engine.expert_store import HostExpertStore
 from offload.engine.generate import Generation, greedy_generate
 from offload.engine.moe_layer import expert_rows, replace_forward, restore_forward
 from offload.engine.trace import TraceRecorder
+from offload.link import SimCopy
 from offload.miss_handling import MissHandling
 from offload.policies import make_policy
 from offload.prefetch import PercentileSelection, Selection, TopKSelection, forecast_depth, rank_candidates
@@ -190,6 +191,7 @@ class OffloadEngine:
         if len(self._chosen) == self.num_layers:
             self._previous = torch.stack([ids[-1:] for ids in self._chosen], dim=1)  # last token
         self._chosen = []
+        self.backend.begin_pass()
         self.step.begin_pass(phase)
         if self.recorder is not None:
             self.recorder.begin_pass(phase)
@@ -311,37 +313,47 @@ class EngineBackend:
         self.link = link
         self._x: torch.Tensor | None = None
         self._layer_t0 = 0.0
-        self._phase_layer_s = {True: 0.0, False: 0.0}  # EMA of a layer's compute, prefill / decode
+        self._last_end: float | None = None  # when the previous MoE layer of this pass finished
+        # EMAs of a layer's (non-expert, expert) compute, by phase (True: prefill), for admission
+        self._estimate = {True: [0.0, 0.0], False: [0.0, 0.0]}
         self._parts: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def begin_pass(self) -> None:
+        self._last_end = None
+
+    def _learn(self, prefill: bool, part: int, seconds: float) -> None:
+        est = self._estimate[prefill]
+        est[part] = seconds if est[part] == 0.0 else 0.8 * est[part] + 0.2 * seconds
 
     def now(self) -> float:
         return time.perf_counter()
 
     def begin_layer(self, layer: int, tokens: int) -> None:
+        """The attention and norms of this layer ran since the previous MoE layer ended: measure them."""
         self._tokens = tokens
+        c = self.engine.step.counters
+        self._waited0 = c.stall_s + c.predictor_s
         self._layer_t0 = time.perf_counter()
+        if self._last_end is not None:
+            self._learn(tokens > 1, 0, self._layer_t0 - self._last_end)
 
     def charge_forecast(self, started: float) -> float:
         return time.perf_counter() - started  # it already ran on this device
 
     def layer_estimate(self, layer: int, tokens: int, experts: int) -> tuple[float, float]:
-        """Measured: the EMA of this phase's layer time (no stalls), split evenly."""
-        ema = self._phase_layer_s[tokens > 1]
-        return 0.5 * ema, 0.5 * ema
+        """Measured: this phase's recent (non-expert, expert) compute per layer, waits excluded."""
+        non_expert, expert = self._estimate[tokens > 1]
+        return non_expert, expert
 
     def copy_bytes(self, layer: int) -> float:
         return float(self.link.link_bytes)
 
-    def arrived(self, copy: CopyJob) -> bool:
-        return copy.is_ready()
+    def arrived(self, copy: SimCopy) -> bool:
+        return self.link.copier.ready(copy)
 
-    def wait(self, copy: CopyJob) -> float:
-        if copy.is_ready():
-            copy.wait()  # returns at once; on CUDA it also retires the copy's event
-            return 0.0
+    def wait(self, copy: SimCopy) -> float:
         t0 = time.perf_counter()
-        self.engine.copier.promote(copy)
-        copy.wait()
+        self.link.copier.wait(copy)
         return time.perf_counter() - t0
 
     # ---------------------------------------------------------------- expert compute
@@ -364,10 +376,10 @@ class EngineBackend:
         out = torch.zeros_like(self._x)
         for _, token, y in sorted(self._parts, key=lambda part: part[0]):
             out.index_add_(0, token, y.to(out.dtype))
-        elapsed = time.perf_counter() - self._layer_t0
-        key = self._tokens > 1
-        prev = self._phase_layer_s[key]
-        self._phase_layer_s[key] = elapsed if prev == 0.0 else 0.8 * prev + 0.2 * elapsed
+        c = self.engine.step.counters
+        # compute only: the layer's waits for copies and its forecast are not what the next layer costs
+        self._last_end = time.perf_counter()
+        self._learn(self._tokens > 1, 1, self._last_end - self._layer_t0 - (c.stall_s + c.predictor_s - self._waited0))
         self._parts = []
         self._x = None
         return out

@@ -7,31 +7,45 @@ import os
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("precision", "recall", "hit_rate", "collision_rate", "stall_ms", "ttft_ms", "tpot_ms", "agreement",
-           "sim_ttft_ms")
+COLUMNS = ("precision", "recall", "hit_rate", "collision_rate", "mb_per_token", "stall_ms", "ttft_ms", "sim_ttft_ms",
+           "ttft_gap", "tpot_ms", "sim_tpot_ms", "tpot_gap", "agreement")
 
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else 1000.0 * seconds
 
 
-def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One flat dict per table line: the plain model, then every configuration.
+def _engine_tokens(entry: dict[str, Any]) -> int:
+    """Tokens the engine's passes processed: each prompt, then one per decode step."""
+    return sum(p["prompt_tokens"] + max(p["new_tokens"] - 1, 0) for p in entry["prompts"])
 
-    Engine rows show what the engine measured and, in ``sim_ttft_ms``, what the simulator predicts
-    for the same recorded run on the named hardware profile. Simulator-only rows (the oracle bound,
-    everything in ``--mode sim``) show the simulator's numbers.
+
+def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat dict per table line: the plain model, then every configuration, then the physical limit.
+
+    Engine rows show what the engine measured and, in ``sim_*``, what the simulator predicts for the
+    same recorded run. Simulator-only rows (the references, everything in ``--mode sim``) show the
+    simulator's numbers. ``*_gap``: share of the gap closed between LRU without prefetch (0 %) and
+    Belady + oracle prefetch (100 %).
     """
     out: list[dict[str, Any]] = []
     plain = report.get("plain")
     if plain is not None:
         out.append({"label": "plain model (all experts resident)", "source": "engine", "hit_rate": 1.0,
-                    "collision_rate": 0.0, "stall_ms": 0.0, "ttft_ms": _ms(plain["ttft_s"]),
+                    "collision_rate": 0.0, "stall_ms": 0.0, "mb_per_token": 0.0, "ttft_ms": _ms(plain["ttft_s"]),
                     "tpot_ms": _ms(plain["tpot_s"]), "agreement": 1.0})
     for row in report["rows"]:
         sim = row.get("sim") or {}
         eng = (row.get("engine") or {}).get("summary")
-        line: dict[str, Any] = {"label": row["label"], "sim_ttft_ms": _ms(sim.get("ttft_s"))}
+        if row.get("role") == "limit":
+            bound = row.get("limit") or {}
+            out.append({"label": "physical limit (Belady's bytes / bandwidth, or compute)", "source": "sim",
+                        "ttft_ms": _ms(bound.get("ttft_s")), "tpot_ms": _ms(bound.get("tpot_s")),
+                        "mb_per_token": sim.get("bytes_per_token", 0.0) / 1e6})
+            continue
+        line: dict[str, Any] = {"label": row["label"], "sim_ttft_ms": _ms(sim.get("ttft_s")),
+                                "sim_tpot_ms": _ms(sim.get("tpot_s")), "ttft_gap": row.get("ttft_gap_closed"),
+                                "tpot_gap": row.get("tpot_gap_closed")}
         if eng is not None:
             predicted = eng.get("forecast_predicted", 0)
             line.update(
@@ -39,6 +53,7 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                 precision=eng["precision"] if predicted else None,
                 recall=eng["recall"] if predicted else None,
                 hit_rate=eng["hit_rate"], collision_rate=eng["collision_rate"],
+                mb_per_token=eng["bytes_moved"] / max(_engine_tokens(row["engine"]), 1) / 1e6,
                 stall_ms=_ms(eng["stall_s_per_prompt"]), ttft_ms=_ms(eng["ttft_s"]), tpot_ms=_ms(eng["tpot_s"]),
                 agreement=eng.get("token_agreement"), exact_match=eng.get("exact_match"),
             )
@@ -47,6 +62,7 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             line.update(
                 source="sim", precision=sim.get("precision"), recall=sim.get("recall"),
                 hit_rate=sim.get("hit_rate"), collision_rate=sim.get("collision_rate"),
+                mb_per_token=sim.get("bytes_per_token", 0.0) / 1e6,
                 stall_ms=_ms(sim["stall_time_s"] / prompts) if sim.get("stall_time_s") is not None else None,
                 ttft_ms=_ms(sim.get("ttft_s")), tpot_ms=_ms(sim.get("tpot_s")),
             )
@@ -57,9 +73,33 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 def _fmt(key: str, value: Any) -> str:
     if value is None:
         return "-"
+    if key in ("ttft_gap", "tpot_gap"):
+        return f"{100 * value:.0f}%"
     if key in ("precision", "recall", "hit_rate", "collision_rate", "agreement", "exact_match"):
         return f"{100 * value:.1f}%"
     return f"{value:.2f}"
+
+
+def describe_setup(report: dict[str, Any]) -> list[str]:
+    """The lines above the table: what was run, on which prompts, and how copies were made to cost."""
+    bw = report.get("bandwidth_bytes_per_s")
+    lines = [f"{report['model']}: {report.get('prompts')} prompts of {report.get('dataset')}, cache "
+             f"{report['capacity']} ({report['capacity_slots']} slots), link "
+             f"{'unthrottled' if bw is None else f'{bw / 1e9:g} GB/s'}, device {report['device']}, prefetch admission "
+             f"{report.get('admission')}"]
+    if report.get("emulated"):
+        lines.append(f"copy-bound: each copy holds the link as long as a {report['emulated']} expert would "
+                     f"({report['copy_bytes'] / 1e6:.1f} MB = {report['copy_ms']:.2f} ms at this link); the weights "
+                     f"copied are the model's own ({report['expert_bytes'] / 1e3:.0f} kB), outputs are unchanged")
+    if report.get("prompt_note"):
+        lines.append(f"prompts: {report['prompt_note']}")
+    fit = report.get("calibration")
+    if fit:
+        lines.append(f"simulator: this machine's compute fitted to the plain engine run (R^2 {fit['r2']:.3f}; prefill "
+                     f"{100 * fit['prefill_error']:+.1f}%, decode {100 * fit['decode_error']:+.1f}%)")
+    else:
+        lines.append(f"simulator: profile {report['hardware']}")
+    return lines
 
 
 def print_table(report: dict[str, Any], console: Any = None) -> None:
@@ -70,24 +110,23 @@ def print_table(report: dict[str, Any], console: Any = None) -> None:
         import shutil
 
         # a pipe or CI log is 80 columns by default, which wraps every cell: use a readable width
-        console = Console(width=max(shutil.get_terminal_size((170, 40)).columns, 170))
-    bw = report.get("bandwidth_bytes_per_s")
-    title = (f"{report['model']}: {report.get('prompts')} prompts of {report.get('dataset')}, "
-             f"cache {report['capacity']} ({report['capacity_slots']} slots), "
-             f"link {'unthrottled' if bw is None else f'{bw / 1e9:g} GB/s'}, device {report['device']}")
-    hw = report["hardware"].split(":")[0]
-    table = Table(title=title, caption=(
-        "precision/recall: forecast experts vs experts used at the target layer; collision: a miss on an "
-        f"expert evicted earlier in the same pass; stall: time waiting for copies; sim TTFT: the simulator "
-        f"replaying the same run on the '{hw}' profile"))
+        console = Console(width=max(shutil.get_terminal_size((200, 40)).columns, 200))
+    setup = describe_setup(report)
+    table = Table(title=setup[0], caption=(
+        "precision/recall: forecast experts vs experts used at the target layer; collision: a miss on an expert "
+        "evicted earlier in the same pass; MB/tok: bytes over the link per token processed; stall: time waiting "
+        "for copies; gap: share of the gap closed between LRU without prefetch (0%) and Belady + oracle prefetch "
+        "(100%), measured for engine rows; sim: the simulator replaying the same recorded run"))
     heads = {"label": "configuration", "source": "measured by", "precision": "precision", "recall": "recall",
-             "hit_rate": "hit rate", "collision_rate": "collisions", "stall_ms": "stall ms/prompt",
-             "ttft_ms": "TTFT ms", "tpot_ms": "TPOT ms", "agreement": "token agreement",
-             "sim_ttft_ms": f"sim TTFT ms ({hw})"}
+             "hit_rate": "hit rate", "collision_rate": "collisions", "mb_per_token": "MB/tok",
+             "stall_ms": "stall ms/prompt", "ttft_ms": "TTFT ms", "sim_ttft_ms": "sim TTFT", "ttft_gap": "TTFT gap",
+             "tpot_ms": "TPOT ms", "sim_tpot_ms": "sim TPOT", "tpot_gap": "TPOT gap", "agreement": "token agreement"}
     for key, head in heads.items():
         table.add_column(head, justify="left" if key in ("label", "source") else "right")
     for line in table_rows(report):
         table.add_row(*[str(line.get(k, "")) if k in ("label", "source") else _fmt(k, line.get(k)) for k in heads])
+    for extra in setup[1:]:
+        console.print(extra)
     console.print(table)
 
 
@@ -128,8 +167,7 @@ def write_plots(report: dict[str, Any], folder: str | os.PathLike[str]) -> list[
 
     fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(lines)), 4))
     ax.bar([i - 0.2 for i in x], [r.get("ttft_ms") or 0 for r in lines], 0.4, label="TTFT (engine or sim)")
-    ax.bar([i + 0.2 for i in x], [r.get("sim_ttft_ms") or 0 for r in lines], 0.4,
-           label=f"simulated TTFT ({report['hardware'].split(':')[0]})")
+    ax.bar([i + 0.2 for i in x], [r.get("sim_ttft_ms") or 0 for r in lines], 0.4, label="simulated TTFT")
     ax.set_xticks(list(x), labels, rotation=15, ha="right", fontsize=8)
     ax.set_ylabel("ms")
     ax.legend()
