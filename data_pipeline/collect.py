@@ -33,10 +33,9 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from data_pipeline.errors import UserError, run_cli
 from data_pipeline.store_lock import StoreLock
@@ -47,6 +46,9 @@ from data_pipeline.trace_store import (
     TraceStoreWriter,
     check_out_folder,
 )
+
+if TYPE_CHECKING:  # torch is imported where a model runs: a refused CLI call answers without loading it
+    import torch
 
 DEFAULT_MAX_TOKENS = 40_000
 DEFAULT_SEQ_LEN = 128
@@ -186,6 +188,7 @@ def collect_traces(
     if max_pos is not None and seq_len > max_pos:
         raise UserError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
     dataset_spec = dict(dataset_spec or {})
+    import torch
 
     if (out / MANIFEST_NAME).exists():  # resuming: the same text source, or refuse before touching anything
         old = TraceStore(out).manifest
@@ -232,6 +235,8 @@ def check_numbers(*, seq_len: int, batch_size: int, shard_sequences: int, max_to
 def _collect_into(writer: TraceStoreWriter, loaded, texts: Iterable[str], out: Path, layers: list[int], *,
                   max_tokens: int | None, seq_len: int, batch_size: int, router_logits: bool, prefill_tokens: int,
                   shard_sequences: int, progress: bool) -> TraceStore:
+    import torch
+
     adapter, tokenizer, model = loaded.adapter, loaded.tokenizer, loaded.model
     L = adapter.num_layers
     if not (out / ROUTER_WEIGHTS_NAME).exists() or "router_weights_sha256" not in writer.manifest:
@@ -329,6 +334,8 @@ def _collect_into(writer: TraceStoreWriter, loaded, texts: Iterable[str], out: P
 
 def _gather(rec: RouterRecorder, mask: torch.Tensor, L: int, layers: Sequence[int], keep_logits: bool):
     """Stack the hooked per-layer tensors and keep only the non-pad rows, as numpy."""
+    import torch
+
     missing = [i for i in range(L) if i not in rec.routes]
     if missing:
         raise RuntimeError(f"router hooks did not fire for MoE layers {missing}")

@@ -46,7 +46,7 @@ def describe_os_error(e: OSError) -> str:
         return (f"no space left on the device{target}; partial files were removed and everything finished is "
                 f"kept: free some space and rerun")
     if code == errno.EROFS:
-        return f"read-only file system{target}: write somewhere else (--out / --checkpoints)"
+        return f"read-only file system{target}: write somewhere else"
     if code in (errno.EACCES, errno.EPERM):
         return f"permission denied{target}: check the folder's permissions or write somewhere else"
     return f"{reason}{target}"

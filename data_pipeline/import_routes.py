@@ -32,6 +32,7 @@ import gzip
 import io
 import json
 import re
+import shutil
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -221,6 +222,14 @@ def _read_jsonl(path: Path, text: str) -> _Table:
 
 
 # ---------------------------------------------------------------------------------- rows -> tokens
+def _first_per_token(token_index: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """(n,) the value of each token's first row (rows are in file order): what later rows must agree with."""
+    tokens, first = np.unique(token_index, return_index=True)
+    out = np.empty(n, dtype=np.asarray(values).dtype)
+    out[tokens] = np.asarray(values)[first]
+    return out
+
+
 def _first_line(t: _Table, rows: np.ndarray) -> int:
     """The row (index) among ``rows`` that comes first in the file."""
     return int(rows[np.argmin(t.lines[rows])])
@@ -249,8 +258,7 @@ def _to_tokens(
     token_index = token_index.reshape(-1)
     n, L, K = len(uniq), num_layers, top_k
     # one phase per token
-    tok_phase = np.zeros(n, dtype=np.int8)
-    tok_phase[token_index] = phase
+    tok_phase = _first_per_token(token_index, phase, n).astype(np.int8)
     clash = tok_phase[token_index] != phase
     if clash.any():
         row = _first_line(t, np.flatnonzero(clash))
@@ -330,8 +338,7 @@ def _token_column(t: _Table, token_index: np.ndarray, n: int, vocab: list[str]) 
                     index[w] = len(vocab)
                     vocab.append(w)
             per_row[present] = [index[w] for w in values[present]]
-    out = np.full(n, -2, dtype=np.int64)
-    out[token_index] = per_row
+    out = _first_per_token(token_index, per_row, n)
     clash = out[token_index] != per_row
     if clash.any():
         row = _first_line(t, np.flatnonzero(clash))
@@ -453,33 +460,51 @@ def import_routes(
         raise UserError(f"--num-experts {num_experts} is outside 1..{MAX_EXPERTS} (expert ids are stored as int16)")
     size = parse_size(str(expert_bytes)) if expert_bytes is not None else None
     check_out_folder(out)
+    new_store = not (out / "manifest.json").exists()
     with StoreLock(out) as lock:
-        fmt = detect_format(path) if fmt == "auto" else fmt
-        vocab: list[str] = []
-        old = TraceStore(out) if (out / "manifest.json").exists() else None
-        if old is not None and old.has_vocab:
-            vocab = old.vocab()
-        known_words = len(vocab)
-        if fmt == "route_trace":
-            info, tokens = parse_route_trace(path, num_experts)
-            if model_id:
-                info.model_id = model_id
-        else:
-            info, tokens = parse_generic(path, model_id or path.stem, num_experts, vocab)
-        if size is not None:  # one size for every layer: the user's word over the file's
-            info.expert_bytes, info.layer_expert_bytes = size, None
-        skipped = bool((tokens["topk_ids"] < 0).any())
-        with TraceStoreWriter(out, info, dataset={"source": str(path), "format": fmt},
-                              collection={"imported_from": str(path)}, lock=lock,
-                              skipped_reason=PRUNED_REASON if skipped else None) as writer:
-            if writer.done_sequences:
-                todo = ~np.isin(tokens["seq_id"], list(writer.done_sequences))
-                tokens = {k: v[todo] for k, v in tokens.items()}
-            if len(vocab) > known_words or (vocab and not writer.manifest.get("vocab")):
-                writer.save_vocab(vocab)
-            if len(tokens["seq_id"]):
-                writer.write_shard(**tokens)
-            return writer.finalize()
+        try:
+            return _import_locked(path, out, lock, fmt, model_id, num_experts, size)
+        except BaseException:
+            if new_store and _holds_no_shards(out):
+                shutil.rmtree(out, ignore_errors=True)  # the store this run began holds nothing: leave none
+            raise
+
+
+def _holds_no_shards(out: Path) -> bool:
+    try:
+        return not json.loads((out / "manifest.json").read_text())["shards"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _import_locked(path: Path, out: Path, lock: StoreLock, fmt: str, model_id: str | None,
+                   num_experts: int | None, size: int | None) -> TraceStore:
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    vocab: list[str] = []
+    old = TraceStore(out) if (out / "manifest.json").exists() else None
+    if old is not None and old.has_vocab:
+        vocab = old.vocab()
+    known_words = len(vocab)
+    if fmt == "route_trace":
+        info, tokens = parse_route_trace(path, num_experts)
+        if model_id:
+            info.model_id = model_id
+    else:
+        info, tokens = parse_generic(path, model_id or path.stem, num_experts, vocab)
+    if size is not None:  # one size for every layer: the user's word over the file's
+        info.expert_bytes, info.layer_expert_bytes = size, None
+    skipped = bool((tokens["topk_ids"] < 0).any())
+    with TraceStoreWriter(out, info, dataset={"source": str(path), "format": fmt},
+                          collection={"imported_from": str(path)}, lock=lock,
+                          skipped_reason=PRUNED_REASON if skipped else None) as writer:
+        if writer.done_sequences:
+            todo = ~np.isin(tokens["seq_id"], list(writer.done_sequences))
+            tokens = {k: v[todo] for k, v in tokens.items()}
+        if len(vocab) > known_words or (vocab and not writer.manifest.get("vocab")):
+            writer.save_vocab(vocab)
+        if len(tokens["seq_id"]):
+            writer.write_shard(**tokens)
+        return writer.finalize()
 
 
 def main(argv: list[str] | None = None) -> None:

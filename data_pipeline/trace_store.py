@@ -541,7 +541,9 @@ class TraceStore:
             if len(sid) == 0:
                 self._bounds = np.zeros((0, 3), dtype=np.int64)
             else:
-                starts = np.flatnonzero(np.concatenate([[True], sid[1:] != sid[:-1]]))
+                new = np.concatenate([[True], sid[1:] != sid[:-1]])
+                new[self._offsets[:-1][self._offsets[:-1] < len(sid)]] = True  # a sequence never spans shards
+                starts = np.flatnonzero(new)
                 stops = np.concatenate([starts[1:], [len(sid)]])
                 bounds = np.stack([sid[starts], starts, stops], axis=1).astype(np.int64)
                 uniq, counts = np.unique(bounds[:, 0], return_counts=True)
@@ -967,6 +969,8 @@ def check_out_folder(path: str | os.PathLike[str]) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise TraceStoreError(f"{path} exists and is not a folder")
+    if (path / LOCK_NAME).exists():
+        return  # a store a writer began (maybe right now): the lock decides, and the writer checks again under it
     if path.is_dir() and not (path / MANIFEST_NAME).exists() \
             and any(p.name not in (SHARD_DIR, LOCK_NAME) for p in path.iterdir()):
         raise TraceStoreError(f"{path} is not empty and is not a trace store; choose another --out")
