@@ -168,7 +168,11 @@ def _read_csv(path: Path, text: str) -> _Table:
     if len(numbered) < 2:
         raise UserError(f"{path} has no rows")
     lines = np.array([i for i, _ in numbered], dtype=np.int64)
-    header = numbered[0][1].rstrip("\r").split(",")
+    header = [c.strip() for c in numbered[0][1].rstrip("\r").split(",")]
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated or not all(header):
+        raise UserError(f"{path} line {lines[0]} is not a header of distinct column names "
+                        f"({'repeats ' + repr(repeated[0]) if repeated else 'an empty name'}): is the header missing?")
     invalid: list[tuple[int, str]] = []
 
     def on_invalid(row) -> str:
@@ -179,9 +183,10 @@ def _read_csv(path: Path, text: str) -> _Table:
     try:
         table = pacsv.read_csv(
             io.BytesIO(body),
-            read_options=pacsv.ReadOptions(use_threads=False),  # physical line numbers of bad rows
+            # one thread: bad rows come with their physical line numbers; our (stripped) names, all as text
+            read_options=pacsv.ReadOptions(use_threads=False, column_names=header, skip_rows=1),
             parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
-            convert_options=pacsv.ConvertOptions(column_types={c.strip(): pa.string() for c in header},
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
                                                  strings_can_be_null=False, quoted_strings_can_be_null=False),
         )
     except pa.ArrowInvalid as e:

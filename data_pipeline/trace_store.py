@@ -290,7 +290,9 @@ class _Shard:
         try:
             self._source = pa.memory_map(str(path), "r")
             self.table = pa.ipc.open_file(self._source).read_all()
-        except (pa.ArrowInvalid, pa.ArrowIOError, OSError, ValueError) as e:
+            self.table.validate()  # buffer sizes against lengths: a damaged file never reads out of bounds
+            self.types = {f.name: f.type for f in self.table.schema}  # names decoded here, inside the try
+        except (pa.ArrowException, OSError, ValueError) as e:
             raise TraceStoreError(f"shard {path} is corrupt or truncated ({str(e).splitlines()[0]})") from None
         if expected_rows is not None and self.table.num_rows != expected_rows:
             raise TraceStoreError(
@@ -322,7 +324,7 @@ class _Shard:
                     arr = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
                 else:
                     arr = col.to_numpy(zero_copy_only=False)
-            except (pa.ArrowInvalid, ValueError) as e:
+            except (pa.ArrowException, ValueError) as e:
                 raise TraceStoreError(f"shard {self.path} column '{name}' is unreadable ({str(e).splitlines()[0]})") \
                     from None
             if self.limits is not None:
@@ -461,11 +463,10 @@ class TraceStore:
         for layer in self.hidden_layers:
             want[f"hidden_{layer}"] = hidden_size
         for shard in self._shards:
-            schema = shard.table.schema
             for name, width in want.items():
-                if name not in schema.names:
+                if name not in shard.types:
                     raise TraceStoreError(f"shard {shard.path} lacks column '{name}'")
-                t = schema.field(name).type
+                t = shard.types[name]
                 if width is not None and (not pa.types.is_fixed_size_list(t) or t.list_size != width):
                     raise TraceStoreError(
                         f"shard {shard.path} column '{name}' has type {t}, expected {width} values per token"
