@@ -26,6 +26,7 @@ from predictors.training import (
     MLPConfig,
     SklearnConfig,
     TrajectoryConfig,
+    check_arguments,
     is_rank_zero,
 )
 from predictors.wandb_setup import WandbConfig
@@ -104,11 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     cfg = parser.parse_args(argv)
     plain = parser.dump(cfg, format="yaml")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise UserError(f"--threads must be >= 1 (or null for torch's default), got {cfg.threads}")
+    # every argument is checked before anything is collected, trained or written
+    data, collect = DataConfig(**vars(cfg.data)), CollectConfig(**vars(cfg.collect))
+    mlp, trajectory = MLPConfig(**vars(cfg.mlp)), TrajectoryConfig(**vars(cfg.trajectory))
+    sk = SklearnConfig(**vars(cfg.sklearn))
+    sk.pairs = [tuple(p) for p in sk.pairs]
+    trainer_kwargs = {k: v for k, v in cfg.trainer.as_dict().items()}
+    check_arguments(list(cfg.families), cfg.lookahead, cfg.overfetch, cfg.patience, trainer_kwargs)
     if cfg.threads:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    data, collect = DataConfig(**vars(cfg.data)), CollectConfig(**vars(cfg.collect))
     ensure_store(data, collect)
 
     from predictors.report import comparison, pair_comparison, print_comparison, print_pairs
@@ -121,15 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.checkpoints) / run
     wandb_cfg = WandbConfig(**vars(cfg.wandb))
     logger = make_logger(wandb_cfg, run, {"config_yaml": plain, **_flat(cfg.as_dict())})
-    trainer_kwargs = {k: v for k, v in cfg.trainer.as_dict().items()}
-    sk = SklearnConfig(**vars(cfg.sklearn))
-    sk.pairs = [tuple(p) for p in sk.pairs]
     try:
         result = run_training(
             families=list(cfg.families), data=data, lookahead=cfg.lookahead, overfetch=cfg.overfetch,
             run_dir=run_dir, trainer_kwargs=trainer_kwargs,
             logger_factory=lambda family: family_logger(logger, family),
-            mlp=MLPConfig(**vars(cfg.mlp)), trajectory=TrajectoryConfig(**vars(cfg.trajectory)), sklearn=sk,
+            mlp=mlp, trajectory=trajectory, sklearn=sk,
             patience=cfg.patience, on_split=lambda how: print(f"{data.store}: {how}"),
         )
         if not is_rank_zero():
@@ -142,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             print_pairs(result.results, sk.pairs)
             log_table(logger, "comparison_at_pairs", *pair_comparison(result.results, sk.pairs))
         for r in result.results:
-            if r.samples_per_s:
+            if not r.trained:
+                print(f"{r.family}: no validation epoch finished, so no weights were selected; saved, but never "
+                      f"picked as the run's best")
+            elif r.samples_per_s:
                 print(f"{r.family}: trained in {r.seconds:.1f}s, {r.samples_per_s:,.0f} samples/s")
         best = next(r for r in result.results if r.family == result.best) if result.best else None
         if best is not None and best.path is not None:

@@ -33,13 +33,22 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from data_pipeline.errors import UserError, run_cli
-from data_pipeline.trace_store import MANIFEST_NAME, ROUTER_WEIGHTS_NAME, TraceStore, TraceStoreWriter
+from data_pipeline.store_lock import StoreLock
+from data_pipeline.trace_store import (
+    MANIFEST_NAME,
+    ROUTER_WEIGHTS_NAME,
+    TraceStore,
+    TraceStoreWriter,
+    check_out_folder,
+)
+
+if TYPE_CHECKING:  # torch is imported where a model runs: a refused CLI call answers without loading it
+    import torch
 
 DEFAULT_MAX_TOKENS = 40_000
 DEFAULT_SEQ_LEN = 128
@@ -48,14 +57,17 @@ DEFAULT_PREFILL_TOKENS = 32
 DEFAULT_SHARD_SEQUENCES = 256
 
 
-def parse_hidden_layers(value: str | Sequence[int] | None, num_layers: int) -> list[int]:
-    """``all`` | ``none`` | ``0,4,8`` (or a list) -> sorted MoE-layer indices, checked against the model."""
+def parse_hidden_layers(value: str | Sequence[int] | None, num_layers: int | None) -> list[int]:
+    """``all`` | ``none`` | ``0,4,8`` (or a list) -> sorted MoE-layer indices, checked against the model.
+
+    ``num_layers=None`` checks the syntax only (before the model is loaded); ``all`` then gives [].
+    """
     if value is None:
         return []
     if isinstance(value, str):
         v = value.strip().lower()
         if v == "all":
-            return list(range(num_layers))
+            return list(range(num_layers or 0))
         if v in ("none", ""):
             return []
         try:
@@ -64,6 +76,9 @@ def parse_hidden_layers(value: str | Sequence[int] | None, num_layers: int) -> l
             raise UserError(f"--hidden-layers must be all, none or a comma list like 0,4,8; got {value!r}") from None
     else:
         layers = [int(x) for x in value]
+    if num_layers is None:
+        layers = [x for x in layers if x < 0]  # only the sign can be checked without the model
+        num_layers = 1 << 30
     bad = [x for x in layers if not 0 <= x < num_layers]
     if bad:
         raise UserError(f"--hidden-layers {bad} out of range: the model has MoE layers 0..{num_layers - 1}")
@@ -153,6 +168,7 @@ def collect_traces(
     shard_sequences: int = DEFAULT_SHARD_SEQUENCES,
     progress: bool = True,
     extra_collection: dict[str, Any] | None = None,
+    lock: StoreLock | None = None,
 ) -> TraceStore:
     """Collect router traces of ``loaded`` (a :class:`~data_pipeline.models.LoadedModel`) into ``out``.
 
@@ -160,13 +176,10 @@ def collect_traces(
     ``seq_len`` tokens; collection stops after the sequence that brings the store to ``max_tokens``
     (``None``: all texts). Resumes an existing store of the same model, settings and dataset.
     See the module docstring for what is recorded and how prefill/decode phases are assigned.
+    ``lock``: the store's writer lock when the caller already holds it (the CLI takes it first).
     """
-    if seq_len < 1 or batch_size < 1 or shard_sequences < 1:
-        raise UserError("--seq-len, --batch-size and --shard-sequences must be positive")
-    if max_tokens is not None and max_tokens < 1:
-        raise UserError(f"--max-tokens must be positive, got {max_tokens}")
-    if prefill_tokens < 0:
-        raise UserError(f"--prefill-tokens must be >= 0, got {prefill_tokens}")
+    check_numbers(seq_len=seq_len, batch_size=batch_size, shard_sequences=shard_sequences, max_tokens=max_tokens,
+                  prefill_tokens=prefill_tokens)
     out = Path(out)
     adapter, tokenizer, model = loaded.adapter, loaded.tokenizer, loaded.model
     L = adapter.num_layers
@@ -175,6 +188,7 @@ def collect_traces(
     if max_pos is not None and seq_len > max_pos:
         raise UserError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
     dataset_spec = dict(dataset_spec or {})
+    import torch
 
     if (out / MANIFEST_NAME).exists():  # resuming: the same text source, or refuse before touching anything
         old = TraceStore(out).manifest
@@ -197,9 +211,35 @@ def collect_traces(
     }
     writer = TraceStoreWriter(
         out, loaded.info, hidden_layers=layers, store_router_logits=router_logits, dataset=dataset_spec,
-        collection=collection, tokenizer=getattr(tokenizer, "name_or_path", None) or loaded.name,
+        collection=collection, tokenizer=getattr(tokenizer, "name_or_path", None) or loaded.name, lock=lock,
     )
-    if not (out / ROUTER_WEIGHTS_NAME).exists():
+    with writer:  # the lock goes when this run ends, however it ends
+        return _collect_into(writer, loaded, texts, out, layers, max_tokens=max_tokens, seq_len=seq_len,
+                             batch_size=batch_size, router_logits=router_logits, prefill_tokens=prefill_tokens,
+                             shard_sequences=shard_sequences, progress=progress)
+
+
+def check_numbers(*, seq_len: int, batch_size: int, shard_sequences: int, max_tokens: int | None,
+                  prefill_tokens: int, limit: int | None = None) -> None:
+    """Refuse out-of-range collection arguments (before any model or text is loaded)."""
+    if seq_len < 1 or batch_size < 1 or shard_sequences < 1:
+        raise UserError("--seq-len, --batch-size and --shard-sequences must be positive")
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"--max-tokens must be positive, got {max_tokens}")
+    if prefill_tokens < 0:
+        raise UserError(f"--prefill-tokens must be >= 0, got {prefill_tokens}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be positive, got {limit}")
+
+
+def _collect_into(writer: TraceStoreWriter, loaded, texts: Iterable[str], out: Path, layers: list[int], *,
+                  max_tokens: int | None, seq_len: int, batch_size: int, router_logits: bool, prefill_tokens: int,
+                  shard_sequences: int, progress: bool) -> TraceStore:
+    import torch
+
+    adapter, tokenizer, model = loaded.adapter, loaded.tokenizer, loaded.model
+    L = adapter.num_layers
+    if not (out / ROUTER_WEIGHTS_NAME).exists() or "router_weights_sha256" not in writer.manifest:
         writer.save_router_weights(
             {i: adapter.router_weight(i).detach().float().cpu().numpy() for i in range(L)}
         )
@@ -294,6 +334,8 @@ def collect_traces(
 
 def _gather(rec: RouterRecorder, mask: torch.Tensor, L: int, layers: Sequence[int], keep_logits: bool):
     """Stack the hooked per-layer tensors and keep only the non-pad rows, as numpy."""
+    import torch
+
     missing = [i for i in range(L) if i not in rec.routes]
     if missing:
         raise RuntimeError(f"router hooks did not fire for MoE layers {missing}")
@@ -354,20 +396,29 @@ def main(argv: list[str] | None = None) -> None:
                     help="about this many sequences per shard (a killed run loses at most one shard of work)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    # everything that can be checked without the model, before anything is loaded or written
+    if args.max_tokens < 0:
+        raise UserError(f"--max-tokens must be >= 0 (0: all texts), got {args.max_tokens}")
+    check_numbers(seq_len=args.seq_len, batch_size=args.batch_size, shard_sequences=args.shard_sequences,
+                  max_tokens=args.max_tokens or None, prefill_tokens=args.prefill_tokens, limit=args.limit)
+    hidden = args.hidden_layers or ("all" if args.model == "tiny-olmoe" else "none")
+    parse_hidden_layers(hidden, None)
+    check_out_folder(args.out)
 
     from data_pipeline.models import load_model
     from data_pipeline.text_sources import load_texts
 
-    source = load_texts(args.dataset, split=args.split, text_field=args.text_field, limit=args.limit)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
-    hidden = args.hidden_layers or ("all" if args.model == "tiny-olmoe" else "none")
-    store = collect_traces(
-        loaded, source, args.out,
-        max_tokens=args.max_tokens or None, seq_len=args.seq_len, batch_size=args.batch_size,
-        hidden_layers=hidden, router_logits=not args.no_router_logits, prefill_tokens=args.prefill_tokens,
-        dataset_spec=source.spec, shard_sequences=args.shard_sequences, progress=not args.no_progress,
-        extra_collection={"model_arg": args.model, "seed": args.seed},
-    )
+    # the writer lock first: a second run into the same --out is refused at once, not after loading a model
+    with StoreLock(args.out) as lock:
+        source = load_texts(args.dataset, split=args.split, text_field=args.text_field, limit=args.limit)
+        loaded = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+        store = collect_traces(
+            loaded, source, args.out,
+            max_tokens=args.max_tokens or None, seq_len=args.seq_len, batch_size=args.batch_size,
+            hidden_layers=hidden, router_logits=not args.no_router_logits, prefill_tokens=args.prefill_tokens,
+            dataset_spec=source.spec, shard_sequences=args.shard_sequences, progress=not args.no_progress,
+            extra_collection={"model_arg": args.model, "seed": args.seed}, lock=lock,
+        )
     phases = store.phases
     last = store.manifest.get("runs", [{}])[-1]
     rate = f", {last['tokens_per_s']:,.0f} tok/s" if last.get("tokens_per_s") else ""

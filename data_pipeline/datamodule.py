@@ -85,7 +85,9 @@ class TokenDataset(Dataset):
                 "hidden_layers": self.hidden_layers}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.store = TraceStore(state["path"])
+        # a worker process: the parent checked every shard it reads when it opened them (_open), so the
+        # worker does not hash them all again
+        self.store = TraceStore(state["path"], verify_on_read=False)
         self.rows, self.with_hidden, self.hidden_layers = state["rows"], state["with_hidden"], state["hidden_layers"]
         self._open()
 

@@ -35,7 +35,7 @@ def expert_usage(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
     n, L, _ = topk_ids.shape
     counts = np.zeros((L, num_experts), dtype=np.int64)
     for layer in range(L):
-        counts[layer] = np.bincount(topk_ids[:, layer].reshape(-1).astype(np.int64), minlength=num_experts)[:num_experts]
+        counts[layer] = np.bincount(topk_ids[:, layer][topk_ids[:, layer] >= 0].astype(np.int64), minlength=num_experts)[:num_experts]
     return counts
 
 

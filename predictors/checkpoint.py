@@ -142,7 +142,9 @@ def latest_checkpoint(dir: str | os.PathLike[str] = "checkpoints", family: str |
 
     A run folder holds ``run.json`` (written last, when the run is complete) naming its predictor
     files and its best learned family; ``family`` picks another family of that run. Folders
-    without ``run.json`` (a run in progress or one that failed) are ignored. With ``model_info``,
+    without ``run.json`` (a run in progress or one that failed) are ignored, and so are runs
+    without a best (every learned family untrained) and untrained families (``untrained`` in
+    ``run.json``: no validation epoch selected their weights). With ``model_info``,
     only runs trained for that model count (a newer run on another model's traces is skipped).
     """
     root = Path(dir)
@@ -158,6 +160,8 @@ def latest_checkpoint(dir: str | os.PathLike[str] = "checkpoints", family: str |
             continue
         files: dict[str, str] = run.get("predictors", {})
         name = family or run.get("best")
+        if name in run.get("untrained", []):  # saved for inspection, never served as a trained predictor
+            continue
         if name in files and (run_file.parent / files[name]).is_file():
             return run_file.parent / files[name]
     return None

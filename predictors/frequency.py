@@ -23,10 +23,23 @@ from predictors.base import PredictContext, Predictor, check_lookahead
 
 
 def multi_hot(ids: np.ndarray, num_experts: int) -> np.ndarray:
-    """(N, K) expert ids -> (N, E) float32 0/1 rows."""
-    out = np.zeros((len(ids), num_experts), dtype=np.float32)
-    np.put_along_axis(out, ids.astype(np.int64), 1.0, axis=1)
-    return out
+    """(N, K) expert ids -> (N, E) float32 0/1 rows; a row of -1 (a layer the token did not run, see
+    data_pipeline.trace_store) stays all zero."""
+    ids = np.asarray(ids, dtype=np.int64)
+    out = np.zeros((len(ids), num_experts + 1), dtype=np.float32)
+    np.put_along_axis(out, np.where(ids < 0, num_experts, ids), 1.0, axis=1)
+    return np.ascontiguousarray(out[:, :num_experts])
+
+
+def layer_popularity(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """(N, L, K) routes -> (L, E) float32: per layer, the fraction of the tokens that ran it choosing each
+    expert (rows sum to K; tokens that skipped a layer do not dilute it)."""
+    rows = []
+    for layer in range(topk_ids.shape[1]):
+        ids = np.asarray(topk_ids[:, layer])
+        ran = int((ids[:, 0] >= 0).sum()) if ids.shape[1] else 0
+        rows.append(np.bincount(ids[ids >= 0].astype(np.int64), minlength=num_experts)[:num_experts] / max(ran, 1))
+    return np.stack(rows).astype(np.float32)
 
 
 def _check_routes(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
@@ -54,10 +67,8 @@ class FrequencyPredictor(Predictor):
     def fit(cls, topk_ids: np.ndarray, num_experts: int, lookahead: int) -> FrequencyPredictor:
         """Count (N, L, K) routed expert ids."""
         topk_ids = _check_routes(topk_ids, num_experts)
-        n, num_layers, top_k = topk_ids.shape
-        pop = np.stack([np.bincount(topk_ids[:, layer].reshape(-1).astype(np.int64), minlength=num_experts)
-                        for layer in range(num_layers)]).astype(np.float32) / n
-        return cls(torch.from_numpy(pop), top_k, lookahead)
+        top_k = topk_ids.shape[2]
+        return cls(torch.from_numpy(layer_popularity(topk_ids, num_experts)), top_k, lookahead)
 
     @torch.no_grad()
     def predict(self, ctx: PredictContext) -> torch.Tensor:
@@ -113,7 +124,7 @@ class ConditionalFrequency(Predictor):
         for d in range(1, lookahead + 1):
             for layer in range(num_layers - d):
                 counts[layer, d - 1] = hot[layer].T @ hot[layer + d]
-        pop = np.stack([h.mean(axis=0) for h in hot])
+        pop = layer_popularity(topk_ids, num_experts)  # fraction of the tokens choosing each expert
         return cls(torch.from_numpy(counts), torch.from_numpy(pop), top_k, smoothing)
 
     @torch.no_grad()

@@ -52,9 +52,16 @@ class LookaheadModule(pl.LightningModule):
         total, terms = ids.new_zeros((), dtype=torch.float32), 0
         for layer, logits, distances in self._forecasts(batch, training=metric is None):
             rows = torch.tensor(distances, device=ids.device) - 1
-            target = torch.zeros(ids.shape[0], len(distances), self.predictor.num_experts, device=ids.device)
-            target.scatter_(2, ids[:, [layer + d for d in distances]], 1.0)
-            total = total + F.binary_cross_entropy_with_logits(logits[:, rows], target, reduction="mean")
+            future = ids[:, [layer + d for d in distances]]  # (T, D', K); -1 where the token did not run it
+            ran = future[..., 0] >= 0
+            num_experts = self.predictor.num_experts
+            target = torch.zeros(ids.shape[0], len(distances), num_experts + 1, device=ids.device)
+            target = target.scatter_(2, torch.where(future < 0, num_experts, future), 1.0)[..., :num_experts]
+            if bool(ran.all()):
+                total = total + F.binary_cross_entropy_with_logits(logits[:, rows], target, reduction="mean")
+            else:  # skipped routes have no target: average over the (token, distance) pairs that ran
+                bce = F.binary_cross_entropy_with_logits(logits[:, rows], target, reduction="none").mean(dim=-1)
+                total = total + (bce * ran).sum() / ran.sum().clamp(min=1)
             terms += 1
             if metric is not None:
                 metric.update(torch.sigmoid(logits.detach()), ids, layer, distances)

@@ -46,18 +46,23 @@ class LookaheadMetrics(Metric):
     def update(self, scores: torch.Tensor, future_ids: torch.Tensor, layer: int, distances: list[int]) -> None:
         """Score the forecast made at ``layer``.
 
-        scores: (T, D, E); future_ids: (T, L, K) the true expert ids at every layer;
+        scores: (T, D, E); future_ids: (T, L, K) the true expert ids at every layer (-1 where the
+        token did not run the layer: those tokens are not counted at that target);
         distances: which d (1-based) to count (the ones the family covers at ``layer``).
         """
         for d in distances:
-            truth = torch.zeros(scores.shape[0], self.num_experts, device=scores.device)
-            truth.scatter_(1, future_ids[:, layer + d].long(), 1.0)
+            target = future_ids[:, layer + d].long()
             s = scores[:, d - 1].float()
+            ran = target[:, 0] >= 0  # a token that did not run layer l+d (ids -1) has nothing to forecast
+            if not bool(ran.all()):
+                target, s = target[ran], s[ran]
+            truth = torch.zeros(s.shape[0], self.num_experts, device=scores.device)
+            truth.scatter_(1, target, 1.0)
             hits = top_hits(s, truth, self.top_k)
             self.hits[layer, d - 1] += hits.sum().double()
             self.hits_over[layer, d - 1] += top_hits(s, truth, self.k_over).sum().double()
             self.exact[layer, d - 1] += (hits == self.top_k).sum().double()
-            self.tokens[layer, d - 1] += scores.shape[0]
+            self.tokens[layer, d - 1] += s.shape[0]
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Per (layer, distance) tables; NaN where nothing was counted."""

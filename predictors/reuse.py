@@ -460,6 +460,20 @@ def default_forecaster(num_layers: int, num_experts: int, top_k: int) -> ReuseFo
 
 
 # ---------------------------------------------------------------------------------- CLI
+def check_reuse_arguments(families: list[str], val_fraction: float, test_fraction: float, epochs: int) -> None:
+    """Refuse what cannot work before any store is read or any forecaster fitted (one line each)."""
+    if not families:
+        raise UserError(f"no reuse family given; valid: {', '.join(FAMILIES)}")
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise UserError(f"unknown reuse family {unknown[0]!r}; valid: {', '.join(FAMILIES)}")
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise UserError(f"--val-fraction ({val_fraction}) and --test-fraction ({test_fraction}) must be in (0, 1) "
+                        f"and sum to less than 1")
+    if MLPReuse.family in families and epochs < 1:
+        raise UserError(f"--epochs {epochs} would save an untrained {MLPReuse.family}; train at least one epoch")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Train reuse forecasters (for the forecast eviction policy).")
     ap.add_argument("--trace", required=True, help="trace store folder")
@@ -472,12 +486,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--phase", default="both", help="passes to learn from: prefill, decode or both")
     ap.add_argument("--wandb", action="store_true", help="log training to Weights & Biases")
     args = ap.parse_args(argv)
+    families = [f.strip() for f in args.family.split(",") if f.strip()]
+    check_reuse_arguments(families, args.val_fraction, args.test_fraction, args.epochs)
     from offload.passes import build_passes
 
     store = TraceStore(args.trace)
     passes = build_passes(store, args.phase)
     out = Path(args.out)
-    for family in [f.strip() for f in args.family.split(",") if f.strip()]:
+    for family in families:
         logger: Any = False
         if args.wandb and family == MLPReuse.family:
             from lightning.pytorch.loggers import WandbLogger

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.errors import UserError
+from data_pipeline.errors import UserError, one_line
 from data_pipeline.trace_store import TraceStore
 from predictors.base import Predictor, check_lookahead
 from predictors.checkpoint import RUN_FILE, save_predictor
@@ -44,6 +44,17 @@ NEEDS_HIDDEN = ("gate_lookahead", "mlp_lookahead", "sklearn_logreg")
 NEEDS_ROUTERS = ("gate_lookahead", "mlp_lookahead")
 
 
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _check_optimiser(prefix: str, lr: float, weight_decay: float, dropout: float) -> None:
+    _require(lr > 0 and np.isfinite(lr), f"--{prefix}.lr must be a positive number, got {lr}")
+    _require(weight_decay >= 0 and np.isfinite(weight_decay), f"--{prefix}.weight_decay must be >= 0, got {weight_decay}")
+    _require(0 <= dropout < 1, f"--{prefix}.dropout must be in [0, 1), got {dropout}")
+
+
 @dataclass
 class MLPConfig:
     """mlp_lookahead: width of the shared MLP, optimiser settings."""
@@ -52,6 +63,10 @@ class MLPConfig:
     dropout: float = 0.0
     lr: float = 3e-3
     weight_decay: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _require(self.width >= 1, f"--mlp.width must be >= 1, got {self.width}")
+        _check_optimiser("mlp", self.lr, self.weight_decay, self.dropout)
 
 
 @dataclass
@@ -64,6 +79,11 @@ class TrajectoryConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-3
 
+    def __post_init__(self) -> None:
+        _require(self.dim >= 0, f"--trajectory.dim must be >= 0 (0: counts only), got {self.dim}")
+        _require(self.window >= 1, f"--trajectory.window must be >= 1, got {self.window}")
+        _check_optimiser("trajectory", self.lr, self.weight_decay, self.dropout)
+
 
 @dataclass
 class SklearnConfig:
@@ -73,6 +93,14 @@ class SklearnConfig:
     n_components: int = 32
     C: float = 1.0
     max_train_tokens: int = 5000
+
+    def __post_init__(self) -> None:
+        _require(self.n_components >= 1, f"--sklearn.n_components must be >= 1, got {self.n_components}")
+        _require(self.C > 0 and np.isfinite(self.C), f"--sklearn.C must be a positive number, got {self.C}")
+        _require(self.max_train_tokens >= 1, f"--sklearn.max_train_tokens must be >= 1, got {self.max_train_tokens}")
+        for pair in self.pairs:
+            _require(len(pair) == 2 and int(pair[0]) >= 0 and int(pair[1]) >= 1,
+                     f"--sklearn.pairs holds {list(pair)}; each pair is [layer >= 0, distance >= 1]")
 
 
 @dataclass
@@ -87,6 +115,16 @@ class DataConfig:
     num_workers: int = 0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        from data_pipeline.datamodule import SPLITS
+
+        _require(self.batch_size >= 1, f"--data.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.num_workers >= 0, f"--data.num_workers must be >= 0, got {self.num_workers}")
+        _require(self.split in SPLITS, f"--data.split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        v, t = self.val_fraction, self.test_fraction
+        _require(0 < v < 1 and 0 < t < 1 and v + t < 1,
+                 f"--data.val_fraction ({v}) and --data.test_fraction ({t}) must be in (0, 1) and sum to less than 1")
+
 
 @dataclass
 class FamilyResult:
@@ -96,6 +134,7 @@ class FamilyResult:
     path: Path | None = None
     seconds: float = 0.0
     samples_per_s: float | None = None
+    trained: bool = True  # False: a learned family whose weights no validation epoch ever selected
 
 
 @dataclass
@@ -106,6 +145,59 @@ class RunResult:
     best: str | None
 
 
+def check_arguments(families: list[str], lookahead: int, overfetch: float, patience: int,
+                    trainer_kwargs: dict[str, Any]) -> None:
+    """Refuse out-of-range arguments before any work starts (no store opened, nothing collected or written)."""
+    unknown = [f for f in families if f not in ALL_FAMILIES]
+    if unknown:
+        raise UserError(f"unknown predictor family {unknown[0]!r}; choose from {', '.join(ALL_FAMILIES)}")
+    _require(bool(families), "no predictor families requested")
+    _require(lookahead >= 1, f"lookahead distance D must be at least 1 (got {lookahead})")
+    _require(overfetch >= 1 and np.isfinite(overfetch),
+             f"--overfetch must be >= 1 (a prefetcher loads at least top-k), got {overfetch}")
+    _require(patience >= 0, f"--patience must be >= 0, got {patience}")
+    check_trainer(trainer_kwargs, families)
+
+
+def check_trainer(trainer_kwargs: dict[str, Any], families: list[str]) -> None:
+    """Build the Trainer once, up front, so a misconfiguration (``--trainer.accelerator gpu`` without a
+    GPU, an unknown strategy) is one line before any family is fitted; refuse a run that would save
+    untrained learned predictors."""
+    learned = [f for f in families if f in LEARNED]
+    if not learned:
+        return
+    for key in ("max_epochs", "max_steps"):
+        if trainer_kwargs.get(key) == 0:
+            raise UserError(f"--trainer.{key} 0 would save untrained {', '.join(learned)}; train at least one "
+                            f"epoch, or drop them from --families")
+    if trainer_kwargs.get("limit_val_batches") == 0:
+        raise UserError(f"--trainer.limit_val_batches 0: without validation no weights of {', '.join(learned)} can "
+                        f"be selected (checkpointing and early stopping watch val/recall@k)")
+    import logging
+
+    import lightning.pytorch as pl
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    from predictors.lightning_module import MONITOR
+
+    kwargs = {k: v for k, v in trainer_kwargs.items() if k not in ("logger", "default_root_dir")}
+    # the callbacks train_learned adds, so a clash with them (enable_checkpointing false) shows here too
+    kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), ModelCheckpoint(monitor=MONITOR, mode="max"),
+                           EarlyStopping(monitor=MONITOR, mode="max")]
+    quiet = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        pl.Trainer(**kwargs, logger=False)
+    except (MisconfigurationException, ValueError, TypeError) as e:
+        raise UserError(f"the --trainer options do not work here: {one_line(str(e))}") from None
+    finally:
+        for log, level in zip(quiet, levels, strict=True):
+            log.setLevel(level)
+
+
 def check_request(store: TraceStore, families: list[str], lookahead: int) -> None:
     """Refuse what cannot work on this store, in one line that says what would."""
     unknown = [f for f in families if f not in ALL_FAMILIES]
@@ -114,6 +206,10 @@ def check_request(store: TraceStore, families: list[str], lookahead: int) -> Non
     if not families:
         raise UserError("no predictor families requested")
     check_lookahead(lookahead, store.num_layers)
+    skipped = set((store.manifest.get("skipped_routes") or {}).get("layers", [])) - {store.num_layers - 1}
+    if skipped:  # the predictors read chosen experts of earlier layers; only the last layer is never read
+        raise UserError(f"{store.path} has routes that did not run at layer(s) {sorted(skipped)}; the predictors "
+                        f"handle skipped routes at the last layer only (llama.cpp output-layer pruning)")
     if not store.hidden_layers:
         blocked = [f for f in families if f in NEEDS_HIDDEN]
         if blocked:
@@ -186,8 +282,13 @@ def _throughput_callback():
 
 def train_learned(predictor, datamodule, *, run_dir: Path, trainer_kwargs: dict[str, Any], logger: Any,
                   lr: float, weight_decay: float, overfetch: float, patience: int, meta: dict[str, Any],
-                  seed: int) -> float:
-    """Train with Lightning and load the best validation weights into ``predictor``; training samples/s."""
+                  seed: int) -> tuple[float, bool]:
+    """Train with Lightning and load the best validation weights into ``predictor``.
+
+    Returns (training samples/s, trained): ``trained`` is False when no validation epoch finished
+    (``fast_dev_run``, ``max_time`` reached before the first one...), so no weights were selected and
+    the predictor must not become a run's best.
+    """
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
@@ -205,11 +306,12 @@ def train_learned(predictor, datamodule, *, run_dir: Path, trainer_kwargs: dict[
     kwargs.setdefault("default_root_dir", str(run_dir))
     trainer = pl.Trainer(**kwargs, logger=logger, callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule)
-    if ckpt.best_model_path:
+    trained = bool(ckpt.best_model_path)
+    if trained:
         state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
         module.load_state_dict(state)
     predictor.eval()
-    return speed.rate
+    return speed.rate, trained
 
 
 def run_training(
@@ -267,32 +369,34 @@ def _fit_all(store, dm, families, lookahead, overfetch, run_dir, trainer_kwargs,
     results: list[FamilyResult] = []
     for family in families:
         start = time.perf_counter()
-        rate = None
+        rate, trained = None, True
         if family in TRAINING_FREE:
             predictor = fit_counting(family, store, dm.split.train, lookahead)
         elif family in CLASSICAL:
             predictor = fit_sklearn(store, dm.split.train, lookahead, sklearn, seed)
         else:
             predictor, cfg = build_learned(family, store, dm.split.train, lookahead, mlp, trajectory)
-            rate = train_learned(predictor, dm, run_dir=run_dir, trainer_kwargs=trainer_kwargs,
-                                 logger=logger_factory(family) if logger_factory else False, lr=cfg.lr,
-                                 weight_decay=cfg.weight_decay, overfetch=overfetch, patience=patience, meta=meta,
-                                 seed=seed)
+            rate, trained = train_learned(predictor, dm, run_dir=run_dir, trainer_kwargs=trainer_kwargs,
+                                          logger=logger_factory(family) if logger_factory else False, lr=cfg.lr,
+                                          weight_decay=cfg.weight_decay, overfetch=overfetch, patience=patience,
+                                          meta=meta, seed=seed)
         seconds = time.perf_counter() - start
         metrics = evaluate_predictor(predictor, test_batches, num_experts=store.num_experts,
                                      hidden_layers=hidden_layers, overfetch=overfetch)
-        results.append(FamilyResult(family, predictor, metrics, seconds=seconds, samples_per_s=rate))
+        results.append(FamilyResult(family, predictor, metrics, seconds=seconds, samples_per_s=rate,
+                                    trained=trained))
     if not is_rank_zero():
         return RunResult(run_dir, meta["split"], results, _best_learned(results))
     for r in results:
         extra = {"test": {k: v.tolist() for k, v in r.metrics.per_distance().items()}, "split": meta["split"],
-                 "seed": seed}
+                 "seed": seed, "trained": r.trained}
         r.path = save_predictor(r.predictor, run_dir / r.family, model=store.model,
                                 store_fingerprint=meta["store_fingerprint"], extra=extra)
     best = _best_learned(results)
     run = {"store": meta["store"], "store_fingerprint": meta["store_fingerprint"], "model_key": meta["model_key"],
            "split": meta["split"], "lookahead": lookahead, "best": best,
-           "predictors": {r.family: r.path.name for r in results if r.path is not None}}
+           "predictors": {r.family: r.path.name for r in results if r.path is not None},
+           "untrained": [r.family for r in results if not r.trained]}
     tmp = run_dir / (RUN_FILE + ".tmp")
     tmp.write_text(json.dumps(run, indent=2))
     tmp.replace(run_dir / RUN_FILE)
@@ -300,10 +404,15 @@ def _fit_all(store, dm, families, lookahead, overfetch, run_dir, trainer_kwargs,
 
 
 def _best_learned(results: list[FamilyResult]) -> str | None:
-    """The family with the highest mean test recall@k, learned families first (they are why we train)."""
+    """The family with the highest mean test recall@k, learned families first (they are why we train).
+
+    Never an untrained learned family, nor one whose score is not a number (a failed fit): with
+    none left, no best (``latest_checkpoint`` then skips the run).
+    """
     def score(r: FamilyResult) -> float:
         return float(torch.nanmean(r.metrics.per_distance()["recall@k"]))
 
-    learned = [r for r in results if r.family in LEARNED]
-    pool = learned or results
+    usable = [r for r in results if r.trained and np.isfinite(score(r))]
+    learned = [r for r in usable if r.family in LEARNED]
+    pool = learned or usable
     return max(pool, key=score).family if pool else None

@@ -40,7 +40,7 @@ from torch import nn
 
 from data_pipeline.errors import UserError
 from predictors.base import PredictContext
-from predictors.frequency import multi_hot
+from predictors.frequency import layer_popularity, multi_hot
 from predictors.learned import LearnedPredictor
 
 PROB_FLOOR = 1e-4  # mixture floor before the log: an unseen transition is unlikely, not impossible
@@ -60,7 +60,7 @@ def count_transitions(topk_ids: np.ndarray, num_experts: int, max_distance: int)
     for g in range(1, max_distance + 1):
         for s in range(num_layers - g):
             counts[s, g - 1] = hot[s].T @ hot[s + g]
-    return torch.from_numpy(counts), torch.from_numpy(np.stack([h.mean(axis=0) for h in hot]))
+    return torch.from_numpy(counts), torch.from_numpy(layer_popularity(topk_ids, num_experts))
 
 
 class TrajectoryPredictor(LearnedPredictor):
@@ -128,8 +128,9 @@ class TrajectoryPredictor(LearnedPredictor):
         counts = self.counts[src_layers, gaps - 1][pair, ids]  # (T, P*D', K, E)
         n_src = self.n_src[src_layers, gaps - 1][pair, ids]  # (T, P*D', K)
         if future_ids is not None:  # leave the token itself out of the counts
-            own = torch.zeros(ids.shape[0], len(tgt_layers), self.num_experts, device=device)
-            own.scatter_(2, future_ids[:, tgt_layers].long(), 1.0)
+            own = torch.zeros(ids.shape[0], len(tgt_layers), self.num_experts + 1, device=device)
+            future = future_ids[:, tgt_layers].long()
+            own = own.scatter_(2, torch.where(future < 0, self.num_experts, future), 1.0)[..., :-1]  # -1: not run
             counts = (counts - own[:, :, None]).clamp(min=0)
             n_src = (n_src - 1).clamp(min=0)
         prior = self.popularity[tgt_layers][None, :, None]  # (1, P*D', 1, E)
@@ -151,9 +152,9 @@ class TrajectoryPredictor(LearnedPredictor):
         targets = self.target_layers(layer)
         tl = torch.arange(targets.start, targets.stop, device=device)
         n = len(tl)
-        prev_ids = previous[:, tl]  # (T, D', K); num_experts = no previous token
+        prev_ids = previous[:, tl]  # (T, D', K); num_experts = no previous token, -1 = it did not run the layer
         prev_hot = torch.zeros(t, n, self.num_experts + 1, device=device)
-        prev_hot.scatter_(2, prev_ids.clamp(0, self.num_experts), 1.0)
+        prev_hot.scatter_(2, torch.where(prev_ids < 0, self.num_experts, prev_ids.clamp(max=self.num_experts)), 1.0)
 
         # 1. mixture of counted transitions from the window's layers, plus the previous token
         sources = [layer - m for m in range(self.window) if layer - m >= 0]

@@ -33,7 +33,7 @@ def test_generic_csv_and_jsonl_keep_rank_order(tmp_path):
             (0, 0, "prefill", 1, 1, 0.1), (0, 1, "decode", 0, 3, 0.5), (0, 1, "decode", 0, 4, 0.5),
             (0, 1, "decode", 1, 0, 0.7), (0, 1, "decode", 1, 6, 0.3)]
     csv = tmp_path / "r.csv"
-    csv.write_text("seq,step,phase,layer,expert,weight\n" + "\n".join(",".join(map(str, r)) for r in rows))
+    csv.write_text("seq,step,phase,layer,expert,weight\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
     jsonl = tmp_path / "r.jsonl"
     jsonl.write_text("\n".join(
         f'{{"seq": {a}, "step": {b}, "phase": "{c}", "layer": {d}, "expert": {e}, "weight": {f}}}'

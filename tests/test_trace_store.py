@@ -48,8 +48,18 @@ def write_store(path: Path, shards: list[tuple[list[int], list[int]]], finalize:
 
 
 def digest(folder: Path) -> dict[str, str]:
+    """Content of a store folder (the writer lock's pid aside): equal before and after a refused write."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "writer.lock"}
+
+
+def edit_manifest(path: Path, change) -> dict:
+    """Edit a manifest by hand, as a user would: without its checksum entry, which would refuse the edit."""
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    manifest.pop("checksum", None)
+    change(manifest)
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return manifest
 
 
 def test_round_trip_and_reader_api(tmp_path):
@@ -108,19 +118,71 @@ def test_resume_skips_done_and_recovers_shards(tmp_path):
     path = tmp_path / "s"
     write_store(path, [([0, 1], [2, 2]), ([2], [3])], finalize=False)
     shard_dir = path / "shards"
-    # a run killed mid-write leaves a .tmp, and one killed between rename and manifest leaves an unlisted shard
-    (shard_dir / "shard-00009.arrow.tmp").write_bytes(b"half a shard")
+    # a run killed mid-write leaves a .tmp, and one killed between rename and manifest leaves the pending shard
+    (shard_dir / "shard-00009.arrow.123-abcd.tmp").write_bytes(b"half a shard")
     good = shard_dir / "shard-00001.arrow"
-    manifest = json.loads((path / MANIFEST_NAME).read_text())
-    manifest["shards"] = manifest["shards"][:1]
-    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+    def killed_after_rename(m):
+        m["pending"] = m["shards"].pop(1)
+
+    edit_manifest(path, killed_after_rename)
     (shard_dir / "shard-00007.arrow").write_bytes(good.read_bytes()[:100])  # truncated, never listed
     w = TraceStoreWriter(path, INFO, hidden_layers=[0, 2], store_router_logits=True)
-    assert w.done_sequences == {0, 1, 2}  # the unlisted whole shard is adopted
-    assert not (shard_dir / "shard-00009.arrow.tmp").exists() and not (shard_dir / "shard-00007.arrow").exists()
+    assert w.done_sequences == {0, 1, 2}  # the pending whole shard is adopted
+    assert not (shard_dir / "shard-00009.arrow.123-abcd.tmp").exists() and not (shard_dir / "shard-00007.arrow").exists()
+    assert "pending" not in w.manifest
     w.write_shard(**make_rows([3], [1]))
     store = w.finalize()
     assert sorted(store.sequence_bounds()[:, 0].tolist()) == [0, 1, 2, 3] and store.num_tokens == 8
+
+
+def test_unlisted_shard_not_pending_is_dropped_not_adopted(tmp_path, capsys):
+    """A shard the manifest does not name as pending (another writer's) never joins: no sequence twice."""
+    path = tmp_path / "s"
+    write_store(path, [([0, 1], [2, 2])])
+    rogue = path / "shards" / "shard-00005.arrow"
+    rogue.write_bytes((path / "shards" / "shard-00000.arrow").read_bytes())  # the same sequences again
+    w = TraceStoreWriter(path, INFO, hidden_layers=[0, 2], store_router_logits=True)
+    assert not rogue.exists() and w.done_sequences == {0, 1}
+    assert "dropped unlisted shard shards/shard-00005.arrow" in capsys.readouterr().err
+    store = w.finalize()
+    assert store.num_sequences == 2 and store.num_tokens == 4
+
+
+@pytest.mark.parametrize("spoil", ["checksum", "already_stored"])
+def test_pending_shard_adopted_only_when_it_agrees(tmp_path, spoil):
+    path = tmp_path / "s"
+    write_store(path, [([0], [2]), ([1], [2])], finalize=False)
+
+    def killed_after_rename(m):
+        m["pending"] = m["shards"].pop(1)
+        if spoil == "checksum":
+            m["pending"]["sha256"] = "0" * 64
+        else:  # its sequence is already listed in another shard
+            m["shards"][0]["file"], m["pending"]["file"] = m["pending"]["file"], m["shards"][0]["file"]
+            m["shards"][0].update({k: m["pending"][k] for k in ("rows", "sha256", "seq_ids_sha256")})
+
+    edit_manifest(path, killed_after_rename)
+    if spoil == "already_stored":  # make shard 0 hold what the pending one holds
+        (path / "shards" / "shard-00000.arrow").write_bytes((path / "shards" / "shard-00001.arrow").read_bytes())
+    w = TraceStoreWriter(path, INFO, hidden_layers=[0, 2], store_router_logits=True)
+    assert len(w.manifest["shards"]) == 1 and len(w.done_sequences) == 1
+    assert len(list((path / "shards").glob("*.arrow"))) == 1
+
+
+def test_writer_lock_refuses_a_second_writer_naming_the_pid(tmp_path):
+    import os
+
+    from data_pipeline.store_lock import StoreBusyError
+
+    path = tmp_path / "s"
+    w, _ = write_store(path, [([0], [2])], finalize=False)
+    before = digest(path)
+    with pytest.raises(StoreBusyError, match=f"being written by another process \\(pid {os.getpid()}\\)"):
+        TraceStoreWriter(path, INFO, hidden_layers=[0, 2], store_router_logits=True)
+    assert digest(path) == before
+    w.finalize()  # releases the lock: the next writer resumes
+    TraceStoreWriter(path, INFO, hidden_layers=[0, 2], store_router_logits=True).close()
 
 
 def test_other_model_refused_and_untouched(tmp_path):
@@ -166,14 +228,14 @@ def test_bad_shard_names_the_file(tmp_path, damage):
 def test_checksum_and_row_count_checks(tmp_path):
     path = tmp_path / "s"
     write_store(path, [([0], [2])])
-    manifest = json.loads((path / MANIFEST_NAME).read_text())
-    manifest["shards"][0]["sha256"] = "0" * 64
-    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
-    TraceStore(path)  # checksums are opt-in
+    edit_manifest(path, lambda m: m["shards"][0].update(sha256="0" * 64))
+    store = TraceStore(path)  # opening reads only the schema; the first data read checks the checksum
+    with pytest.raises(TraceStoreError, match="does not match its checksum"):
+        store.topk_ids()
+    assert TraceStore(path, verify_on_read=False).topk_ids().shape == (2, L, K)
     with pytest.raises(TraceStoreError, match="does not match its checksum"):
         TraceStore(path, verify_checksums=True)
-    manifest["shards"][0]["rows"] = 5
-    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    edit_manifest(path, lambda m: m["shards"][0].update(rows=5))
     with pytest.raises(TraceStoreError, match="holds 2 rows but the manifest says 5"):
         TraceStore(path)
 
@@ -195,24 +257,27 @@ def test_bad_manifest(tmp_path):
 def test_schema_mismatch_named(tmp_path):
     path = tmp_path / "s"
     write_store(path, [([0], [2])])
-    manifest = json.loads((path / MANIFEST_NAME).read_text())
-    manifest["model"]["num_experts"] = 16  # router_logits width no longer matches
-    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    edit_manifest(path, lambda m: m["model"].update(num_experts=16))  # router_logits width no longer matches
     with pytest.raises(TraceStoreError, match="shard-00000.arrow column 'router_logits'"):
         TraceStore(path)
 
 
 def test_router_weights_round_trip(tmp_path):
     w = TraceStoreWriter(tmp_path / "s", INFO)
-    assert not w.finalize().has_router_weights
+    assert not TraceStore(tmp_path / "s").has_router_weights
     mats = {i: np.full((E, H), i, dtype=np.float32) for i in range(L)}
     w.save_router_weights(mats)
-    store = TraceStore(tmp_path / "s")
+    store = w.finalize()
+    with pytest.raises(TraceStoreError, match="closed"):  # the lock is gone: no more writes through it
+        w.save_router_weights(mats)
     got = store.router_weights()
     assert sorted(got) == [0, 1, 2] and np.array_equal(got[2], mats[2])
     (tmp_path / "s" / "router_weights.safetensors").write_bytes(b"junk")
-    with pytest.raises(TraceStoreError, match="router_weights.safetensors is corrupt"):
+    with pytest.raises(TraceStoreError, match="router_weights.safetensors does not match its checksum"):
         store.router_weights()
+    edit_manifest(tmp_path / "s", lambda m: m.pop("router_weights_sha256"))  # an older store: no checksum
+    with pytest.raises(TraceStoreError, match="router_weights.safetensors is corrupt"):
+        TraceStore(tmp_path / "s").router_weights()
 
 
 def test_empty_store(tmp_path):
