@@ -18,7 +18,7 @@ calls, so the scheduling rules exist once:
 :class:`SimLink` is that link, whatever the clock: the simulator drives it with its virtual time,
 the engine (:class:`offload.engine.copier.ThrottledCopier`) with the wall clock, issuing the real
 copy when a copy starts (``on_start``) and waiting until its arrival. A queued prefetch starts at
-``max(link free, its submit time)`` unless a demand arrives strictly before that instant; the queue
+``max(link free, its submit time)`` unless a demand arrives before that instant; the queue
 is advanced lazily to ``now`` before every operation, which is exact because every operation that
 can reorder the queue (a submit, a promotion, a cancellation) first advances it, and ``now`` never
 goes back.
@@ -96,7 +96,8 @@ class SimLink:
             self.on_start(c)
 
     def _advance(self, now: float) -> None:
-        """Start, in order, every queued prefetch the link reached strictly before ``now``."""
+        """Start, in order, every queued prefetch the link has reached by ``now`` (a prefetch submitted
+        to a free link starts at once)."""
         q = self._queue
         while q:
             c = q[0]
@@ -104,7 +105,7 @@ class SimLink:
                 q.popleft()
                 continue
             at = c.submitted if c.submitted > self._free else self._free
-            if at >= now:
+            if at > now:
                 return
             q.popleft()
             self._start(c, at)

@@ -217,13 +217,13 @@ def _expert_time(nbytes, ntok, fp):
 @nb.njit(cache=True, _nrt=False)
 def _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state):
     """The link's queue up to ``now`` (offload.link.SimLink._advance): start, in order, every queued
-    prefetch the link reached strictly before ``now``. Returns (new head, link free time)."""
+    prefetch the link has reached by ``now``. Returns (new head, link free time)."""
     while qh < qt:
         if not q_live[qh]:
             qh += 1
             continue
         at = q_sub[qh] if q_sub[qh] > free else free
-        if at >= now:
+        if at > now:
             break
         k = q_key[qh]
         free = at + q_dur[qh]
@@ -438,6 +438,7 @@ def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, 
                     if in_run[v] == token:
                         blocked = v  # its run still reads the slot: the copy starts after it
                     else:
+                        qh, free = _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state)
                         if copy_state[v] == 1:  # a queued prefetch: it never reaches the link
                             q_live[qidx[v]] = False
                             F[F_PF_B] -= link_bytes[v // E]
@@ -516,6 +517,8 @@ def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, 
                                   unused_pf)
                             n_res -= 1
                             C[C_EVICT] += 1
+                            qh, free = _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival,
+                                                copy_state)
                             if copy_state[v] == 1:
                                 q_live[qidx[v]] = False
                                 F[F_PF_B] -= link_bytes[v // E]

@@ -111,10 +111,14 @@ Forecaster = Callable[[int], Sequence[Candidates]]
 
 @dataclass
 class _Made:
+    """A forecast made in this pass: what it listed, with the P(use) the step gave each (and the rest)."""
+
     distance: int
     experts: np.ndarray
     selected: int
     phase: int
+    p_use: np.ndarray
+    rest: float
 
 
 class LayerStep:
@@ -338,7 +342,7 @@ class LayerStep:
                 p_use = self.calibration.probs(self.phase, cand.distance, len(cand.experts))
                 rest = self.calibration.rest(self.phase, cand.distance)
             self._made.setdefault(cand.target, []).append(_Made(cand.distance, cand.experts, cand.selected,
-                                                                 self.phase))
+                                                                 self.phase, p_use, rest))
             cache.mark_predicted([(cand.target, int(e)) for e in cand.experts[: cand.selected]])
             cache.forecast(cand.target, cand.experts, p_use, rest)
             plans.append((cand, p_use))
@@ -440,11 +444,11 @@ class LayerStep:
         v_layer = victim[0]
         if not layer < v_layer <= target:
             return 0.0, p_later
-        for m in self._made.get(v_layer, []):  # a forecast of this pass for the victim's layer
+        made = self._made.get(v_layer, [])
+        if made:  # a forecast of this pass for the victim's layer: the nearest (latest) one knows best
+            m = made[-1]
             hit = np.flatnonzero(m.experts == victim[1])
-            if len(hit):
-                return float(self.calibration.probs(m.phase, m.distance, int(hit[0]) + 1)[-1]), 0.0
-            return self.calibration.rest(m.phase, m.distance), 0.0
+            return (float(m.p_use[hit[0]]) if len(hit) else m.rest), 0.0
         return p_later, 0.0
 
     # ------------------------------------------------------------------ 5. run

@@ -146,3 +146,51 @@ def test_simulator_replays_the_engine_hit_for_hit(tiny, tmp_path, policy, miss):
     assert c.hits > 0 or policy != "score"
     assert (sim["accesses"], sim["hits"], sim["misses"], sim["collision_misses"], sim["dropped"]) == (
         c.accesses, c.hits, c.misses, c.collision_misses, c.dropped)
+
+
+@pytest.fixture(scope="module")
+def chosen_predictor(tiny, tmp_path_factory):
+    """A conditional-frequency predictor fitted on the engine's own routing, and its checkpoint: it reads
+    the experts already chosen (recorded exactly), not hidden states (stored in fp16 for the simulator)."""
+    from predictors.checkpoint import save_predictor
+    from predictors.frequency import ConditionalFrequency
+
+    folder = tmp_path_factory.mktemp("fit")
+    with _engine(tiny, tiny.adapter.num_layers * tiny.adapter.num_experts, bandwidth=None) as eng:
+        recorder = eng.record()
+        for p in load_prompts("demo", 4, skip=10):
+            eng.generate(encode(tiny.tokenizer, p), 8)
+    store = recorder.write(folder / "fit", tiny.info)
+    predictor = ConditionalFrequency.fit(store.topk_ids(), tiny.adapter.num_experts, 2)
+    return predictor, save_predictor(predictor, folder / "cf", model=tiny.info)
+
+
+@pytest.mark.parametrize("policy", ["lru", "fifo", "lfu", "lhu", "fld", "score", "least_stale", "random",
+                                    "forecast", "least_stale_forecast"])
+def test_engine_and_simulator_take_the_same_decisions_through_the_one_step(tiny, tmp_path, chosen_predictor,
+                                                                           policy):
+    """Every policy the engine can run (Belady needs the future), with a predictor prefetching greedily two
+    layers ahead: replaying the engine's recorded routing, the simulator's step takes the same decisions --
+    hits, misses, collisions, evictions, prefetches issued / used / cancelled, forecast precision --
+    because it is the same code (an unthrottled link: no decision depends on the clock)."""
+    from offload.simulator import SimConfig, simulate_configs
+
+    predictor, ckpt = chosen_predictor
+    prompts = [encode(tiny.tokenizer, p) for p in load_prompts("demo", 2)]
+    with _engine(tiny, 12, policy=policy, predictor=predictor, bandwidth=None, admission="greedy",
+                 prefetch_params={"overfetch": 1.5}) as eng:
+        recorder = eng.record()
+        for ids in prompts:
+            eng.generate(ids, 6)
+        c = eng.counters
+    store = recorder.write(tmp_path / "engine-trace", tiny.info)
+    sim = simulate_configs(store, [SimConfig(policy=policy, capacity="12", prefetch=f"ckpt:{ckpt}", lookahead=2,
+                                             overfetch=1.5, hardware="a100-5gbs:link_gbps=inf")])[0]
+    assert c.prefetch_issued > 0 and c.evictions > 0
+    engine = (c.accesses, c.hits, c.misses, c.collision_misses, c.evictions, c.prefetch_issued, c.prefetch_used,
+              c.prefetch_cancelled, c.forecast_predicted, c.forecast_correct)
+    simulated = (sim["accesses"], sim["hits"], sim["misses"], sim["collision_misses"], sim["evictions"],
+                 sim["prefetch_issued"], sim["prefetch_used"], sim["prefetch_cancelled"],
+                 round(sim["precision"] * c.forecast_predicted), round(sim["precision"] * c.forecast_predicted))
+    assert engine[:8] == simulated[:8]
+    assert sim["precision"] == pytest.approx(c.forecast_correct / c.forecast_predicted)
