@@ -139,7 +139,6 @@ def test_forecast_and_prefetch_never_evict_a_predicted_key_while_an_unpredicted_
             if key is None:
                 return key
             here, p = pol.layer, pol.pass_index
-            truth = {(layer, int(e)) for layer in range(L) for e in lists[p][layer]}
             if hasattr(pol, "last_pass"):  # Least-Stale: ahead of the execution point, only a forecast touches
                 touched = pol.last_pass
                 predicted_ahead = {k for k in pol.resident() if k[0] > here and touched[k] == p}
