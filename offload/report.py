@@ -302,7 +302,7 @@ def bytes_per_token(results: list[dict[str, Any]]) -> Plot:
     ax.set_xlabel("MB over the link per token")
     ax.set_title("bytes moved per token")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     return Plot("bytes_per_token", title, fig, caption=caption)
 
 
