@@ -393,8 +393,10 @@ def _profile_line(r: dict[str, Any]) -> str:
             f"HBM {hw['hbm_gbps']:g} GB/s")
 
 
-def html_report(results: list[dict[str, Any]], figures: list[Plot], *, command: str, setup: list[str]):
-    """The sweep as one :class:`reporting.html.Report`: figures, the table, the split, provenance."""
+def html_report(results: list[dict[str, Any]], figures: list[Plot], *, command: str, setup: list[str],
+                subject: str = ""):
+    """The sweep as one :class:`reporting.html.Report`: figures, the table, the split, provenance;
+    ``subject`` (the trace) completes the title."""
     from reporting.html import Report, Table
     from reporting.provenance import versions
 
@@ -402,6 +404,6 @@ def html_report(results: list[dict[str, Any]], figures: list[Plot], *, command: 
     profiles = sorted({_profile_line(r) for r in results})
     lines = [*setup, f"phase: {', '.join(sorted({str(r.get('phase')) for r in results}))}; capacity: "
              f"{', '.join(sorted({str(r.get('capacity')) for r in results}))}", *profiles]
-    return Report(title=t.title, command=command, versions=versions(), setup=lines, split=split_statement(results),
+    return Report(title=f"{t.title}: {subject}" if subject else t.title, command=command, versions=versions(), setup=lines, split=split_statement(results),
                   tables=[Table(t.title, t.columns, t.rows, caption=CAPTION, row_kinds=t.kinds, left=t.labels)],
                   plots=figures)

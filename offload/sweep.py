@@ -155,7 +155,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> list[dict[st
         if page:
             setup = [f"trace {args.trace}: {store.model.model_id}, {store.num_layers} layers x {store.num_experts} "
                      f"experts, top-{store.top_k}; {store.num_tokens} tokens in {store.num_sequences} sequences"]
-            doc = report.html_report(results, figures, setup=setup,
+            doc = report.html_report(results, figures, setup=setup, subject=f"{store.model.model_id} ({args.trace})",
                                      command=command_line("evaluate.py", sys.argv[1:] if argv is None else argv))
             print(f"HTML report: {html.write(doc, page).resolve()}")
     return results

@@ -152,6 +152,7 @@ def _family(name: str, pairs: list[tuple[int, int]]):
     return FamilyResult(name, None, metrics)
 
 
+@pytest.mark.filterwarnings("ignore:The ``compute`` method:UserWarning")  # never_scored: on purpose
 def test_recall_figures_have_data_and_name_a_family_without_forecasts():
     from predictors.report import plots
 
