@@ -16,7 +16,7 @@ from offload.latency import SETTING, is_reference, setting_key
 from reporting.figures import Plot, checked, new_figure, save_pngs
 
 SWEPT = ("policy", "prefetch", "capacity", "hardware", "phase", "cache", "lookahead", "admission", "miss", "routing")
-#: the two latencies, as (result key, physical-limit key, label, unit scale, the passes it needs)
+#: the two latencies, as (result key, physical-limit key, label, the passes it needs)
 LATENCIES = (("ttft_s", "limit_ttft_s", "TTFT", "prefill"), ("tpot_s", "limit_tpot_s", "TPOT", "decode"))
 CAPTION = ("gap: share of the TTFT/TPOT gap closed between LRU without prefetch (0%) and Belady + oracle prefetch "
            "(100%); physical limit: Belady's bytes / bandwidth or the pure compute, whichever is longer; "
@@ -163,7 +163,8 @@ def _groups(results: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any
     return sorted(groups.items())
 
 
-def _missing_latency(results: list[dict[str, Any]], key: str, name: str, phase: str) -> str:
+def _missing_latency(results: list[dict[str, Any]], name: str, phase: str) -> str:
+    """Why a latency is not drawn: the phase it measures was not replayed."""
     phases = sorted({str(r.get("phase")) for r in results})
     return f"no {name}: the run has no {phase} passes (--phase {', '.join(phases)})"
 
@@ -186,7 +187,7 @@ def latency_vs_capacity(results: list[dict[str, Any]]) -> Plot:
             if any(r.get(key) is not None for r in rows):
                 panels.append((group, rows, key, limit_key, name))
             else:
-                missing.append(_missing_latency(rows, key, name, phase) + (f" in {group}" if group else ""))
+                missing.append(_missing_latency(rows, name, phase) + (f" in {group}" if group else ""))
     if not panels:
         return Plot("latency_vs_capacity", title, None, note="; ".join(missing), caption=caption)
     fig, axes = new_figure(5.4, 3.8, len(panels))
@@ -251,7 +252,7 @@ def latency_per_configuration(results: list[dict[str, Any]]) -> Plot:
     keys, group_keys = _series_keys(results), _group_keys(results)
     rows = [r for r in _bar_order(results) if _role(r) != "limit-source"]
     panels = [(key, limit_key, name) for key, limit_key, name, _ in LATENCIES if any(r.get(key) is not None for r in rows)]
-    missing = [_missing_latency(rows, key, name, phase) for key, _, name, phase in LATENCIES
+    missing = [_missing_latency(rows, name, phase) for key, _, name, phase in LATENCIES
                if all(r.get(key) is None for r in rows)]
     if not panels:
         return Plot("latency_per_configuration", title, None, note="; ".join(missing), caption=caption)
