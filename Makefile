@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test browser lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,16 @@ demo: install
 	$(BIN)/python -m data_pipeline.collect --out traces/demo
 	$(BIN)/python train.py
 	$(BIN)/python evaluate.py --policy least_stale
+	@echo "demo report (opens offline in a browser): $$(ls -t $(CURDIR)/reports/evaluate-*.html | head -n 1)"
 
-test: install
+# The report test opens the HTML report in headless Chromium (Debian's `chromium`); it skips without one.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium could not be installed: the browser test will skip"; \
+	else echo "no chromium, and no root to install it: the browser test will skip"; fi; }
+
+test: install browser
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q
 
 lint: install

@@ -2,7 +2,7 @@
 ``--trace`` is given); ``--mode engine`` runs an HF MoE model with offloaded experts.
 
     python evaluate.py --trace traces/NAME --policy least_stale,lru,belady --capacity 1%,5%,25% \\
-        --prefetch none,oracle --json out.json --plots plots/
+        --prefetch none,oracle --json out.json --plots plots/ --report out.html
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.trace:
         raise UserError("simulation mode needs --trace traces/NAME")
-    run(args)
+    run(args, argv)
     return 0
 
 

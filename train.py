@@ -14,6 +14,7 @@ go offline unless an API key is configured (``--wandb.mode online|offline|disabl
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,9 @@ def build_parser():
     parser.add_argument("--lookahead", type=int, default=3, help="D: forecast layers l+1..l+D")
     parser.add_argument("--overfetch", type=float, default=1.5, help="second k of the metrics = round(top_k * this)")
     parser.add_argument("--patience", type=int, default=3, help="early stopping: epochs without better val recall")
+    parser.add_argument("--report", type=str | None, default=None,
+                        help="write the self-contained HTML report here (default: checkpoints/<run>/report.html, "
+                        "beside run.json; 'none': no report)")
     parser.add_argument("--threads", type=int | None, default=1,
                         help="torch CPU threads; null = torch's default. The predictors' per-layer ops are small: "
                         "with more threads than idle cores OpenMP spin-waits and a step gets ~100x slower")
@@ -102,6 +106,7 @@ def ensure_store(data: DataConfig, collect: CollectConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     cfg = parser.parse_args(argv)
     plain = parser.dump(cfg, format="yaml")
@@ -130,13 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.checkpoints) / run
     wandb_cfg = WandbConfig(**vars(cfg.wandb))
     logger = make_logger(wandb_cfg, run, {"config_yaml": plain, **_flat(cfg.as_dict())})
+    split_text: list[str] = []
+
+    def on_split(how: str) -> None:
+        split_text.append(how)
+        print(f"{data.store}: {how}")
+
     try:
         result = run_training(
             families=list(cfg.families), data=data, lookahead=cfg.lookahead, overfetch=cfg.overfetch,
             run_dir=run_dir, trainer_kwargs=trainer_kwargs,
             logger_factory=lambda family: family_logger(logger, family),
             mlp=mlp, trajectory=trajectory, sklearn=sk,
-            patience=cfg.patience, on_split=lambda how: print(f"{data.store}: {how}"),
+            patience=cfg.patience, on_split=on_split,
         )
         if not is_rank_zero():
             return 0
@@ -158,9 +169,44 @@ def main(argv: list[str] | None = None) -> int:
             log_artifact(logger, f"predictor-{run}", [best.path, run_dir / "run.json"],
                          {"family": best.family, "store": data.store})
         print(f"saved {len(result.results)} predictors to {run_dir} (best learned: {result.best})")
+        _report(cfg, argv, result, title, split_text, logger, wandb_cfg)
     finally:
         _finish(logger)
     return 0
+
+
+def _report(cfg: Any, argv: list[str], result: Any, title: str, split_text: list[str], logger: Any,
+            wandb_cfg: WandbConfig) -> None:
+    """Figures to W&B (when on) and the HTML report (unless ``--report none``), beside run.json by default."""
+    from predictors.report import html_report, log_figures, plots
+    from predictors.wandb_setup import resolve_mode
+    from reporting import html
+    from reporting.figures import notes
+    from reporting.provenance import command_line
+
+    page = result.run_dir / "report.html" if cfg.report is None else html.report_path(cfg.report, None, "train")
+    wandb_on = resolve_mode(wandb_cfg.mode) != "disabled"
+    if page is None and not wandb_on:
+        return
+    figures = plots(result.results)
+    for line in notes(figures):
+        print(f"plot note: {line}")
+    if wandb_on:
+        log_figures(logger, figures)
+    if page is None:
+        return
+    store = cfg.data.store
+    setup = [f"trace store {store}", f"families: {', '.join(cfg.families)}; lookahead D = {cfg.lookahead}; "
+             f"over-fetch {cfg.overfetch}; best learned: {result.best}",
+             f"trainer: max_epochs {cfg.trainer.max_epochs}, accelerator {cfg.trainer.accelerator}, devices "
+             f"{cfg.trainer.devices}; predictors saved to {result.run_dir}"]
+    split = (f"{'; '.join(split_text) or result.split} (seed {cfg.data.seed}). Counting families and the "
+             f"scikit-learn baseline fit on the train part, learned families pick their weights on val, and every "
+             f"number here is on the test part, never trained on.")
+    pairs = [tuple(p) for p in cfg.sklearn.pairs] if "sklearn_logreg" in cfg.families else None
+    doc = html_report(result.results, figures, command=command_line("train.py", argv), title=title, setup=setup,
+                      split=split, pairs=pairs)
+    print(f"HTML report: {html.write(doc, page).resolve()}")
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

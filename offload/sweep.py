@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
+from pathlib import Path
 from typing import Any
 
 from data_pipeline.errors import UserError
@@ -54,6 +56,8 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
                         "physical limit) to each setting")
     p.add_argument("--json", help="write {\"results\": [...]} here")
     p.add_argument("--plots", help="write PNG plots into this folder")
+    p.add_argument("--report", help="write the self-contained HTML report here (default: beside --json, else "
+                   "reports/sweep-<trace>-<time>.html; 'none': no report)")
 
 
 def _split(text: str) -> list[str]:
@@ -119,9 +123,14 @@ def build_configs(args: argparse.Namespace) -> list[SimConfig]:
     return configs
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the sweep, print the table, write what was asked (JSON, PNG, HTML); ``argv`` is the command
+    line the HTML report records."""
     from offload import report
     from offload.latency import annotate, reference_configs
+    from reporting import html
+    from reporting.figures import notes, save_pngs
+    from reporting.provenance import command_line
 
     store = TraceStore(args.trace)
     configs = build_configs(args)
@@ -136,6 +145,17 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     report.print_table(results)
     if args.json:
         report.write_json(results, args.json)
-    if args.plots:
-        report.write_plots(results, args.plots)
+    page = html.report_path(getattr(args, "report", None), args.json, f"sweep-{Path(args.trace).name}")
+    if args.plots or page:
+        figures = report.plots(results)
+        for line in notes(figures):
+            print(f"plot note: {line}")
+        if args.plots:
+            save_pngs(figures, args.plots)
+        if page:
+            setup = [f"trace {args.trace}: {store.model.model_id}, {store.num_layers} layers x {store.num_experts} "
+                     f"experts, top-{store.top_k}; {store.num_tokens} tokens in {store.num_sequences} sequences"]
+            doc = report.html_report(results, figures, setup=setup, subject=f"{store.model.model_id} ({args.trace})",
+                                     command=command_line("evaluate.py", sys.argv[1:] if argv is None else argv))
+            print(f"HTML report: {html.write(doc, page).resolve()}")
     return results

@@ -1,14 +1,17 @@
-"""The comparison table: every family x distance, on the same held-out tokens, same metric."""
+"""The comparison of every family x distance on the same held-out tokens: table, figures, HTML report."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+import matplotlib
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from predictors.training import FamilyResult
+from reporting.figures import Plot, checked, new_figure
 
 
 def comparison(results: list[FamilyResult]) -> tuple[list[str], list[list[Any]]]:
@@ -77,3 +80,107 @@ def print_pairs(results: list[FamilyResult], pairs: list[tuple[int, int]], conso
         console = Console()
         console.width = max(console.width, 112)
     console.print(table)
+
+
+# ---------------------------------------------------------------------- figures
+def _recall_grid(r: FamilyResult) -> np.ndarray:
+    """(layers, distances) held-out recall@k; NaN where the family made no forecast."""
+    return r.metrics.compute()["recall@k"].double().cpu().numpy()
+
+
+def recall_per_distance_plot(results: list[FamilyResult]) -> Plot:
+    """The headline of train.py: recall@k of every family against the lookahead distance."""
+    title = "Recall@k per lookahead distance"
+    caption = ("Held-out tokens; recall@k: share of the experts layer l+d used that are among the k a forecast made "
+               "at layer l ranks highest (k = the model's top-k), averaged over the layers each family covers.")
+    fig, (ax,) = new_figure(6, 4, 1)
+    skipped = []
+    for r in results:
+        recall = r.metrics.per_distance()["recall@k"].double().cpu().numpy()
+        d = np.arange(1, len(recall) + 1)
+        ok = np.isfinite(recall)
+        if not ok.any():
+            skipped.append(r.family)
+            continue
+        ax.plot(d[ok], recall[ok], marker="o", label=r.family)
+    ax.set_xlabel("lookahead distance d (forecast of layer l+d made at layer l)")
+    ax.set_ylabel("recall@k")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(range(1, max((r.metrics.lookahead for r in results), default=1) + 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    note = f"no held-out forecast from {', '.join(skipped)}" if skipped else ""
+    return Plot("recall_per_distance", title, fig, note=note, caption=caption)
+
+
+def recall_heatmap_plot(results: list[FamilyResult]) -> Plot:
+    """Recall@k per (layer, distance), one panel per family: where in the model forecasts get hard."""
+    title = "Recall@k per layer and distance"
+    caption = ("One panel per family: row = layer l the forecast is made at, column = distance d; grey = no forecast "
+               "there (past the last layer, or a family fitted for single layer pairs). Same colour scale in every "
+               "panel.")
+    grids = [(r.family, _recall_grid(r)) for r in results]
+    drawn = [(f, g) for f, g in grids if np.isfinite(g).any()]
+    skipped = [f for f, g in grids if not np.isfinite(g).any()]
+    note = f"no held-out forecast from {', '.join(skipped)}" if skipped else ""
+    if not drawn:
+        return Plot("recall_heatmap", title, None, note=note or "no family was evaluated", caption=caption)
+    layers, distances = drawn[0][1].shape
+    fig, axes = new_figure(max(2.6, 0.55 * distances + 1.8), max(2.6, 0.22 * layers + 1.2), len(drawn), columns=4)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.85")
+    image = None
+    for ax, (family, grid) in zip(axes, drawn, strict=True):
+        image = ax.imshow(np.ma.masked_invalid(grid), vmin=0.0, vmax=1.0, cmap=cmap, aspect="auto",
+                          interpolation="nearest")
+        ax.set_title(family, fontsize=9)
+        ax.set_xticks(range(distances), [str(d + 1) for d in range(distances)])
+        ax.set_xlabel("distance d")
+        ax.set_ylabel("layer l")
+        if layers * distances <= 120:  # small grids: the numbers themselves
+            for (li, di), v in np.ndenumerate(grid):
+                if np.isfinite(v):
+                    ax.text(di, li, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                            color="black" if v > 0.6 else "white")
+    fig.colorbar(image, ax=axes, label="recall@k", shrink=0.9)
+    return Plot("recall_heatmap", title, fig, note=note, caption=caption)
+
+
+def plots(results: list[FamilyResult]) -> list[Plot]:
+    """Every figure of a training run, each checked to hold data (else a note)."""
+    return [checked(recall_per_distance_plot(results)), checked(recall_heatmap_plot(results))]
+
+
+def log_figures(logger: Any, figures: list[Plot]) -> None:
+    """The report's figures as W&B images in the training run (a disabled run logs nothing)."""
+    from predictors.wandb_setup import resolve_mode_of
+
+    run = logger.experiment
+    if getattr(run, "disabled", False) or resolve_mode_of(run) == "disabled":
+        return
+    from reporting.figures import wandb_images
+
+    run.log(wandb_images(figures))
+
+
+def html_report(results: list[FamilyResult], figures: list[Plot], *, command: str, title: str, setup: list[str],
+                split: str, pairs: list[tuple[int, int]] | None = None):
+    """The training run as one :class:`reporting.html.Report`: comparison table, heatmaps, the split."""
+    from reporting.html import Report, Table
+    from reporting.provenance import versions
+
+    def cells(row: list[Any]) -> list[str]:
+        return ["-" if v is None else str(v) for v in row]
+
+    columns, rows = comparison(results)
+    tables = [Table(title, columns, [cells(r) for r in rows],
+                    caption="precision/recall at k = the model's top-k and at the over-fetch k; exact-set: the top-k "
+                            "forecast is exactly the set used; layers: layers counted at that distance")]
+    if pairs:
+        pc, pr = pair_comparison(results, pairs)
+        tables.append(Table("recall@k at single layer pairs (forecast of layer l+d made at layer l)", pc,
+                            [cells(r) for r in pr], left=0))
+    tables.append(Table("training", ["family", "weights selected on validation", "seconds", "samples/s"],
+                        [[r.family, "yes" if r.trained else "no (never picked as best)", f"{r.seconds:.1f}",
+                          "-" if not r.samples_per_s else f"{r.samples_per_s:,.0f}"] for r in results], left=2))
+    return Report(title=f"Predictor comparison: {title}", command=command, versions=versions(), setup=setup, split=split, tables=tables,
+                  plots=figures)

@@ -17,6 +17,15 @@ SHARED_TRACES = REPO.parent / "shared" / "traces"
 GEMMA_CSV = SHARED_TRACES / "gemma4-26b-a4b.route.csv"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _reports_outside_the_checkout(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A run without --json writes its HTML report under ./reports (reporting.html.default_path); tests run
+    from the checkout, so theirs go to a temporary folder instead."""
+    from reporting.html import REPORTS_DIR_ENV
+
+    os.environ.setdefault(REPORTS_DIR_ENV, str(tmp_path_factory.mktemp("reports")))
+
+
 @pytest.fixture(scope="session")
 def gemma_csv() -> Path:
     """The real gemma-4 routing log; a user's clone has no ../shared, so the test skips there."""

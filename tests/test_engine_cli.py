@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from browser import check_report
 
 from data_pipeline.errors import run_cli
 from offload.engine.cli import main, parse_bandwidth
@@ -101,8 +102,30 @@ def test_default_run_with_a_checkpoint_prints_the_table_and_writes_json(capsys, 
         assert s["bytes_moved"] == (s["misses"] + s["prefetch_issued"] - s["prefetch_cancelled"]) * 12582912
     assert oracle["sim"]["policy"] == "belady" and oracle["sim"]["prefetch"] == "oracle"
     assert oracle["sim"]["hit_rate"] >= max(ls["engine"]["summary"]["hit_rate"], lru["engine"]["summary"]["hit_rate"])
-    assert {p.name for p in (tmp_path / "plots").glob("*.png")} == {"hit_collision.png", "ttft.png",
-                                                                   "ttft_per_prompt.png"}
+    assert {p.name for p in (tmp_path / "plots").glob("*.png")} == {
+        "latency.png", "bytes_per_token.png", "hit_collision.png", "latency_per_prompt.png"}
+    figures = _all_drawn(report)
+    assert [ax.get_title() for ax in figures["latency"].figure.axes] == ["TTFT per configuration",
+                                                                          "TPOT per configuration"]
+    # the HTML report lands beside the JSON and renders offline, headline figure first
+    page = check_report(tmp_path / "report.html", tmp_path, tables=1, figures=4, screenshot=tmp_path / "engine.png",
+                        texts=("Latency per configuration, against its bounds", "least_stale + learned",
+                               "physical limit", "Training / held-out split", "python evaluate.py --policy least_stale"))
+    assert page.dom.index('id="latency"') < page.dom.index('id="hit_collision"')
+    assert f"HTML report: {(tmp_path / 'report.html').resolve()}" in printed
+
+
+def _all_drawn(report: dict) -> dict:
+    """Every figure of an evaluation report, asserted drawn with data in every panel."""
+    from offload.engine.report import plots
+    from reporting.figures import empty_panels
+
+    out = {}
+    for p in plots(report):
+        assert p.figure is not None, f"{p.name}: {p.note}"
+        assert empty_panels(p.figure) == [], p.name
+        out[p.name] = p
+    return out
 
 
 @pytest.mark.slow
@@ -128,3 +151,33 @@ def test_sim_mode_replays_without_the_engine(tmp_path):
     report = json.loads(out.read_text())
     assert all("engine" not in r for r in report["rows"])
     assert all(r["sim"]["accesses"] > 0 for r in report["rows"])
+    from offload.engine.report import plots
+
+    figures = {p.name: p for p in plots(report)}
+    assert figures["latency_per_prompt"].figure is None and "no engine run" in figures["latency_per_prompt"].note
+    assert all(figures[n].figure is not None for n in ("latency", "bytes_per_token", "hit_collision"))
+
+
+@pytest.mark.slow
+def test_a_run_without_decode_steps_draws_ttft_and_says_why_there_is_no_tpot(tmp_path):
+    out = tmp_path / "r.json"
+    main(["--mode", "sim", "--prefetch", "gate", "--prompts", "1", "--max-new-tokens", "1", "--no-wandb",
+          "--json", str(out), "--report", "none"])
+    report = json.loads(out.read_text())
+    assert all(r["sim"]["tpot_s"] is None for r in report["rows"])  # the premise: prefill only
+    figures = {p.name: p for p in _plots_with_data(report)}
+    latency = figures["latency"]
+    assert [ax.get_title() for ax in latency.figure.axes] == ["TTFT per configuration"]
+    assert "no TPOT" in latency.note
+    assert not (tmp_path / "r.html").exists()  # --report none
+
+
+def _plots_with_data(report: dict) -> list:
+    """The report's figures; every one that was drawn has data in every panel."""
+    from offload.engine.report import plots
+    from reporting.figures import empty_panels
+
+    out = plots(report)
+    for p in out:
+        assert p.figure is None or empty_panels(p.figure) == [], p.name
+    return out

@@ -42,7 +42,9 @@ def test_sweep_writes_json_table_and_plots(gemma_store, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "least_stale" in table and "belady" in table
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
-        "collision_rate_per_layer.png", "hit_rate_vs_capacity.png", "ttft_per_policy.png"]
+        "bytes_per_token.png", "collision_rate_per_layer.png", "hit_rate_vs_capacity.png",
+        "latency_per_configuration.png", "latency_vs_capacity.png"]
+    assert (tmp_path / "out.html").exists()  # the HTML report, beside the JSON
 
 
 @pytest.mark.parametrize("args,message", [

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from browser import check_report
 from test_predictor_synthetic import make_synthetic_store
 
 import train
@@ -55,6 +56,11 @@ def test_cli_fits_compares_and_saves_every_family(synthetic, tmp_path: Path, cap
     assert pred.family == run["best"] and pred.lookahead == 2
     meta, _ = read_checkpoint(tmp_path / "r" / "lightning" / "mlp_lookahead" / "best.ckpt")
     assert meta["store_fingerprint"] == synthetic.fingerprint() and meta["model_key"] == synthetic.model.key()
+    # the HTML report lands beside run.json: recall figures, the comparison, the pair table, the split
+    assert f"HTML report: {(tmp_path / 'r' / 'report.html').resolve()}" in out
+    check_report(tmp_path / "r" / "report.html", tmp_path, tables=3, figures=2, screenshot=tmp_path / "train.png",
+                 texts=("Recall@k per layer and distance", "split by sequence", "never trained on",
+                        "python train.py --data.store", *families))
 
 
 def test_wandb_offline_by_default_without_a_key(synthetic, tmp_path: Path, monkeypatch, capsys) -> None:
@@ -71,6 +77,9 @@ def test_wandb_offline_by_default_without_a_key(synthetic, tmp_path: Path, monke
     record = next(runs[0].glob("*.wandb")).read_bytes()
     assert b"predictor-w" in record  # the best checkpoint, logged as a model artifact
     assert list((runs[0] / "files" / "media" / "table").glob("comparison_*.table.json"))
+    images = [p.name for p in (runs[0] / "files" / "media" / "images").glob("*.png")]
+    for figure in ("recall_per_distance_", "recall_heatmap_"):  # the report's figures, as W&B images
+        assert any(name.startswith(figure) for name in images), images
 
 
 def test_hidden_state_family_on_a_store_without_hidden_states(tmp_path: Path, capsys) -> None:

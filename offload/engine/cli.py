@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "run) or a named profile (a100-5gbs, ...) to see the same run on other hardware")
     p.add_argument("--json", default=None, help="write all numbers to this JSON file")
     p.add_argument("--plots", default=None, help="write PNG plots into this folder")
+    p.add_argument("--report", default=None, help="write the self-contained HTML report here (default: beside "
+                   "--json, else reports/evaluate-<model>-<time>.html; 'none': no report)")
     p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=True,
                    help="log to Weights & Biases (offline unless WANDB_API_KEY is set; WANDB_MODE=disabled turns it off)")
     p.add_argument("--wandb-project", default="moe-lookahead")
@@ -510,17 +512,29 @@ def _replay_store(args, rows: list[RowSpec], hardware: str, bandwidth, expert_by
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``evaluate.py`` (engine and sim modes); bad input raises UserError."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    from offload.engine.report import log_wandb, print_table, write_json, write_plots
+    from offload.engine.report import html_report, log_wandb, plots, print_table, write_json
+    from reporting import html
+    from reporting.figures import notes, save_pngs
+    from reporting.provenance import command_line
 
     report = evaluate(args)
     print_table(report)
     if args.json:
         write_json(report, args.json)
+    wandb_on = args.wandb and os.environ.get("WANDB_MODE", "").lower() != "disabled"
+    page = html.report_path(args.report, args.json, f"evaluate-{Path(str(args.model)).name}")
+    figures = plots(report) if (args.plots or page or wandb_on) else []
+    for line in notes(figures):
+        print(f"plot note: {line}")
     if args.plots:
-        write_plots(report, args.plots)
-    if args.wandb and os.environ.get("WANDB_MODE", "").lower() != "disabled":
-        log_wandb(report, args.wandb_project, args.plots)
+        save_pngs(figures, args.plots)
+    if wandb_on:
+        log_wandb(report, args.wandb_project, figures)
+    if page:
+        doc = html_report(report, figures, command_line("evaluate.py", argv))
+        print(f"HTML report: {html.write(doc, page).resolve()}")
     return 0
 
 

@@ -7,8 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("precision", "recall", "hit_rate", "collision_rate", "mb_per_token", "stall_ms", "ttft_ms", "sim_ttft_ms",
-           "ttft_gap", "tpot_ms", "sim_tpot_ms", "tpot_gap", "agreement")
+from reporting.figures import Plot, checked, new_figure, save_pngs
+
+COLUMNS = ("precision", "recall", "hit_rate", "collision_rate", "mb_per_token", "wasted_mb_per_token", "stall_ms",
+           "ttft_ms", "sim_ttft_ms", "ttft_gap", "tpot_ms", "sim_tpot_ms", "tpot_gap", "agreement")
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -41,7 +43,8 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             bound = row.get("limit") or {}
             out.append({"label": "physical limit (Belady's bytes / bandwidth, or compute)", "source": "sim",
                         "ttft_ms": _ms(bound.get("ttft_s")), "tpot_ms": _ms(bound.get("tpot_s")),
-                        "mb_per_token": sim.get("bytes_per_token", 0.0) / 1e6})
+                        "mb_per_token": sim.get("bytes_per_token", 0.0) / 1e6,
+                        "wasted_mb_per_token": sim.get("wasted_bytes_per_token", 0.0) / 1e6})
             continue
         line: dict[str, Any] = {"label": row["label"], "sim_ttft_ms": _ms(sim.get("ttft_s")),
                                 "sim_tpot_ms": _ms(sim.get("tpot_s")), "ttft_gap": row.get("ttft_gap_closed"),
@@ -54,6 +57,7 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                 recall=eng["recall"] if predicted else None,
                 hit_rate=eng["hit_rate"], collision_rate=eng["collision_rate"],
                 mb_per_token=eng["bytes_moved"] / max(_engine_tokens(row["engine"]), 1) / 1e6,
+                wasted_mb_per_token=eng["wasted_bytes"] / max(_engine_tokens(row["engine"]), 1) / 1e6,
                 stall_ms=_ms(eng["stall_s_per_prompt"]), ttft_ms=_ms(eng["ttft_s"]), tpot_ms=_ms(eng["tpot_s"]),
                 agreement=eng.get("token_agreement"), exact_match=eng.get("exact_match"),
             )
@@ -63,6 +67,7 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                 source="sim", precision=sim.get("precision"), recall=sim.get("recall"),
                 hit_rate=sim.get("hit_rate"), collision_rate=sim.get("collision_rate"),
                 mb_per_token=sim.get("bytes_per_token", 0.0) / 1e6,
+                wasted_mb_per_token=sim.get("wasted_bytes_per_token", 0.0) / 1e6,
                 stall_ms=_ms(sim["stall_time_s"] / prompts) if sim.get("stall_time_s") is not None else None,
                 ttft_ms=_ms(sim.get("ttft_s")), tpot_ms=_ms(sim.get("tpot_s")),
             )
@@ -102,6 +107,26 @@ def describe_setup(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+CAPTION = ("precision/recall: forecast experts vs experts used at the target layer; collision: a miss on an expert "
+           "evicted earlier in the same pass; MB/tok: bytes over the link per token processed (wasted: prefetched, "
+           "never used); stall: time waiting for copies; gap: share of the gap closed between LRU without prefetch "
+           "(0%) and Belady + oracle prefetch (100%), measured for engine rows; sim: the simulator replaying the "
+           "same recorded run")
+
+
+def _heads(wasted: bool = True) -> dict[str, str]:
+    """Table column keys (of :func:`table_rows`) and their headings, in order. The terminal leaves out the
+    wasted bytes (the figure and the HTML table show them) so that a 200-column table keeps its labels whole."""
+    heads = {"label": "configuration", "source": "measured by", "precision": "precision", "recall": "recall",
+             "hit_rate": "hit rate", "collision_rate": "collisions", "mb_per_token": "MB/tok",
+             "wasted_mb_per_token": "wasted MB/tok", "stall_ms": "stall ms/prompt", "ttft_ms": "TTFT ms",
+             "sim_ttft_ms": "sim TTFT", "ttft_gap": "TTFT gap", "tpot_ms": "TPOT ms", "sim_tpot_ms": "sim TPOT",
+             "tpot_gap": "TPOT gap", "agreement": "token agreement"}
+    if not wasted:
+        heads.pop("wasted_mb_per_token")
+    return heads
+
+
 def print_table(report: dict[str, Any], console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -112,15 +137,8 @@ def print_table(report: dict[str, Any], console: Any = None) -> None:
         # a pipe or CI log is 80 columns by default, which wraps every cell: use a readable width
         console = Console(width=max(shutil.get_terminal_size((200, 40)).columns, 200))
     setup = describe_setup(report)
-    table = Table(title=setup[0], caption=(
-        "precision/recall: forecast experts vs experts used at the target layer; collision: a miss on an expert "
-        "evicted earlier in the same pass; MB/tok: bytes over the link per token processed; stall: time waiting "
-        "for copies; gap: share of the gap closed between LRU without prefetch (0%) and Belady + oracle prefetch "
-        "(100%), measured for engine rows; sim: the simulator replaying the same recorded run"))
-    heads = {"label": "configuration", "source": "measured by", "precision": "precision", "recall": "recall",
-             "hit_rate": "hit rate", "collision_rate": "collisions", "mb_per_token": "MB/tok",
-             "stall_ms": "stall ms/prompt", "ttft_ms": "TTFT ms", "sim_ttft_ms": "sim TTFT", "ttft_gap": "TTFT gap",
-             "tpot_ms": "TPOT ms", "sim_tpot_ms": "sim TPOT", "tpot_gap": "TPOT gap", "agreement": "token agreement"}
+    table = Table(title=setup[0], caption=CAPTION.replace(" (wasted: prefetched, never used)", ""))
+    heads = _heads(wasted=False)
     for key, head in heads.items():
         table.add_column(head, justify="left" if key in ("label", "source") else "right")
     for line in table_rows(report):
@@ -139,61 +157,178 @@ def write_json(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
     os.replace(tmp, path)
 
 
-def write_plots(report: dict[str, Any], folder: str | os.PathLike[str]) -> list[Path]:
-    """hit/collision rates and measured vs simulated TTFT per configuration, per-prompt TTFT."""
-    import matplotlib
+def _drawn_rows(report: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, Any] | None]:
+    """(configuration rows, the plain model's row, the physical limit's row) of the table."""
+    lines = table_rows(report)
+    plain = next((r for r in lines if r["label"].startswith("plain")), None)
+    limit = next((r for r in lines if r["label"].startswith("physical limit")), None)
+    return [r for r in lines if r is not plain and r is not limit], plain, limit
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = [r for r in table_rows(report) if not r["label"].startswith("plain")]
-    labels = [r["label"] for r in lines]
-    x = range(len(lines))
-    written = []
+def _positive(v: float | None) -> bool:
+    """A latency worth drawing: measured or simulated, and not the 0 a run without that phase reports."""
+    return v is not None and v > 0
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(lines)), 4))
+
+def latency_plot(report: dict[str, Any]) -> Plot:
+    """The headline: TTFT and TPOT per configuration, measured and simulated, with the references and
+    the physical limit drawn in (only the latencies the run has)."""
+    title = "Latency per configuration, against its bounds"
+    caption = ("Dark bars: what the engine measured (simulated for rows without an engine run: the Belady + oracle "
+               "reference); light bars: the simulator replaying the same recorded run. Grey band: below the physical "
+               "limit (Belady's bytes / bandwidth, or pure compute): no schedule with exact outputs gets there. "
+               "Dotted green: the plain model with every expert resident. Above each bar: the share of the gap "
+               "closed between LRU without prefetch (0%) and Belady + oracle prefetch (100%).")
+    lines, plain, limit = _drawn_rows(report)
+    panels, missing = [], []
+    for key, name in (("ttft", "TTFT"), ("tpot", "TPOT")):
+        if any(_positive(r.get(f"{key}_ms")) or _positive(r.get(f"sim_{key}_ms")) for r in lines):
+            panels.append((key, name))
+        else:
+            missing.append(f"no {name}: no configuration of this run has "
+                           + ("a prefill pass" if key == "ttft" else "a decode step (--max-new-tokens 1)"))
+    if not panels:
+        return Plot("latency", title, None, note="; ".join(missing), caption=caption)
+    fig, axes = new_figure(max(4.5, 1.5 * len(lines)), 4.6, len(panels))
+    x = list(range(len(lines)))
+    engine = [i for i, r in enumerate(lines) if r.get("source") == "engine"]
+    sim_only = [i for i, r in enumerate(lines) if r.get("source") != "engine"]
+    for ax, (key, name) in zip(axes, panels, strict=True):
+        value = [r.get(f"{key}_ms") if _positive(r.get(f"{key}_ms")) else 0.0 for r in lines]
+        replay = [r.get(f"sim_{key}_ms") if _positive(r.get(f"sim_{key}_ms")) else 0.0 for r in lines]
+        if engine:
+            ax.bar([i - 0.2 for i in engine], [value[i] for i in engine], 0.4, color="tab:blue",
+                   label="engine, measured")
+            ax.bar([i + 0.2 for i in engine], [replay[i] for i in engine], 0.4, color="lightsteelblue",
+                   label="simulator, same recorded run")
+        if sim_only:
+            ax.bar(sim_only, [value[i] for i in sim_only], 0.5, color="0.3", label="simulated (no engine run)")
+        bound = limit.get(f"{key}_ms") if limit else None
+        if _positive(bound):
+            ax.axhspan(0, bound, color="0.9", zorder=0)
+            ax.axhline(bound, color="0.4", lw=1.2, label=f"physical limit {bound:.2f} ms")
+        resident = plain.get(f"{key}_ms") if plain else None
+        if _positive(resident):
+            ax.axhline(resident, color="tab:green", ls=":", lw=1.5, label=f"all experts resident {resident:.2f} ms")
+        for i, r in enumerate(lines):
+            gap = r.get(f"{key}_gap")
+            if gap is not None:
+                ax.annotate(f"{100 * gap:.0f}%", (i - 0.2 if i in engine else i, value[i]), ha="center",
+                            va="bottom", fontsize=7)
+        ax.set_xticks(x, [r["label"] for r in lines], rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(f"{name} (ms)")
+        ax.set_title(f"{name} per configuration")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=2, frameon=False)
+        ax.margins(y=0.12)
+    return Plot("latency", title, fig, note="; ".join(missing), caption=caption)
+
+
+def hit_collision_plot(report: dict[str, Any]) -> Plot:
+    lines, _, _ = _drawn_rows(report)
+    x = list(range(len(lines)))
+    fig, (ax,) = new_figure(max(6, 1.8 * len(lines)), 4, 1)
     ax.bar([i - 0.2 for i in x], [100 * (r.get("hit_rate") or 0) for r in lines], 0.4, label="hit rate")
     ax.bar([i + 0.2 for i in x], [100 * (r.get("collision_rate") or 0) for r in lines], 0.4, label="collision rate")
-    ax.set_xticks(list(x), labels, rotation=15, ha="right", fontsize=8)
+    ax.set_xticks(x, [r["label"] for r in lines], rotation=15, ha="right", fontsize=8)
     ax.set_ylabel("% of accesses")
     ax.legend()
     ax.set_title(f"{report['model']}, cache {report['capacity']}")
-    fig.tight_layout()
-    written.append(folder / "hit_collision.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    return Plot("hit_collision", "Hit and collision rates", fig,
+                caption="Symptoms, not the goal: a collision miss is a miss on an expert evicted earlier in the same "
+                        "pass.")
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(lines)), 4))
-    ax.bar([i - 0.2 for i in x], [r.get("ttft_ms") or 0 for r in lines], 0.4, label="TTFT (engine or sim)")
-    ax.bar([i + 0.2 for i in x], [r.get("sim_ttft_ms") or 0 for r in lines], 0.4, label="simulated TTFT")
-    ax.set_xticks(list(x), labels, rotation=15, ha="right", fontsize=8)
-    ax.set_ylabel("ms")
-    ax.legend()
-    fig.tight_layout()
-    written.append(folder / "ttft.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
 
+def bytes_plot(report: dict[str, Any]) -> Plot:
+    """Bytes over the link per token, used and wasted, per configuration and for the physical limit."""
+    title = "Bytes moved per token"
+    caption = ("Blue: bytes over the link per token that were used; orange: wasted (prefetched, never used). The "
+               "physical limit's row is Belady without prefetch: the fewest bytes any eviction can move.")
+    lines, _, limit = _drawn_rows(report)
+    lines = lines + ([limit] if limit else [])
+    if not any((r.get("mb_per_token") or 0) > 0 for r in lines):
+        return Plot("bytes_per_token", title, None, caption=caption,
+                    note="no bytes crossed the link in any configuration (the cache held every expert used)")
+    fig, (ax,) = new_figure(7.5, 1.2 + 0.45 * len(lines), 1)
+    y = list(range(len(lines)))[::-1]
+    wasted = [r.get("wasted_mb_per_token") or 0.0 for r in lines]
+    used = [(r.get("mb_per_token") or 0.0) - w for r, w in zip(lines, wasted, strict=True)]
+    ax.barh(y, used, color="tab:blue", label="used")
+    ax.barh(y, wasted, left=used, color="tab:orange", label="wasted")
+    ax.set_xlim(0, 1.04 * max(u + w for u, w in zip(used, wasted, strict=True)))
+    ax.set_yticks(y, [f"{r['label']} ({r.get('source')})" for r in lines], fontsize=8)
+    ax.set_xlabel("MB over the link per token processed")
+    ax.set_title("bytes moved per token")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+    return Plot("bytes_per_token", title, fig, caption=caption)
+
+
+def per_prompt_plot(report: dict[str, Any]) -> Plot:
+    """Measured TTFT (and TPOT) of every prompt per engine configuration: the spread behind the means."""
+    title = "Latency per prompt (engine)"
     engine_rows = [r for r in report["rows"] if r.get("engine")]
-    if engine_rows:
-        fig, ax = plt.subplots(figsize=(6, 4))
+    if not engine_rows:
+        return Plot("latency_per_prompt", title, None,
+                    note="no engine run (--mode sim): every number is simulated, there is no per-prompt measurement")
+    panels = [(k, n) for k, n in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"))
+              if any(p[k] > 0 for r in engine_rows for p in r["engine"]["prompts"])]
+    missing = [] if len(panels) == 2 else ["no TPOT: every prompt generated one token (--max-new-tokens 1)"]
+    if not panels:
+        return Plot("latency_per_prompt", title, None, note="no prompt has a measured latency")
+    fig, axes = new_figure(5.5, 3.8, len(panels))
+    for ax, (key, name) in zip(axes, panels, strict=True):
         for r in engine_rows:
-            ax.plot([1000 * p["ttft_s"] for p in r["engine"]["prompts"]], marker="o", label=r["label"])
+            ax.plot([1000 * p[key] for p in r["engine"]["prompts"]], marker="o", label=r["label"])
         ax.set_xlabel("prompt")
-        ax.set_ylabel("TTFT ms")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(folder / "ttft_per_prompt.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-    return written
+        ax.set_ylabel(f"{name} (ms)")
+        ax.set_title(f"{name} per prompt")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return Plot("latency_per_prompt", title, fig, note="; ".join(missing))
 
 
-def log_wandb(report: dict[str, Any], project: str, plots: str | None = None) -> None:
-    """Log the table, the summary numbers and the plots; offline unless an API key is configured."""
+def plots(report: dict[str, Any]) -> list[Plot]:
+    """Every figure of an evaluation, the headline (latency against its bounds) first."""
+    return [checked(p) for p in (latency_plot(report), bytes_plot(report), hit_collision_plot(report),
+                                 per_prompt_plot(report))]
+
+
+def write_plots(report: dict[str, Any], folder: str | os.PathLike[str]) -> list[Path]:
+    """The figures as PNG files (plots that cannot be drawn write nothing: see their notes)."""
+    return save_pngs(plots(report), folder)
+
+
+def html_report(report: dict[str, Any], figures: list[Plot], command: str):
+    """The evaluation as one :class:`reporting.html.Report`: setup, the held-out prompts, figures, table."""
+    from reporting.html import Report, Table
+    from reporting.provenance import versions
+
+    setup = describe_setup(report)
+    lines = table_rows(report)
+    heads = _heads()
+    table = Table(setup[0], list(heads.values()),
+                  [[str(line.get(k, "")) if k in ("label", "source") else _fmt(k, line.get(k)) for k in heads]
+                   for line in lines], caption=CAPTION,
+                  row_kinds=["limit" if line["label"].startswith("physical limit") else
+                             "reference" if line["label"].startswith("plain") or "reference" in line["label"] else ""
+                             for line in lines], left=2)
+    split = report.get("prompt_note") or "the prompts are not held out from anything: no learned part was used"
+    if report.get("predictor"):
+        split = f"{split} (predictor: {report['predictor']})"
+    return Report(title=f"Offloaded inference: {setup[0]}", command=command, versions=versions(),
+                  setup=[line for line in setup[1:] if not line.startswith("prompts: ")]
+                  + [f"mode: {report.get('mode')}, lookahead {report.get('lookahead')}, "
+                     f"{report.get('max_new_tokens')} new tokens per prompt"],
+                  split=split, tables=[table], plots=figures)
+
+
+def log_wandb(report: dict[str, Any], project: str, figures: list[Plot] | None = None) -> None:
+    """Log the table, the summary numbers and the report's figures as images; offline unless an API key
+    is configured."""
     import wandb
+
+    from reporting.figures import wandb_images
 
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     config = {k: v for k, v in report.items() if k not in ("rows", "plain")}
@@ -206,8 +341,7 @@ def log_wandb(report: dict[str, Any], project: str, plots: str | None = None) ->
             for c in COLUMNS:
                 if line.get(c) is not None:
                     run.summary[f"{line['label']}/{c}"] = line[c]
-        if plots:
-            for png in sorted(Path(plots).glob("*.png")):
-                run.log({png.stem: wandb.Image(str(png))})
+        if figures:
+            run.log(wandb_images(figures))
     finally:
         run.finish()
