@@ -56,6 +56,7 @@ class FrequencyPredictor(Predictor):
 
     family = "frequency"
     needs = frozenset()
+    kernels = 1  # a row of the popularity table
 
     def __init__(self, popularity: torch.Tensor, top_k: int, lookahead: int):
         num_layers, num_experts = popularity.shape
@@ -91,6 +92,7 @@ class ConditionalFrequency(Predictor):
 
     family = "conditional_frequency"
     needs = frozenset({"chosen"})
+    kernels = 2  # gather the chosen experts' transition rows, average
 
     def __init__(self, counts: torch.Tensor, popularity: torch.Tensor, top_k: int, smoothing: float = 1.0):
         num_layers, lookahead, num_experts, _ = counts.shape

@@ -35,6 +35,7 @@ class GateLookahead(Predictor):
 
     family = "gate_lookahead"
     needs = frozenset({"hidden"})
+    kernels = 2  # one batched matmul with the next routers, one softmax
 
     def __init__(self, router_weights: torch.Tensor, top_k: int, lookahead: int):
         num_layers, num_experts, _ = router_weights.shape

@@ -26,6 +26,7 @@ from predictors.learned import LearnedPredictor
 class MLPLookahead(LearnedPredictor):
     family = "mlp_lookahead"
     needs = frozenset({"hidden"})
+    kernels = 6  # norm, two linears, the gate matmul, the head, the sigmoid
 
     def __init__(self, router_weights: torch.Tensor, top_k: int, lookahead: int, width: int = 128,
                  dropout: float = 0.0):

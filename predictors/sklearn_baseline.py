@@ -27,6 +27,7 @@ def _pair_key(layer: int, distance: int) -> str:
 class SklearnLogReg(Predictor):
     family = "sklearn_logreg"
     needs = frozenset({"hidden"})
+    kernels = 2  # PCA projection, logistic head
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, lookahead: int,
                  pairs: dict[tuple[int, int], dict[str, torch.Tensor]], n_components: int = 32, C: float = 1.0):

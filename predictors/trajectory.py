@@ -67,6 +67,12 @@ class TrajectoryPredictor(LearnedPredictor):
     family = "trajectory"
     needs = frozenset({"chosen", "previous"})
 
+    def work(self, tokens: int) -> tuple[float, float, int]:
+        """Gathers of the window's transition rows, the mixture and its log (3 kernels); the GRU
+        residual adds a step per window layer and its head."""
+        flops, nbytes, _ = super().work(tokens)
+        return flops, nbytes, 3 + (self.window + 2 if self.dim > 0 else 0)
+
     def __init__(self, counts: torch.Tensor, popularity: torch.Tensor, top_k: int, lookahead: int, dim: int = 32,
                  window: int = 3, dropout: float = 0.1, smoothing: float = 1.0):
         num_layers, max_distance, num_experts, _ = counts.shape
