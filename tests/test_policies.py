@@ -102,9 +102,13 @@ def test_lfu_run_scope_remembers_counts_and_cache_scope_forgets():
     # a hit -> a3; d: evict b (2 < 3)
     assert victims == [(0, 1), (0, 2), (0, 1)]
     assert hits == [False, True, False, False, False, True, False]
-    hits, victims, _ = summary(replay(ExpertCache(1, 4, 2, LFU(scope="cache")), passes))
-    # cache scope: b comes back with count 1 -> after a hit (a3), d evicts b (1)
-    assert victims == [(0, 1), (0, 2), (0, 1)]
+    # where the scopes part: b b c a a c d (a=0, b=1, c=2, d=3). c is evicted with count 1 and comes back:
+    # run scope remembers it (c=2 ties a=2, a is older: d evicts a); cache scope restarts it (c=1: d evicts c)
+    passes = [[[e]] for e in [1, 1, 2, 0, 0, 2, 3]]
+    for scope, last in (("run", (0, 0)), ("cache", (0, 2))):
+        hits, victims, _ = summary(replay(ExpertCache(1, 4, 2, LFU(scope=scope)), passes))
+        assert hits == [False, True, False, False, True, False, False]
+        assert victims == [(0, 2), (0, 1), last], scope
 
 
 def test_lfu_ties_go_to_least_recently_used():
