@@ -337,13 +337,17 @@ def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, 
             t += dt
             comp += dt
             now = t
-            for i in range(a, b):
-                used[expert[i]] = token
+            if D > 0:
+                for i in range(a, b):
+                    used[expert[i]] = token
             # ---------------- 1. queued prefetches this layer does not use are cancelled
             qh, free = _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state)
-            for e in range(E):
-                k = layer * E + e
-                if copy_state[k] == 1 and used[e] != token and unused_pf[k]:
+            for qi in range(qh, qt):  # the queue holds only prefetches not started yet
+                if not q_live[qi]:
+                    continue
+                k = q_key[qi]
+                e = k - layer * E
+                if 0 <= e < E and used[e] != token and unused_pf[k]:
                     q_live[qidx[k]] = False
                     qidx[k] = -1
                     copy_state[k] = 0
