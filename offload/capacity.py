@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from data_pipeline.errors import UserError
@@ -33,11 +34,17 @@ def parse_capacity(text: str, model: ModelInfo, partition: str = "global") -> in
     """
     s = str(text).strip().lower().replace(" ", "")
     total = model.num_layers * model.num_experts
+    if not s:
+        raise UserError("capacity is empty; give a percentage (5%), a size (0.6GB) or a slot count (512)")
     if s.endswith("%"):
         try:
             frac = float(s[:-1]) / 100.0
         except ValueError:
             raise UserError(f"capacity {text!r} is not a percentage") from None
+        if not math.isfinite(frac):
+            raise UserError(f"capacity {text!r} is not a finite percentage")
+        if frac > 1.0:
+            raise UserError(f"capacity {text!r} is more than every expert of the model (100% = {total} slots)")
         slots = round(frac * total)
     elif m := re.fullmatch(r"([0-9.]+(?:e[+-]?[0-9]+)?)([kmgt]i?b|b)", s):
         ebytes = mean_expert_bytes(model)
@@ -49,6 +56,8 @@ def parse_capacity(text: str, model: ModelInfo, partition: str = "global") -> in
             value = float(s)
         except ValueError:
             raise UserError(f"capacity {text!r} is neither a percentage, a size (0.6GB) nor a slot count") from None
+        if not math.isfinite(value):
+            raise UserError(f"capacity {text!r} is not a finite slot count")
         if value != int(value):
             raise UserError(f"capacity {text!r}: a slot count must be a whole number")
         slots = int(value)
@@ -58,4 +67,7 @@ def parse_capacity(text: str, model: ModelInfo, partition: str = "global") -> in
     if slots < need:
         where = f"{model.top_k} per layer x {model.num_layers} layers" if partition == "per-layer" else f"top-k {model.top_k}"
         raise UserError(f"capacity {text!r} is {slots} expert slots, below one layer's need ({where} = {need})")
-    return min(slots, total)
+    if slots > total:
+        raise UserError(f"capacity {text!r} is {slots} expert slots, more than the model's {total} experts "
+                        f"(100% = {total})")
+    return slots

@@ -344,5 +344,8 @@ def make_prefetcher(spec: str, store: TraceStore | None, *, lookahead: int = 1, 
         except ImportError:
             raise UserError("learned predictor checkpoints are not available in this build") from None
         predictor = load_predictor(spec[5:], store.model)
-        return PredictorPrefetch(predictor, TopKSelection(overfetch), min(lookahead, predictor.lookahead), name=spec)
+        if lookahead > predictor.lookahead:
+            raise UserError(f"{spec[5:]} forecasts {predictor.lookahead} layer(s) ahead, not {lookahead}: lower "
+                            f"--lookahead or train with a larger one")
+        return PredictorPrefetch(predictor, TopKSelection(overfetch), lookahead, name=spec)
     raise UserError(f"unknown prefetcher {spec!r}; valid: {', '.join(PREFETCHERS)}, ckpt:PATH")

@@ -357,7 +357,8 @@ def _result(replay: Replay, cfg: SimConfig, tally: _Tally, counted: np.ndarray) 
     return out
 
 
-def _layer_bytes(store: TraceStore | None, passes: Passes) -> np.ndarray:
+def _layer_bytes(store: TraceStore | None, passes: Passes, given: float | None = None) -> np.ndarray:
+    """Bytes of one expert per layer: the store's numbers, else ``given`` (``--copy-bytes``)."""
     if store is not None:
         lb = layer_expert_bytes(store.model)
         if lb is not None:
@@ -365,8 +366,11 @@ def _layer_bytes(store: TraceStore | None, passes: Passes) -> np.ndarray:
         m = store.model
         if m.hidden_size and m.moe_intermediate_size:
             return np.full(passes.num_layers, 3.0 * m.hidden_size * m.moe_intermediate_size * bytes_per_param(m.dtype))
-        raise UserError(f"{store.path} records no expert size (expert_bytes), which the timing model needs")
-    return np.full(passes.num_layers, 1.0)
+        if given is not None:
+            return np.full(passes.num_layers, float(given))
+        raise UserError(f"{store.path} records no expert size, which the timing model needs: give --copy-bytes "
+                        f"(bytes of one expert) or re-import it with --expert-bytes")
+    return np.full(passes.num_layers, 1.0 if given is None else float(given))
 
 
 def predictor_cost(prefetcher: Prefetcher, hardware: Hardware, override_us: float | None) -> Callable[[int], float]:
@@ -407,6 +411,10 @@ class ReplayCache:
     def forecast(self, cfg: SimConfig) -> tuple[Prefetcher, ExpertForecast | None]:
         key = (cfg.phase, cfg.prefetch, cfg.lookahead, cfg.overfetch)
         if key not in self._forecasts:
+            if cfg.prefetch != "none":
+                from predictors.base import check_lookahead
+
+                check_lookahead(cfg.lookahead, self.passes(cfg.phase).num_layers)
             pf = make_prefetcher(cfg.prefetch, self.store, lookahead=cfg.lookahead, overfetch=cfg.overfetch)
             self._forecasts[key] = (pf, pf.forecast(self.passes(cfg.phase), self.store))
         return self._forecasts[key]
@@ -461,7 +469,7 @@ class ReplayCache:
             if not (cfg.copy_bytes > 0 and math.isfinite(cfg.copy_bytes)):
                 raise UserError(f"bytes per copy must be a positive number, got {cfg.copy_bytes}")
             copy_bytes = np.full(ps.num_layers, float(cfg.copy_bytes))
-        return Replay(self.store, ps, fc, hw, slots, _layer_bytes(self.store, ps), bpp,
+        return Replay(self.store, ps, fc, hw, slots, _layer_bytes(self.store, ps, cfg.copy_bytes), bpp,
                       predictor_cost(prefetcher, hw, cfg.predictor_us),
                       self.pass_part(cfg) if cfg.passes != "all" else None, copy_bytes)
 

@@ -77,6 +77,10 @@ def _split_hardware(text: str) -> list[str]:
 
 
 def build_configs(args: argparse.Namespace) -> list[SimConfig]:
+    for flag in ("policy", "prefetch", "capacity", "hardware", "phase", "cache", "lookahead", "miss", "routing",
+                 "admission"):
+        if not _split(getattr(args, flag)):
+            raise UserError(f"--{flag} is empty; give at least one value")
     policies = ALL_POLICIES if args.policy.strip() == "all" else _split(args.policy)
     for pol in policies:
         if pol not in POLICIES:
@@ -98,6 +102,10 @@ def build_configs(args: argparse.Namespace) -> list[SimConfig]:
         raise UserError(f"--lookahead {args.lookahead!r} must be whole numbers") from None
     if any(d < 1 for d in lookaheads):
         raise UserError("--lookahead must be at least 1")
+    for pf in prefetchers:
+        if pf in ("topk", "score") and any(d != 1 for d in lookaheads):
+            raise UserError(f"--prefetch {pf} forecasts the next layer only (the paper's prefetcher); use gate, oracle "
+                            f"or ckpt:PATH for --lookahead {','.join(map(str, lookaheads))}")
     for m in _split(args.miss):
         if m not in MISS_MODES:
             raise UserError(f"unknown miss handling {m!r}; valid: {', '.join(MISS_MODES)}")

@@ -152,16 +152,29 @@ def latest_checkpoint(dir: str | os.PathLike[str] = "checkpoints", family: str |
         return None
     runs = sorted(root.glob(f"*/{RUN_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
     for run_file in runs:
-        try:
-            run = json.loads(run_file.read_text())
-        except json.JSONDecodeError:
-            continue
-        if model_info is not None and run.get("model_key", model_info.key()) != model_info.key():
-            continue
-        files: dict[str, str] = run.get("predictors", {})
-        name = family or run.get("best")
-        if name in run.get("untrained", []):  # saved for inspection, never served as a trained predictor
-            continue
-        if name in files and (run_file.parent / files[name]).is_file():
-            return run_file.parent / files[name]
+        found = run_predictor(run_file.parent, family, model_info)
+        if found is not None:
+            return found
+    return None
+
+
+def run_predictor(run_dir: str | os.PathLike[str], family: str | None = None,
+                  model_info: ModelInfo | None = None) -> Path | None:
+    """The predictor file of one finished run folder: its best learned family (or ``family``), None
+    when the run is unfinished, trained for another model, or that family is untrained."""
+    run_file = Path(run_dir) / RUN_FILE
+    try:
+        run = json.loads(run_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(run, dict):
+        return None
+    if model_info is not None and run.get("model_key", model_info.key()) != model_info.key():
+        return None
+    files: dict[str, str] = run.get("predictors", {})
+    name = family or run.get("best")
+    if name in run.get("untrained", []):  # saved for inspection, never served as a trained predictor
+        return None
+    if name in files and (run_file.parent / files[name]).is_file():
+        return run_file.parent / files[name]
     return None

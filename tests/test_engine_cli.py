@@ -53,6 +53,12 @@ def test_bad_input_is_one_line(capsys, tmp_path):
     _fails(capsys, ["--bandwidth=-5GB/s", *FAST], "bandwidth")
     _fails(capsys, ["--policy-typo", "lru"], "unrecognized arguments")
     _fails(capsys, ["--system", "hobbit", *FAST], "quantized")
+    # refused before any model loads (issue 11): an unknown policy, a lookahead the prefetcher cannot make
+    _fails(capsys, ["--policy", "nope", *FAST], "valid: least_stale")
+    _fails(capsys, ["--prefetch", "topk", "--lookahead", "3", *FAST], "next layer only")
+    _fails(capsys, ["--checkpoint", str(tmp_path), *FAST], "without a finished train.py run")
+    for bad in ("nan", "", "150%"):
+        _fails(capsys, ["--prefetch", "none", "--capacity", bad, *FAST], "capacity")
     if not torch.cuda.is_available():
         _fails(capsys, ["--device", "cuda", *FAST], "GPU")
 
@@ -65,6 +71,11 @@ def test_refusals_that_need_the_model(capsys, tmp_path):
     other = ModelInfo("another-moe", "olmoe", 6, 32, 4, hidden_size=128)
     ckpt = _save_checkpoint(tmp_path / "ckpt", other)
     _fails(capsys, ["--checkpoint", str(ckpt), *FAST], "trained for another-moe")
+    _fails(capsys, ["--checkpoint", str(ckpt.parent), *FAST], "trained for another-moe")  # its run folder
+    from data_pipeline.models import load_model
+
+    mine = _save_checkpoint(tmp_path / "mine", load_model("tiny-olmoe").info)
+    _fails(capsys, ["--checkpoint", str(mine), "--lookahead", "5", *FAST], "forecasts 2 layer(s) ahead")
     long_text = tmp_path / "long.txt"
     long_text.write_text(" ".join(["word"] * 2000))
     _fails(capsys, ["--prefetch", "none", "--dataset", str(long_text), *FAST], "context")

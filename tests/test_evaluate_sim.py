@@ -55,6 +55,14 @@ def test_sweep_writes_json_table_and_plots(gemma_store, tmp_path, capsys):
     (["--capacity", "3"], "below one layer"),
     (["--routing", "cache-aware"], "router logits"),
     (["--prefetch", "gate"], "hidden states"),
+    # out-of-range values are refused, never clamped or ignored (issue 11)
+    (["--capacity", "nan"], "finite"),
+    (["--capacity", "inf%"], "finite"),
+    (["--capacity", ""], "--capacity is empty"),
+    (["--capacity", "150%"], "more than every expert"),
+    (["--capacity", "99999"], "more than the model's 3840 experts"),
+    (["--prefetch", "topk", "--lookahead", "99"], "next layer only"),
+    (["--prefetch", "oracle", "--lookahead", "99"], "runs past the last layer"),
 ])
 def test_bad_input_is_one_line_and_exit_2(gemma_store, args, message):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -63,6 +71,25 @@ def test_bad_input_is_one_line_and_exit_2(gemma_store, args, message):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+
+
+def test_a_store_without_expert_sizes_needs_copy_bytes(tmp_path):
+    """A generic import records no expert size: the timing model asks for one, and --copy-bytes gives it."""
+    csv = tmp_path / "routes.csv"
+    rows = ["seq,step,phase,layer,expert,weight"] + [f"0,{t},1,{layer},{(t + e + layer) % 8},0.5"
+                                                     for t in range(12) for layer in range(2) for e in range(2)]
+    csv.write_text("\n".join(rows) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "data_pipeline.import_routes", str(csv), "--out", str(tmp_path / "s")],
+                   cwd=REPO, env=env, check=True, capture_output=True)
+    run = [sys.executable, str(REPO / "evaluate.py"), "--trace", str(tmp_path / "s"), "--capacity", "4"]
+    proc = subprocess.run(run, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "--copy-bytes" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    out = tmp_path / "r.json"
+    subprocess.run([*run, "--copy-bytes", "1e6", "--json", str(out)], env=env, check=True, capture_output=True)
+    results = json.loads(out.read_text())["results"]
+    assert all(r["bytes_moved"] == 1e6 * (r["misses"] + r["prefetch_issued"] - r["prefetch_cancelled"])
+               for r in results)
 
 
 def test_missing_trace_is_one_line(tmp_path):

@@ -92,8 +92,8 @@ def test_capacity_parsing():
     assert parse_capacity("600MiB", m) == 50
     assert parse_capacity("0.6GB", m) == int(0.6e9 // (12 * 2**20))
     assert parse_capacity("512", m) == 512
-    assert parse_capacity("5000", m) == 1024  # never more than every expert
-    for bad in ("0", "-3", "0%", "7", "abc", "1.5"):
+    assert parse_capacity("1024", m) == parse_capacity("100%", m) == 1024
+    for bad in ("0", "-3", "0%", "7", "abc", "1.5", "", "nan", "inf", "nan%", "inf%", "150%", "5000", "20GB"):
         with pytest.raises(UserError):
             parse_capacity(bad, m)
     with pytest.raises(UserError, match="per layer"):

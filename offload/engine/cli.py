@@ -196,14 +196,9 @@ def _predictor(args: argparse.Namespace, loaded: Any, prefetch: str):
     if prefetch == "none":
         return None
     if prefetch == "learned":
-        from predictors.checkpoint import latest_checkpoint, load_predictor
+        from predictors.checkpoint import load_predictor
 
-        path = args.checkpoint or latest_checkpoint(args.checkpoints)
-        if path is None:
-            raise UserError(f"no trained predictor in {args.checkpoints}/: run `python train.py` first "
-                            f"(or pass --prefetch gate/topk/none)")
-        if not Path(path).is_file():
-            raise UserError(f"checkpoint {path} does not exist")
+        path = checkpoint_path(args)
         predictor = load_predictor(path, loaded.info)
         predictor.source = str(path)
         return predictor
@@ -214,13 +209,39 @@ def _predictor(args: argparse.Namespace, loaded: Any, prefetch: str):
     return GateLookahead(weights, a.top_k, lookahead)
 
 
+def checkpoint_path(args: argparse.Namespace) -> Path:
+    """The learned predictor file: ``--checkpoint`` (a file, or a train.py run folder: its best family),
+    else the newest finished run under ``--checkpoints``."""
+    from predictors.checkpoint import latest_checkpoint, run_predictor
+
+    if args.checkpoint is None:
+        path = latest_checkpoint(args.checkpoints)
+        if path is None:
+            raise UserError(f"no trained predictor in {args.checkpoints}/: run `python train.py` first "
+                            f"(or pass --prefetch gate/topk/none)")
+        return path
+    given = Path(args.checkpoint)
+    if given.is_dir():
+        path = run_predictor(given)
+        if path is None:
+            raise UserError(f"--checkpoint {given} is a folder without a finished train.py run (run.json naming a "
+                            f"trained best predictor); give a predictor file or such a run folder")
+        return path
+    if not given.is_file():
+        raise UserError(f"checkpoint {given} does not exist")
+    return given
+
+
 def _lookahead(args: argparse.Namespace, predictor: Any) -> int:
     if predictor is None:
         return 1
     if args.lookahead is not None:
         if args.lookahead < 1:
             raise UserError(f"--lookahead must be at least 1, got {args.lookahead}")
-        return min(args.lookahead, predictor.lookahead)
+        if args.lookahead > predictor.lookahead:
+            raise UserError(f"the predictor forecasts {predictor.lookahead} layer(s) ahead, not --lookahead "
+                            f"{args.lookahead}")
+        return args.lookahead
     return predictor.lookahead
 
 
@@ -235,6 +256,17 @@ def _sim_prefetch(row: RowSpec, predictor: Any, lookahead: int) -> str:
 
 # ---------------------------------------------------------------------- running
 def _check_inputs(args: argparse.Namespace) -> float | None:
+    """Everything that can be refused before a model loads or a prompt runs (one line each)."""
+    from offload.policies import make_policy
+
+    make_policy(args.policy)  # unknown policy names list the valid ones
+    if args.lookahead is not None and args.lookahead < 1:
+        raise UserError(f"--lookahead must be at least 1, got {args.lookahead}")
+    if args.lookahead not in (None, 1) and args.prefetch in ("topk", "score"):
+        raise UserError(f"--prefetch {args.prefetch} forecasts the next layer only (the paper's prefetcher); use "
+                        f"--prefetch gate or learned for --lookahead {args.lookahead}")
+    if args.prefetch == "learned" and args.system is None:
+        checkpoint_path(args)
     if args.prompts < 1:
         raise UserError(f"--prompts must be at least 1, got {args.prompts}")
     if args.max_new_tokens < 1:
@@ -491,11 +523,9 @@ def _replay_store(args, rows: list[RowSpec], hardware: str, bandwidth, expert_by
     predictors: dict[str, Any] = {}
     for row in rows:
         if row.prefetch == "learned" and "learned" not in predictors:
-            from predictors.checkpoint import latest_checkpoint, load_predictor
+            from predictors.checkpoint import load_predictor
 
-            path = args.checkpoint or latest_checkpoint(args.checkpoints)
-            if path is None:
-                raise UserError(f"no trained predictor in {args.checkpoints}/: run `python train.py` first")
+            path = checkpoint_path(args)
             predictors["learned"] = load_predictor(path, store.model)
             predictors["learned"].source = str(path)
     main_predictor = predictors.get(rows[0].prefetch)

@@ -119,7 +119,8 @@ class OffloadEngine:
                 f"({self.top_k}): the engine could not hold the experts of a single token; raise --capacity"
             )
         if config.capacity_slots > self.num_layers * self.num_experts:
-            config.capacity_slots = self.num_layers * self.num_experts
+            raise UserError(f"capacity of {config.capacity_slots} expert slots is more than the model's "
+                            f"{self.num_layers * self.num_experts} experts")
         if predictor is not None and (predictor.num_layers, predictor.num_experts) != (
             self.num_layers, self.num_experts
         ):
