@@ -145,7 +145,7 @@ def evaluate_store(store: TraceStore, phase: str, capacities: list[str], *, epoc
     policies = {
         "lru": lambda: make_policy("lru"),
         "least_stale": lambda: make_policy("least_stale"),
-        "forecast (online counted)": lambda: Forecast(),
+        "forecast (online logistic, the default)": lambda: Forecast(),
         "forecast (counted, frozen)": lambda: Forecast(frozen),
         "forecast (mlp)": lambda: Forecast(mlp),
         "least_stale_forecast (mlp)": lambda: LeastStaleForecast(mlp),
