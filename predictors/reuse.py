@@ -246,14 +246,20 @@ _LOGISTIC_INDEX = np.array([FEATURE_NAMES.index(n) for n in LOGISTIC_FEATURES])
 _LOGISTIC_LOG = np.array([n.startswith(("rate_", "p_follow")) for n in LOGISTIC_FEATURES])
 
 
+def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    return float(-(y * np.log(p) + (1.0 - y) * np.log(1.0 - p)).mean())
+
+
 class LogisticReuse(ReuseForecaster):
     """Logistic regression of "chosen at the next opportunity", learned online by AdaGrad.
 
     Every opportunity reveals its labels one pass later (``learn``), so the model keeps fitting the
     run it serves -- on the labels of the past only, which keeps held-out numbers held out. Rates and
     ``p_follow`` enter as logs (their effect is multiplicative); one AdaGrad step per revealed layer.
-    Until ``warmup`` labels have been seen it answers with the counted forecaster (which learns
-    from the same labels), so the first passes are not served by a cold model. ``fit`` trains it on
+    It answers with the counted forecaster (which learns from the same labels) until ``warmup``
+    labels have been seen, and afterwards whenever the counted table has predicted the recent
+    labels better (a running prequential log loss: each model scored on labels before it learns
+    from them) -- on a short or simple stream the table can be the better model. ``fit`` trains it on
     a store's training passes beforehand (``python -m predictors.reuse --family reuse_logistic``);
     it then keeps learning online unless ``online=False``.
 
@@ -273,6 +279,7 @@ class LogisticReuse(ReuseForecaster):
         self.g2 = np.full(n, 1e-8)  # AdaGrad's running sum of squared gradients
         self.seen = 0
         self.fallback = CountedReuse(num_layers, num_experts, top_k)
+        self.loss_gap = 0.0  # running (mine - counted) log loss on labels not yet learned from
 
     @staticmethod
     def design(features: np.ndarray) -> np.ndarray:
@@ -290,8 +297,13 @@ class LogisticReuse(ReuseForecaster):
     def learn(self, features: np.ndarray, reused: np.ndarray) -> None:
         if not self.online or len(reused) == 0:
             return
+        x, y = self.design(features), np.asarray(reused, dtype=np.float64)
+        # prequential score: how well each model predicted these labels before seeing them
+        mine = np.clip(1.0 / (1.0 + np.exp(-(x @ self.w))), 1e-6, 1 - 1e-6)
+        theirs = np.clip(self.fallback.reuse_probability(features), 1e-6, 1 - 1e-6)
+        self.loss_gap += 0.01 * (_log_loss(y, mine) - _log_loss(y, theirs) - self.loss_gap)
         self.fallback.learn(features, reused)
-        self._step(self.design(features), np.asarray(reused, dtype=np.float64))
+        self._step(x, y)
 
     def fit(self, features: np.ndarray, reused: np.ndarray, *, epochs: int = 3, batch: int = 256,
             seed: int = 0) -> LogisticReuse:
@@ -307,7 +319,7 @@ class LogisticReuse(ReuseForecaster):
         return self
 
     def reuse_probability(self, features: np.ndarray) -> np.ndarray:
-        if self.seen < self.warmup:
+        if self.seen < self.warmup or self.loss_gap > 0.0:
             return self.fallback.reuse_probability(features)
         return 1.0 / (1.0 + np.exp(-(self.design(features) @ self.w)))
 

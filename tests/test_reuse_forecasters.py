@@ -14,6 +14,7 @@ from offload.passes import build_passes, passes_from_lists
 from offload.policies import make_policy
 from predictors.reuse import (
     CountedReuse,
+    LogisticReuse,
     MLPReuse,
     fit_reuse,
     is_reuse_checkpoint,
@@ -141,7 +142,8 @@ def test_checkpoints_round_trip_and_refuse_another_model(tmp_path):
     counted = CountedReuse(3, 12, 2).fit(np.abs(x), y)
     mlp = MLPReuse(3, 12, 2, hidden=8)
     mlp.set_standardisation(x)
-    for f in (counted, mlp):
+    logistic = LogisticReuse(3, 12, 2).fit(np.abs(x), y)
+    for f in (counted, mlp, logistic):
         path = save_reuse_forecaster(f, tmp_path / f.family, model=model, store_fingerprint="abc")
         assert is_reuse_checkpoint(path)
         back = load_reuse_forecaster(path, model)
@@ -174,3 +176,62 @@ def test_numpy_serving_of_the_mlp_equals_its_torch_forward():
     mlp.set_standardisation(x * 3 + 1)
     torch_logits = mlp.net(torch.from_numpy(x)).detach().numpy()
     assert np.allclose(mlp.logits(x), torch_logits, atol=1e-5)
+
+
+def _follow_stream(seed: int, L: int = 2, E: int = 12, P: int = 400) -> list:
+    """Each layer's next pick is decided by its last one (a fixed successor map), now and then a
+    random expert: what the layer chose last time says everything, recency and rates little."""
+    rng = np.random.default_rng(seed)
+    successor = [rng.permutation(E) for _ in range(L)]
+    cur = [int(rng.integers(E)) for _ in range(L)]
+    out = []
+    for _ in range(P):
+        for layer in range(L):
+            cur[layer] = int(successor[layer][cur[layer]]) if rng.random() < 0.85 else int(rng.integers(E))
+        out.append([[cur[layer]] for layer in range(L)])
+    return out
+
+
+def test_p_follow_counts_who_follows_whom():
+    h = ReuseHistory(1, 4)
+    for p, e in enumerate([0, 1, 0, 1, 0]):  # 1 always follows 0
+        h.observe(0, p, np.array([e]))
+    f = h.features(0, 5)
+    # after 0: expert 1 followed it twice in 2 chances, smoothed by 2 pseudo-chances of its overall rate
+    base1 = (2 + 1) / (5 + 2)
+    assert f[1, F["p_follow"]] == pytest.approx((2 + 2 * base1) / (2 + 2), rel=1e-6)
+    assert f[2, F["p_follow"]] == pytest.approx((0 + 2 * (1 / 7)) / 4, rel=1e-6)  # never used, never followed
+
+
+def test_logistic_reuse_learns_online_what_follows_and_beats_the_counted_table():
+    """On a stream where the last pick decides the next, the online logistic forecaster (p_follow among
+    its features) ranks 'chosen at the next opportunity' better than the counted (age, rate) table,
+    judged on later opportunities before it learns from them (benchmarks/latency.py shows what that
+    buys the forecast policy on the real gemma trace)."""
+    from sklearn.metrics import roc_auc_score
+
+    passes = passes_from_lists(_follow_stream(0), 12, 1)
+    logistic, counted = LogisticReuse(2, 12, 1, warmup=200), CountedReuse(2, 12, 1)
+    scores = {"logistic": [], "counted": []}
+    labels = []
+    for p, _layer, _experts, f, used in replay_rows(passes):
+        if p > 200:
+            scores["logistic"].append(logistic.reuse_probability(f))
+            scores["counted"].append(counted.reuse_probability(f))
+            labels.append(used)
+        logistic.learn(f, used)
+        counted.learn(f, used)
+    y = np.concatenate(labels)
+    auc = {k: roc_auc_score(y, np.concatenate(v)) for k, v in scores.items()}
+    assert auc["logistic"] > auc["counted"] + 0.1, auc
+
+
+def test_logistic_reuse_answers_with_the_table_while_the_table_predicts_better():
+    """Prequential switch: while the counted table's recent log loss is lower, its answer is served."""
+    rng = np.random.default_rng(1)
+    f = LogisticReuse(1, 8, 1, warmup=0)
+    x = np.abs(rng.normal(size=(64, len(FEATURE_NAMES)))).astype(np.float32)
+    f.loss_gap = 0.5  # the table has been the better predictor
+    assert np.array_equal(f.reuse_probability(x), f.fallback.reuse_probability(x))
+    f.loss_gap = -0.5
+    assert not np.array_equal(f.reuse_probability(x), f.fallback.reuse_probability(x))
