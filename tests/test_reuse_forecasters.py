@@ -231,6 +231,7 @@ def test_logistic_reuse_answers_with_the_table_while_the_table_predicts_better()
     rng = np.random.default_rng(1)
     f = LogisticReuse(1, 8, 1, warmup=0)
     x = np.abs(rng.normal(size=(64, len(FEATURE_NAMES)))).astype(np.float32)
+    f.w[:] = 0.1  # a fitted model: its answer differs from the empty table's 0.5
     f.loss_gap = 0.5  # the table has been the better predictor
     assert np.array_equal(f.reuse_probability(x), f.fallback.reuse_probability(x))
     f.loss_gap = -0.5
