@@ -9,7 +9,9 @@ middle layer, the call the engine makes once per layer. The reference is one ran
 initialised ``OlmoeSparseMoeBlock`` (fp32, CPU, one token, HF's eager experts as the project runs
 them on CPU: memory-bound, 8 experts x 24 MiB read per token) on the same machine and threads; the
 ratio is the share of a layer's time the forecast adds if it ran on the critical path (goal:
-at most 2 %). Training throughput is the optimiser step of the LightningModule's loss on
+at most 2 %). The last columns are what the simulator charges per call on a GPU profile
+(``Predictor.work`` through ``Hardware.kernel_time``: kernel launches plus compute- or memory-bound
+work), next to this CPU's measurement. Training throughput is the optimiser step of the LightningModule's loss on
 random batches at the same sizes (samples = tokens, each with all its layers), without the
 Trainer's loop around it.
 """
@@ -127,14 +129,21 @@ def main(argv: list[str] | None = None) -> None:
     ctx = one_token_context()
     table = Table(title=f"forecast for one decode token at layer {LAYER} (D={D}) vs one OLMoE MoE layer "
                         f"(min {moe * 1e3:.2f} ms, median {moe_median * 1e3:.2f} ms), {args.threads} threads")
-    for col in ("family", "min (us)", "median (us)", "min / MoE-layer min", "goal <= 2%"):
+    from offload.hardware import get_hardware
+
+    a100, pcie5 = get_hardware("a100-5gbs"), get_hardware("pcie5")
+    for col in ("family", "min (us)", "median (us)", "min / MoE-layer min", "goal <= 2%",
+                "simulated us (a100-5gbs)", "simulated us (pcie5)"):
         table.add_column(col, justify="left" if col == "family" else "right")
     with torch.inference_mode():
         for name, pred in families.items():
             s, median = _timings(lambda p=pred: p.predict(ctx), args.repeats)
             ratio = s / moe
+            # what the simulator charges on the device timeline: Predictor.work through the roofline
+            work = pred.work(1)
             table.add_row(name, f"{s * 1e6:.0f}", f"{median * 1e6:.0f}", f"{ratio:.2%}",
-                          "yes" if ratio <= 0.02 else "[red]no[/]")
+                          "yes" if ratio <= 0.02 else "[red]no[/]", f"{a100.kernel_time(*work) * 1e6:.1f}",
+                          f"{pcie5.kernel_time(*work) * 1e6:.1f}")
     console.print(table)
 
     train = Table(title=f"training throughput (median; loss + backward + AdamW step, batch {args.batch_size}, all 16 layers)")
