@@ -1036,14 +1036,15 @@ class TraceStoreWriter:
             raise TraceStoreError(f"{self.path}: a sequence in this shard is already stored")
         return self._adopt(self.format.stage(index=index, **arrays), verify=False)
 
-    def adopt(self, staged: StagedShard) -> Path:
-        """Make a shard another process staged part of the store, after checking it holds what it claims.
+    def adopt(self, staged: StagedShard, *, verify: bool = True) -> Path:
+        """Make a staged shard part of the store, after checking it holds what it claims.
 
         The file must match its checksum, hold this store's schema, pass the reader's id and order
         checks and hold only sequences not stored yet; otherwise it is deleted and the error names it.
+        ``verify=False`` skips all but the last check, for a shard this process staged itself.
         """
         self._require_lock()
-        return self._adopt(staged, verify=True)
+        return self._adopt(staged, verify=verify)
 
     def discard(self, staged: StagedShard) -> None:
         """Delete a staged shard that will not be adopted."""
