@@ -41,14 +41,15 @@ class Ranks:
         return self.rank == 0
 
     def device(self, device: str) -> str:
-        """``cuda`` / ``auto`` become this rank's own GPU (``cuda:<local_rank>``) when there are several ranks."""
+        """``cuda`` / ``auto`` become this rank's own GPU when there are several ranks: ``cuda:<local_rank>``,
+        wrapping round when a node runs more ranks than it has GPUs (small models can share one)."""
         if self.world == 1 or device not in ("cuda", "auto"):
             return device
         import torch
 
-        if device == "auto" and not torch.cuda.is_available():
-            return "cpu"
-        return f"cuda:{self.local_rank}"
+        if not torch.cuda.is_available():
+            return "cpu" if device == "auto" else device  # "cuda" without a GPU: load_model says so, in one line
+        return f"cuda:{self.local_rank % torch.cuda.device_count()}"
 
     # ----------------------------------------------------------------- collectives
     def _call(self, what: str, fn: Callable[[], T]) -> T:
