@@ -453,8 +453,9 @@ class _Spill:
     fmt: str
     folder: Path
     runs: list[_RunFile] = field(default_factory=list)
-    seqs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # distinct sequence ids, sorted
-    rows_per_seq: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    _seqs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    _rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    _counted: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # per block, not merged yet
     layers_seen: np.ndarray = field(default_factory=lambda: np.zeros(MAX_LAYERS, dtype=bool))
     max_expert: int = -1
     tokens: _Tokens | None = None
@@ -467,16 +468,34 @@ class _Spill:
     def num_rows(self) -> int:
         return int(self.rows_per_seq.sum())
 
+    @property
+    def seqs(self) -> np.ndarray:
+        """Distinct sequence ids, sorted."""
+        self._merge_counts()
+        return self._seqs
+
+    @property
+    def rows_per_seq(self) -> np.ndarray:
+        """Rows of each of :attr:`seqs`."""
+        self._merge_counts()
+        return self._rows
+
+    def _merge_counts(self) -> None:
+        if not self._counted:
+            return
+        seqs, inverse = np.unique(np.concatenate([self._seqs, *(s for s, _ in self._counted)]), return_inverse=True)
+        rows = np.zeros(len(seqs), dtype=np.int64)
+        np.add.at(rows, inverse, np.concatenate([self._rows, *(c for _, c in self._counted)]))
+        self._seqs, self._rows, self._counted = seqs, rows, []
+
     def add(self, cols: dict[str, np.ndarray]) -> None:
         """Spill one block's rows (sorted by sequence, file order kept within one) and count them."""
         order = np.argsort(cols["seq"], kind="stable")
         table = pa.table({k: v[order] for k, v in cols.items()})
         self.runs.append(_write_run(self.folder / f"run-{len(self.runs):06d}.arrow", table))
-        seqs, counts = np.unique(cols["seq"], return_counts=True)
-        merged, inverse = np.unique(np.concatenate([self.seqs, seqs]), return_inverse=True)
-        totals = np.zeros(len(merged), dtype=np.int64)
-        np.add.at(totals, inverse, np.concatenate([self.rows_per_seq, counts]))
-        self.seqs, self.rows_per_seq = merged, totals
+        self._counted.append(np.unique(cols["seq"], return_counts=True))
+        if sum(len(s) for s, _ in self._counted) > max(len(self._seqs), 1 << 16):  # merged when they pile up:
+            self._merge_counts()  # linear in the blocks, however many sequences the file has
 
 
 def _spill_generic(spill: _Spill, t: _Table, num_experts: int | None) -> None:
