@@ -23,25 +23,56 @@ the prefill pass); the rest phase 1 (decode steps, one pass per token). One forw
 Pad tokens never enter the store (rows are selected with the attention mask). Shards hold whole
 sequences, are written atomically, and a rerun with the same arguments skips the sequences already
 stored, so a run killed at any point finishes with every sequence exactly once.
+
+**One plan, any number of ranks.** The work is fixed before any model runs (:class:`Plan`): the
+texts up to the one that reaches ``--max-tokens`` (counted by tokenising, which needs no model),
+cut into batches of ``--batch-size`` consecutive texts and units of ``--shard-sequences / --batch-size``
+batches; unit ``u`` becomes ``shards/shard-<u>.arrow``. ``torchrun --nproc-per-node N -m
+data_pipeline.collect ...`` (several nodes: torchrun's rendezvous, with ``--out`` on a filesystem
+every node shares) hands the units that are not stored yet round-robin to the ranks. Since a
+unit's texts and batches never depend on N, its forward passes and its bytes do not either: 1, 2
+or 4 ranks write byte-identical shards, listed in the same order (same device type, dtype and
+intra-op thread count; torchrun sets ``OMP_NUM_THREADS=1`` unless told otherwise, so compare with
+a single process run with the same). ``python -m data_pipeline.inspect STORE --verify`` prints a
+content digest that does not depend on the shard layout at all.
+
+**Who writes what.** Rank 0 holds the store's writer lock and is its only committer: it alone
+renames shards into place and writes the manifest, exactly as a single process does (pending
+entry, rename, register). The other ranks write their shards under unique ``.tmp`` names
+(:meth:`~data_pipeline.trace_store.ShardFormat.stage`) and report them to rank 0 in a gather after
+each round; rank 0 adopts them in unit order once their checksum, schema, id ranges and sequence
+ids verify. So every guarantee of the single writer holds unchanged: one committer, no file
+that reads as part of the store before it is listed, and a job killed at any moment (any rank,
+``kill -9``) leaves whole listed shards plus ``.tmp`` files that the next run deletes; that run,
+with any number of ranks, plans again and collects exactly the missing units. Per-rank staging
+stores merged at the end were the alternative: they need a merge that copies every byte once
+more, and a resume that understands half-merged folders; adopting round by round needs neither
+and a crash loses at most one round of work.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence, Sized
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from data_pipeline.errors import UserError, run_cli
+from data_pipeline.errors import EXIT_BAD_INPUT, UserError, run_cli
+from data_pipeline.ranks import Ranks, from_env
 from data_pipeline.store_lock import StoreLock
 from data_pipeline.trace_store import (
     MANIFEST_NAME,
     ROUTER_WEIGHTS_NAME,
+    ShardFormat,
+    StagedShard,
     TraceStore,
     TraceStoreWriter,
     check_out_folder,
@@ -55,6 +86,7 @@ DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_PREFILL_TOKENS = 32
 DEFAULT_SHARD_SEQUENCES = 256
+T = TypeVar("T")
 
 
 def parse_hidden_layers(value: str | Sequence[int] | None, num_layers: int | None) -> list[int]:
@@ -138,8 +170,8 @@ class RouterRecorder:
         return hook
 
 
-def _batched(items: Iterable[tuple[int, str]], n: int) -> Iterator[list[tuple[int, str]]]:
-    batch: list[tuple[int, str]] = []
+def _batched(items: Iterable[T], n: int) -> Iterator[list[T]]:
+    batch: list[T] = []
     for item in items:
         batch.append(item)
         if len(batch) == n:
@@ -151,6 +183,146 @@ def _batched(items: Iterable[tuple[int, str]], n: int) -> Iterator[list[tuple[in
 
 def _same_spec(a: Any, b: Any) -> bool:
     return json.loads(json.dumps(a, sort_keys=True, default=str)) == json.loads(json.dumps(b, sort_keys=True, default=str))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which sequences a collection stores and how it groups them: the same for any number of ranks.
+
+    Sequences 0..num_sequences-1, in batches of ``batch_size`` consecutive ids, ``unit_batches``
+    batches per shard: shard ``u`` holds the sequences of unit ``u`` and is named
+    ``shard-<u>.arrow``. A unit is one rank's piece of work, and which rank runs it never changes
+    what goes into it: the same texts in the same batches, so the same forward passes, so the
+    same bytes (on the same kind of device, dtype and thread count).
+    """
+
+    num_sequences: int
+    batch_size: int
+    unit_batches: int
+
+    @property
+    def unit_size(self) -> int:
+        return self.batch_size * self.unit_batches
+
+    @property
+    def num_units(self) -> int:
+        return -(-self.num_sequences // self.unit_size)
+
+    def sequences(self, unit: int) -> range:
+        return range(unit * self.unit_size, min((unit + 1) * self.unit_size, self.num_sequences))
+
+    def batches(self, unit: int) -> list[range]:
+        seqs = self.sequences(unit)
+        return [range(b, min(b + self.batch_size, seqs.stop)) for b in range(seqs.start, seqs.stop, self.batch_size)]
+
+    def todo(self, done: set[int]) -> list[tuple[int, list[int]]]:
+        """(unit, its sequences already stored) for every unit with a sequence still to collect.
+
+        A unit that is partly stored (by a run with other --batch-size/--shard-sequences) is run
+        whole, so its batches are the planned ones, and its stored sequences are left out."""
+        out = []
+        for u in range(self.num_units):
+            seqs = self.sequences(u)
+            stored = [s for s in seqs if s in done]
+            if len(stored) < len(seqs):
+                out.append((u, stored))
+        return out
+
+
+def count_sequences(tokenizer, texts: Sequence[str], max_tokens: int | None, seq_len: int, *,
+                    progress: bool = False) -> int:
+    """How many texts, from the first, the store holds: all of them, or up to and including the one
+    that brings the tokens (each text truncated to ``seq_len``) to ``max_tokens``."""
+    if max_tokens is None:
+        return len(texts)
+    from tqdm.auto import tqdm
+
+    total = n = 0
+    with tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="plan (tokenising)", file=sys.stderr,
+              disable=not progress, delay=2, dynamic_ncols=True) as bar:
+        for chunk in _batched(texts, 1024):
+            for ids in tokenizer(chunk, truncation=True, max_length=seq_len)["input_ids"]:
+                n += 1
+                total += len(ids)
+                if total >= max_tokens:
+                    return n
+            bar.update(min(total, max_tokens) - bar.n)
+    return n
+
+
+class _TextCursor:
+    """The texts of increasing sequence-id ranges, read once and in order (a rank reads what it needs)."""
+
+    def __init__(self, texts: Iterable[str]):
+        self._it = iter(texts)
+        self._next = 0
+
+    def take(self, seqs: range) -> list[str]:
+        if seqs.start < self._next:
+            raise RuntimeError("units must be taken in increasing order")
+        for _ in range(seqs.start - self._next):
+            next(self._it)
+        self._next = seqs.stop
+        return [next(self._it) for _ in seqs]
+
+
+@dataclass
+class _Forward:
+    """One rank's model and what it records: runs a batch of texts and returns its non-pad rows."""
+
+    loaded: Any
+    recorder: RouterRecorder
+    layers: list[int]
+    seq_len: int
+    router_logits: bool
+    prefill_tokens: int
+
+    def rows(self, seq_ids: Sequence[int], texts: list[str]) -> dict[str, Any] | None:
+        import torch
+
+        adapter, tokenizer, model = self.loaded.adapter, self.loaded.tokenizer, self.loaded.model
+        enc = encode_batch(tokenizer, texts, self.seq_len)
+        mask = enc["attention_mask"].bool()
+        lengths = mask.sum(1).tolist()
+        if sum(lengths) == 0:
+            return None
+        rec, device = self.recorder, self.loaded.device
+        rec.clear()
+        base = getattr(model, "model", model)  # the decoder stack: routing needs no LM head
+        base(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), use_cache=False)
+        rows = _gather(rec, mask.to(device), adapter.num_layers, self.layers, self.router_logits)
+        pos = torch.arange(mask.shape[1]).expand_as(mask)[mask].numpy()
+        rows.update(
+            seq_id=np.repeat(np.asarray(seq_ids, dtype=np.int64), lengths),
+            position=pos.astype(np.int32),
+            token_id=enc["input_ids"][mask].numpy().astype(np.int32),
+            phase=(pos >= self.prefill_tokens).astype(np.int8),
+        )
+        assert len(rows["seq_id"]) == int(mask.sum()) == len(rows["topk_ids"])
+        return rows
+
+    def unit_rows(self, plan: Plan, unit: int, texts: _TextCursor, stored: set[int]) -> dict[str, Any] | None:
+        """The rows of one unit's batches, without the sequences already ``stored``."""
+        parts = []
+        for seqs in plan.batches(unit):
+            batch_texts = texts.take(seqs)
+            if all(s in stored for s in seqs):
+                continue
+            rows = self.rows(list(seqs), batch_texts)
+            if rows is not None:
+                parts.append(rows)
+        if not parts:
+            return None
+        out: dict[str, Any] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "hidden"}
+        out["hidden"] = {layer: np.concatenate([p["hidden"][layer] for p in parts]) for layer in self.layers}
+        if stored:
+            keep = ~np.isin(out["seq_id"], list(stored))
+            if not keep.any():
+                return None
+            out = {k: ({i: h[keep] for i, h in v.items()} if k == "hidden" else v[keep]) for k, v in out.items()}
+        if not self.layers:
+            out["hidden"] = None
+        return out
 
 
 def collect_traces(
@@ -169,17 +341,21 @@ def collect_traces(
     progress: bool = True,
     extra_collection: dict[str, Any] | None = None,
     lock: StoreLock | None = None,
-) -> TraceStore:
+    ranks: Ranks | None = None,
+) -> TraceStore | None:
     """Collect router traces of ``loaded`` (a :class:`~data_pipeline.models.LoadedModel`) into ``out``.
 
     Sequences are the texts in order (sequence id = index in ``texts``), each truncated to
-    ``seq_len`` tokens; collection stops after the sequence that brings the store to ``max_tokens``
+    ``seq_len`` tokens; the store holds the texts up to the one that brings it to ``max_tokens``
     (``None``: all texts). Resumes an existing store of the same model, settings and dataset.
-    See the module docstring for what is recorded and how prefill/decode phases are assigned.
-    ``lock``: the store's writer lock when the caller already holds it (the CLI takes it first).
+    See the module docstring for what is recorded, how prefill/decode phases are assigned and how
+    several ranks share the work. ``lock``: the store's writer lock when the caller already holds
+    it (the CLI takes it first). ``ranks``: this process's place in a torchrun job (default: alone).
+    Returns the store on rank 0, None on the other ranks.
     """
     check_numbers(seq_len=seq_len, batch_size=batch_size, shard_sequences=shard_sequences, max_tokens=max_tokens,
                   prefill_tokens=prefill_tokens)
+    ranks = ranks or Ranks()
     out = Path(out)
     adapter, tokenizer, model = loaded.adapter, loaded.tokenizer, loaded.model
     L = adapter.num_layers
@@ -188,35 +364,125 @@ def collect_traces(
     if max_pos is not None and seq_len > max_pos:
         raise UserError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
     dataset_spec = dict(dataset_spec or {})
+    text_list: Sequence[str] = texts if isinstance(texts, Sized) else list(texts)  # type: ignore[assignment]
     import torch
-
-    if (out / MANIFEST_NAME).exists():  # resuming: the same text source, or refuse before touching anything
-        old = TraceStore(out).manifest
-        if old.get("dataset") and dataset_spec and not _same_spec(old["dataset"], dataset_spec):
-            raise UserError(
-                f"{out} was collected from another dataset ({old['dataset'].get('name', old['dataset'])}); "
-                f"choose another --out or delete it"
-            )
-        if old.get("collection", {}).get("seq_len") not in (None, seq_len):
-            raise UserError(f"{out} was collected with --seq-len {old['collection']['seq_len']}; use the same to resume")
 
     collection = {
         "seq_len": seq_len, "batch_size": batch_size, "max_tokens": max_tokens, "prefill_tokens": prefill_tokens,
+        "shard_sequences": shard_sequences,
         "phases": f"position < {prefill_tokens}: prefill (0); else decode (1); one teacher-forced forward",
         "hidden_layers": layers, "router_logits": router_logits, "device": str(loaded.device),
         "dtype": str(loaded.dtype).replace("torch.", ""),
         "experts_implementation": getattr(model.config, "_experts_implementation", None),
-        "torch": torch.__version__, "transformers": _transformers_version(),
+        "torch": torch.__version__, "transformers": _transformers_version(), "threads": torch.get_num_threads(),
         **(extra_collection or {}),
     }
-    writer = TraceStoreWriter(
-        out, loaded.info, hidden_layers=layers, store_router_logits=router_logits, dataset=dataset_spec,
-        collection=collection, tokenizer=getattr(tokenizer, "name_or_path", None) or loaded.name, lock=lock,
-    )
-    with writer:  # the lock goes when this run ends, however it ends
-        return _collect_into(writer, loaded, texts, out, layers, max_tokens=max_tokens, seq_len=seq_len,
-                             batch_size=batch_size, router_logits=router_logits, prefill_tokens=prefill_tokens,
-                             shard_sequences=shard_sequences, progress=progress)
+    writer: TraceStoreWriter | None = None
+
+    def open_store() -> tuple[Plan, list[tuple[int, list[int]]], int]:
+        """Rank 0: check a store being resumed, take it, plan the work (every rank gets the plan)."""
+        nonlocal writer
+        if (out / MANIFEST_NAME).exists():  # resuming: the same text source, or refuse before touching anything
+            old = TraceStore(out).manifest
+            if old.get("dataset") and dataset_spec and not _same_spec(old["dataset"], dataset_spec):
+                raise UserError(
+                    f"{out} was collected from another dataset ({old['dataset'].get('name', old['dataset'])}); "
+                    f"choose another --out or delete it"
+                )
+            if old.get("collection", {}).get("seq_len") not in (None, seq_len):
+                raise UserError(f"{out} was collected with --seq-len {old['collection']['seq_len']}; "
+                                f"use the same to resume")
+        writer = TraceStoreWriter(
+            out, loaded.info, hidden_layers=layers, store_router_logits=router_logits, dataset=dataset_spec,
+            collection=collection, tokenizer=getattr(tokenizer, "name_or_path", None) or loaded.name, lock=lock,
+        )
+        try:
+            if not (out / ROUTER_WEIGHTS_NAME).exists() or "router_weights_sha256" not in writer.manifest:
+                writer.save_router_weights(
+                    {i: adapter.router_weight(i).detach().float().cpu().numpy() for i in range(L)}
+                )
+            plan = Plan(count_sequences(tokenizer, text_list, max_tokens, seq_len, progress=progress), batch_size,
+                        -(-shard_sequences // batch_size))
+            return plan, plan.todo(writer.done_sequences), int(writer.manifest["num_tokens"])
+        except BaseException:
+            writer.close()
+            raise
+
+    plan, todo, stored_tokens = ranks.agree(open_store)
+    fmt = writer.format if writer is not None else ShardFormat(
+        out, loaded.info, hidden_layers=layers, store_router_logits=router_logits)
+    store = None
+    with writer if writer is not None else nullcontext():  # the lock goes when this run ends, however it ends
+        t0 = time.perf_counter()
+        with torch.inference_mode(), RouterRecorder(adapter, layers, router_logits) as rec:
+            fwd = _Forward(loaded, rec, layers, seq_len, router_logits, prefill_tokens)
+            new_tokens = _run_units(fwd, plan, todo, _TextCursor(text_list), writer, fmt, ranks,
+                                    desc=f"collect {out.name}", max_tokens=max_tokens, stored_tokens=stored_tokens,
+                                    progress=progress)
+        if writer is not None:
+            elapsed = time.perf_counter() - t0
+            runs = list(writer.manifest.get("runs", []))
+            runs.append({"new_tokens": new_tokens, "seconds": round(elapsed, 3),
+                         "tokens_per_s": round(new_tokens / elapsed, 1) if elapsed > 0 else None,
+                         "ranks": ranks.world})
+            writer.update(runs=runs)
+            store = writer.finalize()
+    ranks.barrier()  # every rank ends when rank 0 has finalized the store
+    return store
+
+
+def _run_units(fwd: _Forward, plan: Plan, todo: list[tuple[int, list[int]]], texts: _TextCursor,
+               writer: TraceStoreWriter | None, fmt: ShardFormat, ranks: Ranks, *, desc: str,
+               max_tokens: int | None, stored_tokens: int, progress: bool) -> int:
+    """Run this rank's units, round by round; rank 0 writes its own shards and adopts the others'.
+
+    Round j: rank r runs unit ``todo[j * world + r]``. Rank 0 writes its shard through the writer;
+    every other rank stages its shard (a ``.tmp`` file only the lock holder may rename) and reports
+    it in a gather; rank 0 adopts the staged shards in rank order once their checksums and contents
+    verify, so the store is committed in unit order. Returns the tokens stored by this run.
+    """
+    bar = None
+    if progress and ranks.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_tokens, initial=min(stored_tokens, max_tokens or stored_tokens), unit="tok",
+                   unit_scale=True, desc=desc + (f" ({ranks.world} ranks)" if ranks.world > 1 else ""),
+                   file=sys.stderr, dynamic_ncols=True)
+    new_tokens = 0
+    mine = todo[ranks.rank::ranks.world]
+    try:
+        for j in range(-(-len(todo) // ranks.world)):
+            staged: StagedShard | None = None
+            if j < len(mine):
+                unit, stored = mine[j]
+                rows = fwd.unit_rows(plan, unit, texts, set(stored))
+                if rows is not None and writer is not None:
+                    writer.write_shard(**rows, index=unit)
+                    new_tokens += len(rows["seq_id"])
+                    if bar is not None:
+                        bar.update(len(rows["seq_id"]))  # tqdm shows the rate in tok/s
+                elif rows is not None:
+                    staged = fmt.stage(**rows, index=unit)
+            if ranks.world == 1:
+                continue
+            got = ranks.gather(staged)
+            if writer is None or got is None:
+                continue
+            others = [s for s in got[1:] if s is not None]
+            for i, shard in enumerate(others):
+                try:
+                    writer.adopt(shard)
+                except BaseException:
+                    for rest in others[i + 1:]:
+                        writer.discard(rest)
+                    raise
+                new_tokens += shard.rows
+                if bar is not None:
+                    bar.update(shard.rows)
+    finally:
+        if bar is not None:
+            bar.close()
+    return new_tokens
 
 
 def check_numbers(*, seq_len: int, batch_size: int, shard_sequences: int, max_tokens: int | None,
@@ -230,106 +496,6 @@ def check_numbers(*, seq_len: int, batch_size: int, shard_sequences: int, max_to
         raise UserError(f"--prefill-tokens must be >= 0, got {prefill_tokens}")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be positive, got {limit}")
-
-
-def _collect_into(writer: TraceStoreWriter, loaded, texts: Iterable[str], out: Path, layers: list[int], *,
-                  max_tokens: int | None, seq_len: int, batch_size: int, router_logits: bool, prefill_tokens: int,
-                  shard_sequences: int, progress: bool) -> TraceStore:
-    import torch
-
-    adapter, tokenizer, model = loaded.adapter, loaded.tokenizer, loaded.model
-    L = adapter.num_layers
-    if not (out / ROUTER_WEIGHTS_NAME).exists() or "router_weights_sha256" not in writer.manifest:
-        writer.save_router_weights(
-            {i: adapter.router_weight(i).detach().float().cpu().numpy() for i in range(L)}
-        )
-
-    done = writer.done_sequences
-    stored_tokens = int(writer.manifest["num_tokens"])
-    base = getattr(model, "model", model)  # the decoder stack: routing needs no LM head
-    device = loaded.device
-    pending: list[dict[str, np.ndarray]] = []
-    pending_seqs = 0
-    new_tokens = 0
-    t0 = time.perf_counter()
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=max_tokens, initial=min(stored_tokens, max_tokens or stored_tokens), unit="tok",
-                   unit_scale=True, desc=f"collect {out.name}", file=sys.stderr, dynamic_ncols=True)
-
-    def flush() -> None:
-        nonlocal pending, pending_seqs
-        if not pending:
-            return
-        cat = {k: np.concatenate([p[k] for p in pending]) for k in pending[0] if k != "hidden"}
-        hid = {layer: np.concatenate([p["hidden"][layer] for p in pending]) for layer in layers}
-        writer.write_shard(**cat, hidden=hid if layers else None)
-        pending, pending_seqs = [], 0
-
-    def todo() -> Iterator[tuple[int, str]]:
-        for sid, text in enumerate(texts):
-            if sid not in done:
-                yield sid, text
-
-    budget_left = None if max_tokens is None else max_tokens - stored_tokens
-    with torch.inference_mode(), RouterRecorder(adapter, layers, router_logits) as rec:
-        for batch in _batched(todo(), batch_size):
-            if budget_left is not None and budget_left <= 0:
-                break
-            ids_list = [sid for sid, _ in batch]
-            enc = encode_batch(tokenizer, [t for _, t in batch], seq_len)
-            mask = enc["attention_mask"].bool()
-            lengths = mask.sum(1).tolist()
-            # stop after the sequence that reaches the budget: drop the rest of the batch
-            if budget_left is not None:
-                keep = len(batch)
-                running = 0
-                for j, n in enumerate(lengths):
-                    running += n
-                    if running >= budget_left:
-                        keep = j + 1
-                        break
-                if keep < len(batch):
-                    ids_list, lengths = ids_list[:keep], lengths[:keep]
-                    enc = {k: v[:keep] for k, v in enc.items()}
-                    mask = mask[:keep]
-            if sum(lengths) == 0:
-                continue
-            rec.clear()
-            input_ids = enc["input_ids"].to(device)
-            attn = enc["attention_mask"].to(device)
-            base(input_ids=input_ids, attention_mask=attn, use_cache=False)
-            rows = _gather(rec, mask.to(device), L, layers, router_logits)
-            n = int(mask.sum())
-            pos = torch.arange(mask.shape[1]).expand_as(mask)[mask].numpy()
-            rows.update(
-                seq_id=np.repeat(np.asarray(ids_list, dtype=np.int64), lengths),
-                position=pos.astype(np.int32),
-                token_id=enc["input_ids"][mask].numpy().astype(np.int32),
-                phase=(pos >= prefill_tokens).astype(np.int8),
-            )
-            assert len(rows["seq_id"]) == n == len(rows["topk_ids"])
-            pending.append(rows)
-            pending_seqs += sum(1 for x in lengths if x > 0)
-            new_tokens += n
-            if budget_left is not None:
-                budget_left -= n
-            if bar is not None:
-                bar.update(n)  # tqdm shows the rate in tok/s
-            if pending_seqs >= shard_sequences:
-                flush()
-        flush()
-    if bar is not None:
-        bar.close()
-    elapsed = time.perf_counter() - t0
-    runs = list(writer.manifest.get("runs", []))
-    runs.append({"new_tokens": new_tokens, "seconds": round(elapsed, 3),
-                 "tokens_per_s": round(new_tokens / elapsed, 1) if elapsed > 0 else None})
-    writer.update(runs=runs)
-    return writer.finalize()
 
 
 def _gather(rec: RouterRecorder, mask: torch.Tensor, L: int, layers: Sequence[int], keep_logits: bool):
@@ -396,29 +562,42 @@ def main(argv: list[str] | None = None) -> None:
                     help="about this many sequences per shard (a killed run loses at most one shard of work)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    # everything that can be checked without the model, before anything is loaded or written
-    if args.max_tokens < 0:
-        raise UserError(f"--max-tokens must be >= 0 (0: all texts), got {args.max_tokens}")
-    check_numbers(seq_len=args.seq_len, batch_size=args.batch_size, shard_sequences=args.shard_sequences,
-                  max_tokens=args.max_tokens or None, prefill_tokens=args.prefill_tokens, limit=args.limit)
     hidden = args.hidden_layers or ("all" if args.model == "tiny-olmoe" else "none")
-    parse_hidden_layers(hidden, None)
-    check_out_folder(args.out)
+    try:  # everything that can be checked without the model, before anything is loaded or written
+        if args.max_tokens < 0:
+            raise UserError(f"--max-tokens must be >= 0 (0: all texts), got {args.max_tokens}")
+        check_numbers(seq_len=args.seq_len, batch_size=args.batch_size, shard_sequences=args.shard_sequences,
+                      max_tokens=args.max_tokens or None, prefill_tokens=args.prefill_tokens, limit=args.limit)
+        parse_hidden_layers(hidden, None)
+    except UserError:
+        if os.environ.get("RANK", "0") not in ("", "0"):
+            raise SystemExit(EXIT_BAD_INPUT) from None  # every rank found the same: rank 0 says it, once
+        raise
 
     from data_pipeline.models import load_model
     from data_pipeline.text_sources import load_texts
 
-    # the writer lock first: a second run into the same --out is refused at once, not after loading a model
-    with StoreLock(args.out) as lock:
+    ranks = from_env()
+    lock = StoreLock(args.out)
+    try:
+        # the writer lock first (rank 0 takes it for all ranks): a second run into the same --out is refused
+        # at once, not after loading a model
+        ranks.agree(lambda: (check_out_folder(args.out), lock.acquire(), None)[-1])
         source = load_texts(args.dataset, split=args.split, text_field=args.text_field, limit=args.limit)
-        loaded = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+        loaded = load_model(args.model, dtype=args.dtype, device=ranks.device(args.device), seed=args.seed)
         store = collect_traces(
             loaded, source, args.out,
             max_tokens=args.max_tokens or None, seq_len=args.seq_len, batch_size=args.batch_size,
             hidden_layers=hidden, router_logits=not args.no_router_logits, prefill_tokens=args.prefill_tokens,
             dataset_spec=source.spec, shard_sequences=args.shard_sequences, progress=not args.no_progress,
-            extra_collection={"model_arg": args.model, "seed": args.seed}, lock=lock,
+            extra_collection={"model_arg": args.model, "seed": args.seed}, lock=lock if lock.held else None,
+            ranks=ranks,
         )
+    finally:
+        lock.release()
+        ranks.close()
+    if store is None:
+        return
     phases = store.phases
     last = store.manifest.get("runs", [{}])[-1]
     rate = f", {last['tokens_per_s']:,.0f} tok/s" if last.get("tokens_per_s") else ""

@@ -197,16 +197,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("store", type=Path, help="trace store folder")
     ap.add_argument("--png", type=Path, default=None, help="write a per-layer expert-usage heatmap here")
     ap.add_argument("--json", action="store_true", help="print the numbers as JSON instead of tables")
-    ap.add_argument("--verify", action="store_true", help="also check every shard against its checksum")
+    ap.add_argument("--verify", action="store_true",
+                    help="also check every shard against its checksum and print the store's content digest "
+                    "(sha256 of every row in sequence order: equal for stores that hold the same rows, however "
+                    "they were written)")
     args = ap.parse_args(argv)
     store = TraceStore(args.store, verify_checksums=args.verify)
     if store.num_tokens == 0:
         raise UserError(f"{args.store} holds no tokens")
     s = summarize(store)
+    if args.verify:
+        s["content_digest"] = store.content_digest()
     if args.json:
         print(json.dumps({k: v for k, v in s.items() if k != "usage_counts"}, indent=2))
     else:
         print_summary(s)
+        if args.verify:
+            print(f"content digest (sha256 of every row in sequence order): {s['content_digest']}")
     if args.png:
         write_heatmap(np.asarray(s["usage_counts"]), args.png, title=f"expert usage: {s['model_id']} ({s['tokens']:,} tokens)")
         if not args.json:

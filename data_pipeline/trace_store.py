@@ -46,6 +46,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -67,6 +68,7 @@ PREFILL, DECODE = 0, 1
 MAX_EXPERTS = int(np.iinfo(np.int16).max)  # expert ids are stored as int16
 SKIPPED = -1  # topk id of a (token, layer) that did not run
 _SHARD_FILE = re.compile(rf"{SHARD_DIR}/shard-\d+\.arrow")
+SPILL_SUFFIX = ".spill"  # a folder of temporary files a writer keeps inside shards/ while it runs (imports)
 
 
 class TraceStoreError(UserError):
@@ -143,6 +145,21 @@ def _ids_digest(seq_ids: np.ndarray) -> str:
 def _tmp_name(final: Path) -> Path:
     """A temporary name no other process or earlier run can hold."""
     return final.with_name(f"{final.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _spill_prefix() -> str:
+    return f"import-{os.getpid()}-"
+
+
+def new_spill_dir(path: str | os.PathLike[str]) -> Path:
+    """A fresh folder for a writer's temporary files inside ``path``/shards (call it holding the writer lock).
+
+    Recovery removes those of other processes (they can only be left by a writer that died), so
+    they never outlive the next writer.
+    """
+    folder = Path(path) / SHARD_DIR / f"{_spill_prefix()}{secrets.token_hex(4)}{SPILL_SUFFIX}"
+    folder.mkdir(parents=True)
+    return folder
 
 
 def _manifest_checksum(manifest: dict[str, Any]) -> str:
@@ -452,6 +469,32 @@ class TraceStore:
             h.update(str(entry.get("sha256", entry["file"])).encode())
         return h.hexdigest()[:16]
 
+    def content_digest(self) -> str:
+        """sha256 of every row in canonical order (by sequence id; rows of a sequence by position).
+
+        It depends on what is stored, not on how: two stores with equal digests hold the same
+        sequences with byte-equal values in every column, however their rows were split into
+        shards, named, listed or written (one process or many ranks, one run or a resumed one).
+        """
+        names = [f.name for f in self._shards[0].table.schema] if self._shards else []
+        head = hashlib.sha256(json.dumps({"model": self.model.key(), "columns": names}, sort_keys=True).encode())
+        bounds = self.sequence_bounds()
+        order = np.argsort(bounds[:, 0], kind="stable")
+        in_order = bool((order == np.arange(len(order))).all())
+        shard_of = np.searchsorted(self._offsets, bounds[:, 1], side="right") - 1
+        for name in names:
+            h = hashlib.sha256(name.encode())
+            if in_order:  # storage order is canonical: whole shard columns, one update each
+                for shard in self._shards:
+                    h.update(np.ascontiguousarray(shard.column(name)))
+            else:
+                for i in order:
+                    s = int(shard_of[i])
+                    lo, hi = int(bounds[i, 1] - self._offsets[s]), int(bounds[i, 2] - self._offsets[s])
+                    h.update(np.ascontiguousarray(self._shards[s].column(name)[lo:hi]))
+            head.update(h.digest())
+        return head.hexdigest()
+
     # ----------------------------------------------------------------- columns
     def _check_schema(self) -> None:
         L, K, E = self.num_layers, self.top_k, self.num_experts
@@ -655,6 +698,161 @@ def open_store(path: str | os.PathLike[str], *, verify_checksums: bool = False) 
     return TraceStore(path, verify_checksums=verify_checksums)
 
 
+# ---------------------------------------------------------------------------------- staged shards
+_STAGED_NAME = re.compile(r"shard-\d+\.arrow\.[A-Za-z0-9_-]+\.tmp")
+
+
+@dataclass
+class StagedShard:
+    """A shard written under a unique ``.tmp`` name in ``shards/`` and not yet part of the store.
+
+    Only the holder of the writer lock makes it part of the store (:meth:`TraceStoreWriter.adopt`:
+    checksum and content verified, then the usual pending-rename-register steps), so a process that
+    writes shards without the lock (a rank of a distributed collection, an import staging every
+    shard before any is committed) can never leave a file that reads as part of the store. Names
+    are relative to the store, so a staged shard can be described to a process on another node.
+    """
+
+    tmp_name: str  # file name inside shards/
+    index: int | None  # the shard number it asks for (shard-<index>.arrow); None: the next free one
+    rows: int
+    sha256: str
+    seq_ids: list[int]  # distinct sequence ids, sorted
+    skipped: dict[str, Any] = field(default_factory=dict)  # skipped routes it holds: layers, rows
+
+    def entry(self, file: str) -> dict[str, Any]:
+        return {"file": file, "rows": self.rows, "sequences": len(self.seq_ids), "sha256": self.sha256,
+                "seq_ids_sha256": _ids_digest(np.asarray(self.seq_ids, dtype=np.int64))}
+
+
+class ShardFormat:
+    """What the shards of one store hold (model numbers, hidden layers, logits, skipped routes).
+
+    Checks rows the way the reader will and writes them as a :class:`StagedShard`. It takes no
+    lock and touches no manifest: that is why the ranks of a distributed collection can use it
+    while rank 0 holds the store's writer lock.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], model: ModelInfo, *, hidden_layers: Sequence[int] = (),
+                 store_router_logits: bool = False, skipped_reason: str | None = None):
+        self.path = Path(path)
+        self.model = model
+        self.hidden_layers = sorted(int(x) for x in hidden_layers)
+        self.store_router_logits = store_router_logits
+        self.skipped_reason = skipped_reason
+
+    def schema(self) -> pa.Schema | None:
+        """The Arrow schema of this store's shards (None while the hidden size is not known yet)."""
+        L, K, E = self.model.num_layers, self.model.top_k, self.model.num_experts
+        fields = [pa.field("seq_id", pa.int64()), pa.field("position", pa.int32()), pa.field("token_id", pa.int32()),
+                  pa.field("phase", pa.int8()), pa.field("topk_ids", pa.list_(pa.int16(), L * K)),
+                  pa.field("topk_weights", pa.list_(pa.float32(), L * K))]
+        if self.store_router_logits:
+            fields.append(pa.field("router_logits", pa.list_(pa.float16(), L * E)))
+        if self.hidden_layers:
+            if self.model.hidden_size is None:
+                return None
+            fields += [pa.field(f"hidden_{layer}", pa.list_(pa.float16(), self.model.hidden_size))
+                       for layer in self.hidden_layers]
+        return pa.schema(fields)
+
+    def check_rows(self, n: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Refuse rows that would read back as damage (the reader's checks, before anything is written).
+
+        Returns the skipped routes the rows hold (``{}`` when none)."""
+        L, K, E = self.model.num_layers, self.model.top_k, self.model.num_experts
+        for name in ("seq_id", "position", "token_id", "phase"):
+            if np.shape(arrays[name]) != (n,):
+                raise TraceStoreError(f"{self.path}: {name} has shape {np.shape(arrays[name])}, expected ({n},)")
+        for name in ("topk_ids", "topk_weights"):
+            if np.size(arrays[name]) != n * L * K:
+                raise TraceStoreError(f"{self.path}: {name} does not hold {L} layers x top-{K} per token")
+        sid, pos = np.asarray(arrays["seq_id"]), np.asarray(arrays["position"])
+        if n and (sid.min() < 0 or pos.min() < 0 or pos.max() > np.iinfo(np.int32).max):
+            raise TraceStoreError(f"{self.path}: sequence ids and positions must be >= 0 (positions < 2^31)")
+        if n and not np.isin(arrays["phase"], (PREFILL, DECODE)).all():
+            raise TraceStoreError(f"{self.path}: phase must be 0 (prefill) or 1 (decode)")
+        ids = np.asarray(arrays["topk_ids"]).reshape(n, L, K)
+        w = np.asarray(arrays["topk_weights"], dtype=np.float32)
+        if n and (ids.max() >= E or ids.min() < SKIPPED):
+            raise TraceStoreError(f"{self.path}: an expert id is outside 0..{E - 1}")
+        if n and (not np.isfinite(w).all() or (w < 0).any()):
+            raise TraceStoreError(f"{self.path}: a routing weight is NaN, infinite or negative")
+        skipped = _skipped_routes(ids)
+        if skipped is None or (skipped and self.skipped_reason is None):
+            raise TraceStoreError(f"{self.path}: an expert id is -1 (not run) where no skipped route is declared")
+        return skipped
+
+    def stage(
+        self,
+        *,
+        seq_id: np.ndarray,
+        position: np.ndarray,
+        token_id: np.ndarray,
+        phase: np.ndarray,
+        topk_ids: np.ndarray,
+        topk_weights: np.ndarray,
+        router_logits: np.ndarray | None = None,
+        hidden: dict[int, np.ndarray] | None = None,
+        index: int | None = None,
+    ) -> StagedShard:
+        """Write rows of whole sequences as a staged shard (rows sorted by sequence, then position)."""
+        L, K, E = self.model.num_layers, self.model.top_k, self.model.num_experts
+        n = len(seq_id)
+        skipped = self.check_rows(n, {"seq_id": seq_id, "position": position, "token_id": token_id, "phase": phase,
+                                      "topk_ids": topk_ids, "topk_weights": topk_weights})
+        order = np.lexsort((position, seq_id))  # rows of a sequence contiguous and by position
+        cols: dict[str, pa.Array] = {
+            "seq_id": pa.array(np.asarray(seq_id, dtype=np.int64)[order]),
+            "position": pa.array(np.asarray(position, dtype=np.int32)[order]),
+            "token_id": pa.array(np.asarray(token_id, dtype=np.int32)[order]),
+            "phase": pa.array(np.asarray(phase, dtype=np.int8)[order]),
+            "topk_ids": _fixed_list(np.asarray(topk_ids, dtype=np.int16).reshape(n, L * K)[order], L * K, pa.int16()),
+            "topk_weights": _fixed_list(
+                np.asarray(topk_weights, dtype=np.float32).reshape(n, L * K)[order], L * K, pa.float32()
+            ),
+        }
+        if self.store_router_logits:
+            if router_logits is None:
+                raise ValueError("this store records router logits; pass router_logits")
+            cols["router_logits"] = _fixed_list(
+                np.asarray(router_logits, dtype=np.float16).reshape(n, L * E)[order], L * E, pa.float16()
+            )
+        for layer in self.hidden_layers:
+            if hidden is None or layer not in hidden:
+                raise ValueError(f"this store records hidden states of layer {layer}; pass them")
+            h = np.asarray(hidden[layer], dtype=np.float16)
+            cols[f"hidden_{layer}"] = _fixed_list(h[order], h.shape[1], pa.float16())
+        if self.model.hidden_size is None and self.hidden_layers:
+            self.model.hidden_size = int(np.asarray(hidden[self.hidden_layers[0]]).shape[1])  # type: ignore[index]
+        table = pa.table(cols)
+        guess = index if index is not None else 0
+        tmp = _tmp_name(self.path / SHARD_DIR / f"shard-{guess:05d}.arrow")
+        try:
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            digest = _sha256(tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return StagedShard(tmp_name=tmp.name, index=index, rows=int(n), sha256=digest,
+                           seq_ids=[int(x) for x in np.unique(seq_id)], skipped=skipped)
+
+
+def _skipped_routes(ids: np.ndarray) -> dict[str, Any] | None:
+    """The (token, layer) routes marked as not run in (N, L, K) ids: ``{}`` when none, ``{"layers", "rows"}``
+    when some, None when a route is only partly -1 (never valid)."""
+    neg = ids < 0
+    if not neg.any():
+        return {}
+    whole = neg.all(axis=2)
+    if not (whole | ~neg.any(axis=2)).all():
+        return None
+    return {"layers": np.flatnonzero(whole.any(axis=0)).tolist(), "rows": int(whole.sum())}
+
+
 class TraceStoreWriter:
     """Write side: whole sequences per shard, atomic shards, resumable, one writer at a time.
 
@@ -684,6 +882,8 @@ class TraceStoreWriter:
         self.hidden_layers = sorted(int(x) for x in hidden_layers)
         self.store_router_logits = store_router_logits
         self.skipped_reason = skipped_reason
+        self.format = ShardFormat(self.path, model, hidden_layers=self.hidden_layers,
+                                  store_router_logits=store_router_logits, skipped_reason=skipped_reason)
         _check_model(model)
         self._check_target()
         self._lock = lock if lock is not None else StoreLock(self.path)
@@ -692,6 +892,7 @@ class TraceStoreWriter:
         try:
             self._check_target()  # again, under the lock: another writer may have finished meanwhile
             self._seen: set[int] = set()
+            self._first: dict[str, int] = {}  # shard file -> its first sequence id (the canonical order)
             if (self.path / MANIFEST_NAME).exists():
                 self.manifest = _read_manifest(self.path)
                 (self.path / SHARD_DIR).mkdir(exist_ok=True)
@@ -766,6 +967,9 @@ class TraceStoreWriter:
         shard_dir = self.path / SHARD_DIR
         for tmp in [*shard_dir.glob("*.tmp"), *self.path.glob(f"{MANIFEST_NAME}.*tmp")]:
             tmp.unlink()
+        for spill in shard_dir.glob(f"*{SPILL_SUFFIX}"):
+            if not spill.name.startswith(_spill_prefix()):  # another (dead) process's: this one holds the lock
+                shutil.rmtree(spill, ignore_errors=True)
         limits = _Limits(self.model.num_layers, self.model.num_experts, self.model.top_k,
                          frozenset((self.manifest.get("skipped_routes") or {}).get("layers", [])), verify=True)
         listed = {e["file"] for e in self.manifest["shards"]}
@@ -775,6 +979,7 @@ class TraceStoreWriter:
             if np.isin(ids, list(self._seen)).any():
                 raise TraceStoreError(f"{self.path}: a sequence of {entry['file']} is stored twice: the store is damaged")
             self._seen.update(int(x) for x in ids)
+            self._first[entry["file"]] = int(ids[0]) if len(ids) else -1
         pending = self.manifest.pop("pending", None)
         for spath in sorted(shard_dir.glob("shard-*.arrow")):
             rel = f"{SHARD_DIR}/{spath.name}"
@@ -814,99 +1019,52 @@ class TraceStoreWriter:
     def _register(self, entry: dict[str, Any]) -> None:
         self.manifest.pop("pending", None)
         self.manifest["shards"].append(entry)
-        self._seen.update(entry.pop("_seq_ids", []))
+        ids = entry.pop("_seq_ids", [])
+        self._seen.update(ids)
+        self._first[entry["file"]] = min(ids) if len(ids) else -1
         self.manifest["num_tokens"] = int(sum(e["rows"] for e in self.manifest["shards"]))
         self.manifest["num_sequences"] = len(self._seen)
         _write_manifest(self.path, self.manifest)
 
     # ----------------------------------------------------------------- writing
-    def _check_rows(self, n: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Refuse rows that would read back as damage (the reader's checks, before anything is written)."""
-        L, K, E = self.model.num_layers, self.model.top_k, self.model.num_experts
-        for name in ("seq_id", "position", "token_id", "phase"):
-            if np.shape(arrays[name]) != (n,):
-                raise TraceStoreError(f"{self.path}: {name} has shape {np.shape(arrays[name])}, expected ({n},)")
-        for name in ("topk_ids", "topk_weights"):
-            if np.size(arrays[name]) != n * L * K:
-                raise TraceStoreError(f"{self.path}: {name} does not hold {L} layers x top-{K} per token")
-        sid, pos = np.asarray(arrays["seq_id"]), np.asarray(arrays["position"])
-        if n and (sid.min() < 0 or pos.min() < 0 or pos.max() > np.iinfo(np.int32).max):
-            raise TraceStoreError(f"{self.path}: sequence ids and positions must be >= 0 (positions < 2^31)")
-        if n and not np.isin(arrays["phase"], (PREFILL, DECODE)).all():
-            raise TraceStoreError(f"{self.path}: phase must be 0 (prefill) or 1 (decode)")
-        ids = np.asarray(arrays["topk_ids"]).reshape(n, L, K)
-        w = np.asarray(arrays["topk_weights"], dtype=np.float32)
-        if n and (ids.max() >= E or ids.min() < SKIPPED):
-            raise TraceStoreError(f"{self.path}: an expert id is outside 0..{E - 1}")
-        if n and (not np.isfinite(w).all() or (w < 0).any()):
-            raise TraceStoreError(f"{self.path}: a routing weight is NaN, infinite or negative")
-        neg = ids < 0
-        skipped: dict[str, Any] = {}
-        if neg.any():
-            whole = neg.all(axis=2)
-            if self.skipped_reason is None or not (whole | ~neg.any(axis=2)).all():
-                raise TraceStoreError(f"{self.path}: an expert id is -1 (not run) where no skipped route is declared")
-            skipped = {"layers": np.flatnonzero(whole.any(axis=0)).tolist(), "rows": int(whole.sum())}
-        return skipped
-
-    def write_shard(
-        self,
-        *,
-        seq_id: np.ndarray,
-        position: np.ndarray,
-        token_id: np.ndarray,
-        phase: np.ndarray,
-        topk_ids: np.ndarray,
-        topk_weights: np.ndarray,
-        router_logits: np.ndarray | None = None,
-        hidden: dict[int, np.ndarray] | None = None,
-    ) -> Path:
-        """Write rows of whole sequences as one new shard. Arrays are per token (N, ...)."""
+    def write_shard(self, *, index: int | None = None, **arrays: Any) -> Path:
+        """Write rows of whole sequences as one new shard. Arrays are per token (N, ...) as in
+        :meth:`ShardFormat.stage`; ``index``: the shard number to use when it is free."""
         self._require_lock()
-        L, K, E = self.model.num_layers, self.model.top_k, self.model.num_experts
-        n = len(seq_id)
-        skipped = self._check_rows(n, {"seq_id": seq_id, "position": position, "token_id": token_id, "phase": phase,
-                                       "topk_ids": topk_ids, "topk_weights": topk_weights})
-        order = np.lexsort((position, seq_id))  # rows of a sequence contiguous and by position
-        uniq = np.unique(seq_id)
+        uniq = np.unique(arrays["seq_id"])
         if np.any(np.isin(uniq, list(self._seen))):
             raise TraceStoreError(f"{self.path}: a sequence in this shard is already stored")
-        cols: dict[str, pa.Array] = {
-            "seq_id": pa.array(np.asarray(seq_id, dtype=np.int64)[order]),
-            "position": pa.array(np.asarray(position, dtype=np.int32)[order]),
-            "token_id": pa.array(np.asarray(token_id, dtype=np.int32)[order]),
-            "phase": pa.array(np.asarray(phase, dtype=np.int8)[order]),
-            "topk_ids": _fixed_list(np.asarray(topk_ids, dtype=np.int16).reshape(n, L * K)[order], L * K, pa.int16()),
-            "topk_weights": _fixed_list(
-                np.asarray(topk_weights, dtype=np.float32).reshape(n, L * K)[order], L * K, pa.float32()
-            ),
-        }
-        if self.store_router_logits:
-            if router_logits is None:
-                raise ValueError("this store records router logits; pass router_logits")
-            cols["router_logits"] = _fixed_list(
-                np.asarray(router_logits, dtype=np.float16).reshape(n, L * E)[order], L * E, pa.float16()
-            )
-        for layer in self.hidden_layers:
-            if hidden is None or layer not in hidden:
-                raise ValueError(f"this store records hidden states of layer {layer}; pass them")
-            h = np.asarray(hidden[layer], dtype=np.float16)
-            cols[f"hidden_{layer}"] = _fixed_list(h[order], h.shape[1], pa.float16())
-        if self.model.hidden_size is None and self.hidden_layers:
-            self.model.hidden_size = int(np.asarray(hidden[self.hidden_layers[0]]).shape[1])  # type: ignore[index]
-        table = pa.table(cols)
-        index = len(self.manifest["shards"])
-        while (self.path / SHARD_DIR / f"shard-{index:05d}.arrow").exists():
-            index += 1
-        final = self.path / SHARD_DIR / f"shard-{index:05d}.arrow"
-        tmp = _tmp_name(final)
+        return self._adopt(self.format.stage(index=index, **arrays), verify=False)
+
+    def adopt(self, staged: StagedShard, *, verify: bool = True) -> Path:
+        """Make a staged shard part of the store, after checking it holds what it claims.
+
+        The file must match its checksum, hold this store's schema, pass the reader's id and order
+        checks and hold only sequences not stored yet; otherwise it is deleted and the error names it.
+        ``verify=False`` skips all but the last check, for a shard this process staged itself.
+        """
+        self._require_lock()
+        return self._adopt(staged, verify=verify)
+
+    def discard(self, staged: StagedShard) -> None:
+        """Delete a staged shard that will not be adopted."""
+        if _STAGED_NAME.fullmatch(staged.tmp_name):
+            (self.path / SHARD_DIR / staged.tmp_name).unlink(missing_ok=True)
+
+    def _adopt(self, staged: StagedShard, *, verify: bool) -> Path:
+        if not _STAGED_NAME.fullmatch(staged.tmp_name):
+            raise TraceStoreError(f"{self.path}: {staged.tmp_name!r} is not the name of a staged shard")
+        tmp = self.path / SHARD_DIR / staged.tmp_name
         try:
-            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            entry = {"file": f"{SHARD_DIR}/{final.name}", "rows": int(n), "sequences": int(len(uniq)),
-                     "sha256": _sha256(tmp), "seq_ids_sha256": _ids_digest(uniq)}
+            if verify:
+                self._verify_staged(tmp, staged)
+            if np.isin(staged.seq_ids, list(self._seen)).any():
+                raise TraceStoreError(f"{self.path}: a sequence of staged shard {staged.tmp_name} is already stored")
+            index = staged.index if staged.index is not None else len(self.manifest["shards"])
+            while (self.path / SHARD_DIR / f"shard-{index:05d}.arrow").exists():
+                index += 1
+            final = self.path / SHARD_DIR / f"shard-{index:05d}.arrow"
+            entry = staged.entry(f"{SHARD_DIR}/{final.name}")
             # name the shard before it appears: recovery adopts exactly this file, nothing else
             self.manifest["pending"] = entry
             _write_manifest(self.path, self.manifest)
@@ -915,10 +1073,39 @@ class TraceStoreWriter:
             tmp.unlink(missing_ok=True)
             self.manifest.pop("pending", None)
             raise
-        if skipped:
-            self._note_skipped(skipped)
-        self._register({**entry, "_seq_ids": [int(x) for x in uniq]})
+        if staged.skipped:
+            self._note_skipped(staged.skipped)
+        self._register({**entry, "_seq_ids": list(staged.seq_ids)})
         return final
+
+    def _verify_staged(self, tmp: Path, staged: StagedShard) -> None:
+        """Check a staged shard written by another process before it joins (see :meth:`adopt`)."""
+        where = f"staged shard {tmp}"
+        if not tmp.exists():
+            raise TraceStoreError(f"{where} is missing: the process that wrote it was stopped, or it wrote to "
+                                  f"another filesystem (ranks on several nodes need --out on a shared one)")
+        if _sha256(tmp) != staged.sha256:
+            raise TraceStoreError(f"{where} does not match the checksum its writer reported: it is damaged")
+        all_layers = frozenset(range(self.model.num_layers)) if self.format.skipped_reason else frozenset()
+        limits = _Limits(self.model.num_layers, self.model.num_experts, self.model.top_k, all_layers, verify=False)
+        shard = _Shard(tmp, staged.rows, sha256=None, limits=limits)
+        want = self.format.schema()
+        if want is None and self.hidden_layers and f"hidden_{self.hidden_layers[0]}" in shard.types:
+            t = shard.types[f"hidden_{self.hidden_layers[0]}"]
+            if pa.types.is_fixed_size_list(t):
+                self.model.hidden_size = t.list_size
+                want = self.format.schema()
+        if want is None or not shard.table.schema.equals(want):
+            raise TraceStoreError(f"{where} does not hold this store's columns")
+        for name in ("seq_id", "phase", "token_id", "topk_weights"):
+            shard.column(name)  # the reader's range and order checks
+        uniq = np.unique(shard.column("seq_id"))
+        if uniq.tolist() != list(staged.seq_ids):
+            raise TraceStoreError(f"{where} holds other sequences than its writer reported")
+        L, K = self.model.num_layers, self.model.top_k
+        skipped = _skipped_routes(shard.column("topk_ids").reshape(-1, L, K))
+        if skipped != staged.skipped:
+            raise TraceStoreError(f"{where} holds other skipped routes than its writer reported")
 
     def _note_skipped(self, skipped: dict[str, Any]) -> None:
         old = self.manifest.get("skipped_routes") or {"reason": self.skipped_reason, "layers": [], "rows": 0}
@@ -954,7 +1141,11 @@ class TraceStoreWriter:
         _write_manifest(self.path, self.manifest)
 
     def finalize(self) -> TraceStore:
+        """Mark the store complete and release the lock. Shards are listed by their first sequence id, so a
+        store reads in sequence order whichever process wrote which shard, in whatever order."""
         self._require_lock()
+        if all(e["file"] in self._first for e in self.manifest["shards"]):
+            self.manifest["shards"].sort(key=lambda e: self._first[e["file"]])
         self.manifest["model"] = asdict(self.model)
         self.manifest["complete"] = True
         _write_manifest(self.path, self.manifest)

@@ -494,16 +494,68 @@ def simulate(replay: Replay, cfg: SimConfig) -> dict[str, Any]:
 
 
 def simulate_configs(store: TraceStore | None, configs: list[SimConfig], *, passes: Passes | None = None,
-                     progress: bool = False) -> list[dict[str, Any]]:
-    """Run every configuration over one store (or hand-built ``passes``); one result dict each."""
+                     progress: bool = False, workers: int = 1) -> list[dict[str, Any]]:
+    """Run every configuration over one store (or hand-built ``passes``); one result dict each.
+
+    ``workers`` > 1 spreads the configurations over that many processes (results in the same order,
+    equal to a serial run); every configuration is still checked here first, before any runs.
+    """
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
     rc = ReplayCache(store, passes)
     replays = [rc.replay(cfg) for cfg in configs]  # every configuration is checked before any runs
+    if workers > 1 and len(configs) > 1:
+        del replays, rc  # each worker builds its own from the store's path: nothing big is pickled
+        return _simulate_in_workers(store, passes, configs, min(workers, len(configs)), progress)
     it: Any = zip(replays, configs, strict=True)
     if progress:
         from tqdm import tqdm
 
         it = tqdm(it, total=len(configs), desc="simulating", unit="config")
     return [simulate(replay, cfg) for replay, cfg in it]
+
+
+_WORKER: dict[str, ReplayCache] = {}  # a sweep worker's own replay cache (passes and forecasts, built once)
+
+
+def _worker_start(store_path: str | None, passes: Passes | None) -> None:
+    """Open the store by its path: its shards are memory-mapped, so all workers share the page cache."""
+    _WORKER["rc"] = ReplayCache(TraceStore(store_path) if store_path is not None else None, passes)
+
+
+def _worker_simulate(cfg: SimConfig) -> dict[str, Any]:
+    return simulate(_WORKER["rc"].replay(cfg), cfg)
+
+
+def _simulate_in_workers(store: TraceStore | None, passes: Passes | None, configs: list[SimConfig], workers: int,
+                         progress: bool) -> list[dict[str, Any]]:
+    """The sweep on a process pool (spawned: no inherited numba/OpenMP threads); results in configuration order.
+
+    Configurations the numba kernel does not cover run on the reference simulator, orders of
+    magnitude slower: they are handed out first, so the workers finish together.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tqdm import tqdm
+
+    from offload import simulator_fast
+
+    path = str(store.path) if store is not None else None
+    slow_first = sorted(range(len(configs)),
+                        key=lambda i: configs[i].backend != "reference" and simulator_fast.supports(configs[i]))
+    results: list[dict[str, Any]] = [{} for _ in configs]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
+                             initargs=(path, passes if store is None else None)) as pool:
+        futures = {pool.submit(_worker_simulate, configs[i]): i for i in slow_first}
+        try:
+            for done in tqdm(as_completed(futures), total=len(configs), desc=f"simulating ({workers} workers)",
+                             unit="config", disable=not progress):
+                results[futures[done]] = done.result()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return results
 
 
 def with_overrides(cfg: SimConfig, **changes: Any) -> SimConfig:

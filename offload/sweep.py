@@ -47,6 +47,8 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing", default="standard", help=f"routing, comma list ({', '.join(ROUTINGS)})")
     p.add_argument("--routing-lambda", type=float, default=0.3, help="cache-aware routing lambda")
     p.add_argument("--backend", default="auto", choices=["auto", "fast", "reference"], help="simulator implementation")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes to spread the configurations over (each opens the store by path, memory-mapped)")
     p.add_argument("--predictor", help="reuse-forecaster checkpoint (python -m predictors.reuse) for the forecast "
                    "policies (forecast, least_stale_forecast); without it they count reuse online from the run")
     p.add_argument("--copy-bytes", type=float, default=None,
@@ -146,7 +148,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> list[dict[st
     configs = configs + references
     if "belady" in [c.policy for c in configs] and "cache-aware" in [c.routing for c in configs]:
         configs = [c for c in configs if not (c.policy == "belady" and c.routing == "cache-aware")]
-    results = simulate_configs(store, configs, progress=len(configs) > 4)
+    results = simulate_configs(store, configs, progress=len(configs) > 4, workers=args.workers)
     for r, c in zip(results, configs, strict=True):
         r["reference"] = c in references
     annotate(results)

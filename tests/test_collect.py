@@ -135,6 +135,9 @@ def test_exception_after_k_shards_then_resume(tiny, tmp_path, monkeypatch):
     store = collect_traces(tiny, TEXTS, tmp_path / "s", **kw)
     _assert_same_content(store, ref)
     assert len(store.manifest["runs"]) == 1 and store.manifest["complete"]  # the failed run recorded none
+    # the resumed run forms the planned batches, not new ones from what is left: the very same bytes
+    assert store.content_digest() == ref.content_digest()
+    assert [e["sha256"] for e in store.manifest["shards"]] == [e["sha256"] for e in ref.manifest["shards"]]
 
 
 def _assert_same_content(store: TraceStore, ref: TraceStore) -> None:

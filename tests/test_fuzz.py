@@ -5,7 +5,8 @@ Store: one byte of the manifest flipped or the manifest cut (its checksum guards
 change; a manifest without a ``checksum`` entry reads as a hand edit, unchecked), several bytes of a
 shard or of the router weights flipped, or the file cut. Import files (generic CSV, JSONL,
 route_trace): a byte replaced, the text cut, a line repeated, dropped or swapped; whatever imports
-must say exactly what an independent line-by-line reading of the damaged file says.
+must say exactly what an independent line-by-line reading of the damaged file says, whether the
+importer reads the file whole or in small blocks and groups (its streaming path).
 """
 
 from __future__ import annotations
@@ -175,13 +176,29 @@ def _check_against_oracle(kind: str, text: str, tokens: dict[str, np.ndarray]) -
             assert tokens["token_id"][t] == int(r["token"])
 
 
+@pytest.mark.parametrize("blocks", ["whole", "streamed"])
 @pytest.mark.parametrize("kind", ["csv", "jsonl", "route"])
-def test_fuzz_import_files(kind, tmp_path):
+def test_fuzz_import_files(kind, blocks, tmp_path, monkeypatch):
+    """``streamed``: read in 61-byte blocks, checked in groups of about 5 rows (every sequence its own group)."""
+    if blocks == "streamed":
+        monkeypatch.setattr(imp, "BLOCK_BYTES", 61)
+        monkeypatch.setattr(imp, "GROUP_ROWS", 5)
     text = {"csv": GENERIC, "jsonl": _jsonl(GENERIC), "route": ROUTE}[kind]
     path = tmp_path / ("r.jsonl" if kind == "jsonl" else "r.csv")
 
     def parse(p: Path):
         return imp.parse_route_trace(p) if kind == "route" else imp.parse_generic(p, "m", None)
+
+    def whole_error(p: Path) -> str | None:
+        """The error of a whole-file reading (None: it imports), to compare the streamed one with."""
+        with monkeypatch.context() as mp:
+            mp.setattr(imp, "BLOCK_BYTES", 1 << 20)
+            mp.setattr(imp, "GROUP_ROWS", 1 << 20)
+            try:
+                parse(p)
+            except UserError as e:
+                return str(e)
+        return None
 
     path.write_text(text)
     _check_against_oracle(kind, text, parse(path)[1])  # the undamaged file imports as read
@@ -210,6 +227,8 @@ def test_fuzz_import_files(kind, tmp_path):
             info, tokens = parse(path)
         except UserError as e:
             assert "\n" not in str(e), (case, repr(damaged))
+            if blocks == "streamed":  # the same fault named, though checked block by block and group by group
+                assert str(e) == whole_error(path), (case, repr(damaged))
             outcomes["error"] += 1
             continue
         except Exception as e:  # noqa: BLE001 -- the point: nothing else may escape

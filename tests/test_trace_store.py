@@ -12,6 +12,7 @@ import pytest
 from data_pipeline.trace_store import (
     MANIFEST_NAME,
     ModelInfo,
+    ShardFormat,
     TraceStore,
     TraceStoreError,
     TraceStoreWriter,
@@ -283,3 +284,101 @@ def test_router_weights_round_trip(tmp_path):
 def test_empty_store(tmp_path):
     store = TraceStoreWriter(tmp_path / "s", INFO).finalize()
     assert store.num_tokens == 0 and store.num_sequences == 0 and list(store.iter_sequences()) == []
+
+
+# ---------------------------------------------------------------------------------- staged shards (distributed writers)
+def _format(path: Path, **kw) -> ShardFormat:
+    return ShardFormat(path, INFO, hidden_layers=kw.pop("hidden_layers", [0, 2]), store_router_logits=True, **kw)
+
+
+def test_staged_shard_is_adopted_only_by_the_lock_holder_and_reads_as_written(tmp_path):
+    path = tmp_path / "s"
+    w = TraceStoreWriter(path, INFO, hidden_layers=[0, 2], store_router_logits=True)
+    rows = make_rows([5, 3], [2, 3], seed=1)
+    staged = _format(path).stage(**rows, index=7)  # another process: no lock, no manifest change
+    assert (path / "shards" / staged.tmp_name).exists() and staged.tmp_name.endswith(".tmp")
+    assert TraceStore(path).num_tokens == 0
+    final = w.adopt(staged)
+    assert final.name == "shard-00007.arrow" and not (path / "shards" / staged.tmp_name).exists()
+    store = w.finalize()
+    assert store.num_tokens == 5 and sorted(store.manifest["shards"][0]) == sorted(
+        ["file", "rows", "sequences", "sha256", "seq_ids_sha256"])
+    order = np.lexsort((rows["position"], rows["seq_id"]))
+    assert np.array_equal(store.topk_ids().reshape(5, -1), rows["topk_ids"].reshape(5, -1)[order])
+    assert np.array_equal(store.hidden(2), rows["hidden"][2][order])
+
+
+def _flip_last_byte(p: Path) -> None:
+    raw = bytearray(p.read_bytes())
+    raw[-20] ^= 0xFF
+    p.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("spoil,needle", [
+    ("bytes", "does not match the checksum its writer reported"),
+    ("claims", "holds other sequences than its writer reported"),
+    ("stored", "is already stored"),
+    ("columns", "does not hold this store's columns"),
+    ("name", "is not the name of a staged shard"),
+    ("gone", "is missing"),
+])
+def test_adopt_refuses_a_staged_shard_that_is_not_what_it_claims(tmp_path, spoil, needle):
+    import dataclasses
+
+    path = tmp_path / "s"
+    w = TraceStoreWriter(path, INFO, hidden_layers=[0, 2], store_router_logits=True)
+    w.write_shard(**make_rows([0], [2]))
+    before = digest(path)
+    rows = make_rows([1, 2], [2, 2], seed=3)
+    if spoil == "columns":
+        rows["hidden"] = {0: rows["hidden"][0]}
+        staged = _format(path, hidden_layers=[0]).stage(**rows)
+    else:
+        staged = _format(path).stage(**({**make_rows([0], [2], seed=4)} if spoil == "stored" else rows))
+    tmp = path / "shards" / staged.tmp_name
+    if spoil == "bytes":
+        _flip_last_byte(tmp)
+    elif spoil == "claims":
+        staged = dataclasses.replace(staged, seq_ids=[1, 9])
+    elif spoil == "name":
+        staged = dataclasses.replace(staged, tmp_name="../manifest.json")
+    elif spoil == "gone":
+        tmp.unlink()
+    with pytest.raises(TraceStoreError, match=needle):
+        w.adopt(staged)
+    if spoil == "name":  # the claim named another file: that one is untouched, the staged one is the caller's
+        assert (path / MANIFEST_NAME).exists()
+        tmp.unlink()
+    assert digest(path) == before  # nothing joined, and the refused file is gone
+    assert w.finalize().num_sequences == 1
+
+
+def test_content_digest_depends_on_rows_not_on_shard_layout(tmp_path):
+    rows = make_rows([0, 1, 2, 3], [2, 3, 1, 2], seed=5)
+
+    def part(sids):
+        keep = np.isin(rows["seq_id"], sids)
+        return {k: ({i: h[keep] for i, h in v.items()} if k == "hidden" else v[keep]) for k, v in rows.items()}
+
+    def store(name, layout, index=None):
+        w = TraceStoreWriter(tmp_path / name, INFO, hidden_layers=[0, 2], store_router_logits=True)
+        for i, sids in enumerate(layout):
+            w.write_shard(**part(sids), index=None if index is None else index[i])
+        return w.finalize()
+
+    one = store("one", [[0, 1, 2, 3]])
+    split = store("split", [[2, 3], [0], [1]], index=[5, 0, 3])  # written out of order, other names
+    assert [e["file"] for e in split.manifest["shards"]] == ["shards/shard-00000.arrow", "shards/shard-00003.arrow",
+                                                             "shards/shard-00005.arrow"]  # listed by sequence
+    assert one.content_digest() == split.content_digest()
+    rows["topk_weights"][3, 1, 0] += 1e-3  # one value of one row
+    assert store("changed", [[0, 1, 2, 3]]).content_digest() != one.content_digest()
+
+
+def test_content_digest_reads_a_store_listed_out_of_sequence_order(tmp_path):
+    """A store whose listing is not by sequence (edited by hand, or written before listings were sorted)."""
+    s, _ = write_store(tmp_path / "s", [([2, 3], [1, 2]), ([0, 1], [2, 1])])
+    want = s.content_digest()
+    edit_manifest(tmp_path / "s", lambda m: m["shards"].reverse())
+    shuffled = TraceStore(tmp_path / "s")
+    assert shuffled.sequence_bounds()[0, 0] == 2 and shuffled.content_digest() == want
