@@ -265,8 +265,6 @@ def _check_inputs(args: argparse.Namespace) -> float | None:
     if args.lookahead not in (None, 1) and args.prefetch in ("topk", "score"):
         raise UserError(f"--prefetch {args.prefetch} forecasts the next layer only (the paper's prefetcher); use "
                         f"--prefetch gate or learned for --lookahead {args.lookahead}")
-    if args.prefetch == "learned" and args.system is None:
-        checkpoint_path(args)
     if args.prompts < 1:
         raise UserError(f"--prompts must be at least 1, got {args.prompts}")
     if args.max_new_tokens < 1:
@@ -281,6 +279,8 @@ def _check_inputs(args: argparse.Namespace) -> float | None:
         raise UserError(f"--device {device} requested but no CUDA GPU is available (torch {torch.__version__})")
     if args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
+    if args.prefetch == "learned" and args.system is None:
+        checkpoint_path(args)  # last: the other refusals hold whether or not a predictor was trained
     return bandwidth
 
 
