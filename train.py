@@ -25,6 +25,7 @@ from predictors.training import (
     DataConfig,
     MLPConfig,
     SklearnConfig,
+    TokenConfig,
     TrajectoryConfig,
     is_rank_zero,
 )
@@ -79,6 +80,7 @@ def build_parser():
     parser.add_class_arguments(MLPConfig, "mlp")
     parser.add_class_arguments(TrajectoryConfig, "trajectory")
     parser.add_class_arguments(SklearnConfig, "sklearn")
+    parser.add_class_arguments(TokenConfig, "token")
     parser.add_class_arguments(WandbConfig, "wandb")
     parser.add_class_arguments(Trainer, "trainer", skip={"logger", "callbacks"})
     parser.set_defaults({f"trainer.{k}": v for k, v in DEMO_TRAINER.items()})
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir=run_dir, trainer_kwargs=trainer_kwargs,
             logger_factory=lambda family: family_logger(logger, family),
             mlp=MLPConfig(**vars(cfg.mlp)), trajectory=TrajectoryConfig(**vars(cfg.trajectory)), sklearn=sk,
+            token=TokenConfig(**vars(cfg.token)),
             patience=cfg.patience, on_split=lambda how: print(f"{data.store}: {how}"),
         )
         if not is_rank_zero():
