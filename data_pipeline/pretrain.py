@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -360,17 +361,25 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     t1 = time.perf_counter()
     trainer.fit(module, train, val)
     train_s = time.perf_counter() - t1
-    if ckpt.best_model_path:
-        state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
-        module.load_state_dict(state)
+    exported_step = int(trainer.global_step)
+    if ckpt.best_model_path:  # the best validation weights (validation runs every --val-every batches)
+        best = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
+        module.load_state_dict(best["state_dict"])
+        exported_step = int(best["global_step"])
+    tokens = int(trainer.global_step * cfg.batch_size * cfg.seq_len)
     record = {
-        "config": asdict(cfg), "steps": int(trainer.global_step), "epochs_seen": trainer.global_step * cfg.batch_size
-        / max(1, len(blocks["train"])), "train_tokens": int(trainer.global_step * cfg.batch_size * cfg.seq_len),
-        "train_seconds": round(train_s, 1), "tokens_per_s": round(trainer.global_step * cfg.batch_size * cfg.seq_len
-                                                                  / max(train_s, 1e-9), 1),
-        "threads": torch.get_num_threads(), "best_val_loss": float(ckpt.best_model_score)
-        if ckpt.best_model_score is not None else None, "best_checkpoint": str(ckpt.best_model_path),
-        "blocks": {k: len(v) for k, v in blocks.items()}, "torch": torch.__version__,
+        "config": asdict(cfg),
+        "steps": int(trainer.global_step),
+        "exported_step": exported_step,
+        "epochs_seen": trainer.global_step * cfg.batch_size / max(1, len(blocks["train"])),
+        "train_tokens": tokens,
+        "train_seconds": round(train_s, 1),
+        "tokens_per_s": round(tokens / max(train_s, 1e-9), 1),
+        "threads": torch.get_num_threads(),
+        "best_val_loss": float(ckpt.best_model_score) if ckpt.best_model_score is not None else None,
+        "best_checkpoint": os.path.relpath(ckpt.best_model_path) if ckpt.best_model_path else None,
+        "blocks": {k: len(v) for k, v in blocks.items()},
+        "torch": torch.__version__,
     }
     export(module.model, tokenizer, out, cfg.save_dtype, record)
     print(f"trained {record['steps']} steps in {train_s:.0f}s ({record['tokens_per_s']:.0f} tok/s, "
