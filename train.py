@@ -41,10 +41,10 @@ class CollectConfig:
     """How to collect the store when ``data.store`` does not exist yet (data_pipeline.collect flags)."""
 
     enabled: bool = True
-    model: str = "tiny-olmoe"
-    dataset: str = "demo"
+    model: str = "olmoe-mini"
+    dataset: str = "demo:heldout"
     split: str | None = None
-    max_tokens: int = 20_000
+    max_tokens: int = 40_000
     seq_len: int = 128
     hidden_layers: str = "all"
     device: str = "cpu"

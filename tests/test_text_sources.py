@@ -71,3 +71,12 @@ def test_missing_file():
 
 def test_presets_named():
     assert set(text_sources.PRESETS) == {"gsm8k", "nq_open", "truthful_qa", "wikitext"}
+
+
+def test_demo_heldout_is_olmoe_minis_test_documents():
+    from data_pipeline.corpus import split_documents
+
+    src = load_texts("demo:heldout", limit=50)
+    test = [d.text for d in split_documents()["test"]]
+    assert list(src) == test[:50] and len(test) > 4000
+    assert src.spec["name"] == "demo:heldout" and src.spec["split"] == "test"
