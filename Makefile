@@ -32,7 +32,7 @@ install: $(STAMP) $(DEMO_WHEEL)
 demo: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m data_pipeline.collect --model olmoe-mini --dataset demo:heldout --hidden-layers all --max-tokens 40000 --out traces/demo
 	$(BIN)/python train.py
-	$(BIN)/python evaluate.py --policy least_stale --model olmoe-mini --dataset demo:heldout
+	$(BIN)/python evaluate.py --policy least_stale --model olmoe-mini --dataset demo:heldout-prompts
 
 test: install
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q
