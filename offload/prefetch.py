@@ -259,7 +259,10 @@ class PredictorPrefetch(Prefetcher):
             prev = ids[np.maximum(prev_row[rows], 0)].astype(np.int64)
             prev[prev_row[rows] < 0] = self.predictor.num_experts  # the datamodule's "no previous token" id
             previous = torch.from_numpy(prev)
-        return PredictContext(layer=layer, hidden=hidden, chosen=chosen, previous=previous)
+        token = None
+        if "token" in needs:  # -1 where the store has none (an imported trace): the prior's popularity
+            token = torch.from_numpy(np.asarray(store.token_ids[rows], dtype=np.int64))
+        return PredictContext(layer=layer, hidden=hidden, chosen=chosen, previous=previous, token=token)
 
     def forecast(self, passes: Passes, store: TraceStore | None) -> ExpertForecast:
         if store is None:

@@ -4,7 +4,8 @@ A predictor sits at layer ``l`` of a pass and forecasts which experts layers ``l
 pick. It may read the MoE-input hidden state of layer ``l`` (when the trace store or the running
 engine has it), the experts already chosen at layers ``<= l`` of the same tokens, and the experts
 the previous token chose at every layer (the trajectory families use these on traces without
-hidden states). It returns scores over the experts: higher means more likely to be needed. Scores
+hidden states), and the token ids (the token-aware families; -1 = unknown, as on imported traces
+without tokens). It returns scores over the experts: higher means more likely to be needed. Scores
 for a distance that runs past the last layer are meaningless and callers ignore them.
 
 The simulator and the engine both call :meth:`Predictor.predict`; training code calls the same
@@ -41,6 +42,7 @@ class PredictContext:
     hidden: torch.Tensor | None = None  # (T, H) MoE input of ``layer``
     chosen: torch.Tensor | None = None  # (T, layer+1, K) long: expert ids at layers 0..layer, rank order
     previous: torch.Tensor | None = None  # (T, L, K) long: the previous token's experts at every layer
+    token: torch.Tensor | None = None  # (T,) long: the tokens' ids (-1: unknown, e.g. an imported trace)
 
 
 class Predictor(ABC):
@@ -48,7 +50,8 @@ class Predictor(ABC):
 
     #: family name used on the command line and in checkpoints
     family: ClassVar[str]
-    #: which context fields the family needs: a subset of {"hidden", "chosen", "previous"}
+    #: which context fields the family needs: a subset of {"hidden", "chosen", "previous", "token"}
+    #: (token-aware families built with a token table add "token" on the instance)
     needs: ClassVar[frozenset[str]] = frozenset()
     #: kernel launches of one forecast on a GPU (the fixed part of its cost, see :meth:`work`)
     kernels: ClassVar[int] = 4

@@ -35,10 +35,11 @@ def families() -> dict[str, type]:
     from predictors.gate_lookahead import GateLookahead
     from predictors.mlp_lookahead import MLPLookahead
     from predictors.sklearn_baseline import SklearnLogReg
+    from predictors.token_lookahead import TokenLookahead
     from predictors.trajectory import TrajectoryPredictor
 
     classes = (FrequencyPredictor, ConditionalFrequency, GateLookahead, MLPLookahead, TrajectoryPredictor,
-               SklearnLogReg)
+               SklearnLogReg, TokenLookahead)
     return {cls.family: cls for cls in classes}
 
 

@@ -35,6 +35,7 @@ def layer_contexts(batch: dict[str, torch.Tensor], layers: Iterable[int],
             hidden=hidden[:, where[layer]] if hidden is not None and layer in where else None,
             chosen=batch["topk_ids"][:, : layer + 1],
             previous=batch["previous"],
+            token=batch.get("token"),
         )
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import UserError, one_line
+from data_pipeline.token_routing import has_tokens
 from data_pipeline.trace_store import TraceStore
 from predictors.base import Predictor, check_lookahead
 from predictors.checkpoint import RUN_FILE, save_predictor
@@ -37,11 +38,12 @@ from predictors.evaluation import evaluate_predictor
 from predictors.metrics import LookaheadMetrics
 
 TRAINING_FREE = ("frequency", "conditional_frequency", "gate_lookahead")
-LEARNED = ("mlp_lookahead", "trajectory")
+LEARNED = ("mlp_lookahead", "trajectory", "token")
 CLASSICAL = ("sklearn_logreg",)
 ALL_FAMILIES = TRAINING_FREE + CLASSICAL + LEARNED
 NEEDS_HIDDEN = ("gate_lookahead", "mlp_lookahead", "sklearn_logreg")
 NEEDS_ROUTERS = ("gate_lookahead", "mlp_lookahead")
+NEEDS_TOKENS = ("token",)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -63,6 +65,7 @@ class MLPConfig:
     dropout: float = 0.0
     lr: float = 3e-3
     weight_decay: float = 1e-4
+    tokens: bool = True  # the token as an extra input, when the store has token ids
 
     def __post_init__(self) -> None:
         _require(self.width >= 1, f"--mlp.width must be >= 1, got {self.width}")
@@ -78,11 +81,28 @@ class TrajectoryConfig:
     dropout: float = 0.1
     lr: float = 3e-3
     weight_decay: float = 1e-3
+    tokens: bool = True  # the token as an extra input, when the store has token ids
 
     def __post_init__(self) -> None:
         _require(self.dim >= 0, f"--trajectory.dim must be >= 0 (0: counts only), got {self.dim}")
         _require(self.window >= 1, f"--trajectory.window must be >= 1, got {self.window}")
         _check_optimiser("trajectory", self.lr, self.weight_decay, self.dropout)
+
+
+@dataclass
+class TokenConfig:
+    """token: the token-only family (counted prior + embedding of token and layer), optimiser settings."""
+
+    dim: int = 64
+    dropout: float = 0.1
+    max_vocab: int = 16384
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _require(self.dim >= 0, f"--token.dim must be >= 0, got {self.dim}")
+        _require(self.max_vocab >= 1, f"--token.max_vocab must be >= 1, got {self.max_vocab}")
+        _check_optimiser("token", self.lr, self.weight_decay, self.dropout)
 
 
 @dataclass
@@ -221,6 +241,11 @@ def check_request(store: TraceStore, families: list[str], lookahead: int) -> Non
         if blocked:
             raise UserError(f"{store.path} has no router weights, which {', '.join(blocked)} need(s); "
                             f"recollect it with data_pipeline.collect or drop those families")
+    if not has_tokens(store.token_ids):
+        blocked = [f for f in families if f in NEEDS_TOKENS]
+        if blocked:
+            raise UserError(f"{store.path} has no token ids (token_id = -1), which {', '.join(blocked)} need(s); "
+                            f"import it with a token column or drop those families")
 
 
 def fit_counting(family: str, store: TraceStore, train_rows: np.ndarray, lookahead: int) -> Predictor:
@@ -248,14 +273,21 @@ def fit_sklearn(store: TraceStore, train_rows: np.ndarray, lookahead: int, cfg: 
 
 
 def build_learned(family: str, store: TraceStore, train_rows: np.ndarray, lookahead: int, mlp: MLPConfig,
-                  traj: TrajectoryConfig):
+                  traj: TrajectoryConfig, token: TokenConfig | None = None):
+    """An untrained learned family (its counted parts fitted on ``train_rows``) and its config."""
     from predictors.mlp_lookahead import MLPLookahead
+    from predictors.token_lookahead import TokenLookahead
     from predictors.trajectory import TrajectoryPredictor
 
     if family == "mlp_lookahead":
-        return MLPLookahead.from_store(store, lookahead, width=mlp.width, dropout=mlp.dropout), mlp
-    return TrajectoryPredictor.from_store(store, lookahead, rows=train_rows, dim=traj.dim, window=traj.window,
-                                          dropout=traj.dropout), traj
+        return MLPLookahead.from_store(store, lookahead, rows=train_rows, use_tokens=mlp.tokens, width=mlp.width,
+                                       dropout=mlp.dropout), mlp
+    if family == "token":
+        token = token or TokenConfig()
+        return TokenLookahead.from_store(store, lookahead, rows=train_rows, max_vocab=token.max_vocab, dim=token.dim,
+                                         dropout=token.dropout), token
+    return TrajectoryPredictor.from_store(store, lookahead, rows=train_rows, use_tokens=traj.tokens, dim=traj.dim,
+                                          window=traj.window, dropout=traj.dropout), traj
 
 
 def _throughput_callback():
@@ -326,6 +358,7 @@ def run_training(
     mlp: MLPConfig | None = None,
     trajectory: TrajectoryConfig | None = None,
     sklearn: SklearnConfig | None = None,
+    token: TokenConfig | None = None,
     patience: int = 3,
     on_split: Callable[[str], None] | None = None,
 ) -> RunResult:
@@ -333,6 +366,7 @@ def run_training(
     from data_pipeline.datamodule import TraceDataModule
 
     mlp, trajectory, sklearn = mlp or MLPConfig(), trajectory or TrajectoryConfig(), sklearn or SklearnConfig()
+    token = token or TokenConfig()
     store = TraceStore(data.store)
     check_request(store, families, lookahead)
     hidden = any(f in NEEDS_HIDDEN for f in families)
@@ -345,13 +379,13 @@ def run_training(
             "store": str(store.path), "split": dm.split.how, "seed": data.seed}
     if not is_rank_zero():  # DDP workers re-run the script: rank 0 owns the run folder
         return _fit_all(store, dm, families, lookahead, overfetch, run_dir, trainer_kwargs, logger_factory,
-                        mlp, trajectory, sklearn, patience, meta, data.seed)
+                        mlp, trajectory, sklearn, token, patience, meta, data.seed)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"run folder {run_dir} already exists; choose another --run name")
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         return _fit_all(store, dm, families, lookahead, overfetch, run_dir, trainer_kwargs, logger_factory,
-                        mlp, trajectory, sklearn, patience, meta, data.seed)
+                        mlp, trajectory, sklearn, token, patience, meta, data.seed)
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)  # never leave a partial checkpoint behind
         raise
@@ -363,7 +397,7 @@ def is_rank_zero() -> bool:
 
 
 def _fit_all(store, dm, families, lookahead, overfetch, run_dir, trainer_kwargs, logger_factory, mlp, trajectory,
-             sklearn, patience, meta, seed) -> RunResult:
+             sklearn, token, patience, meta, seed) -> RunResult:
     hidden_layers = dm.datasets["test"].hidden_layers
     test_batches = list(dm.test_dataloader())
     results: list[FamilyResult] = []
@@ -375,7 +409,7 @@ def _fit_all(store, dm, families, lookahead, overfetch, run_dir, trainer_kwargs,
         elif family in CLASSICAL:
             predictor = fit_sklearn(store, dm.split.train, lookahead, sklearn, seed)
         else:
-            predictor, cfg = build_learned(family, store, dm.split.train, lookahead, mlp, trajectory)
+            predictor, cfg = build_learned(family, store, dm.split.train, lookahead, mlp, trajectory, token)
             rate, trained = train_learned(predictor, dm, run_dir=run_dir, trainer_kwargs=trainer_kwargs,
                                           logger=logger_factory(family) if logger_factory else False, lr=cfg.lr,
                                           weight_decay=cfg.weight_decay, overfetch=overfetch, patience=patience,

@@ -26,6 +26,12 @@ While training, each token's own count is left out of the transitions it is scor
 :meth:`TrajectoryPredictor.training_logits`): otherwise the counts "know" the answer on training
 tokens and the model learns to over-trust them.
 
+**The token** (when the store has token ids): the counted P(j at l+d | token) of
+:class:`~predictors.token_lookahead.TokenPrior` is one more part of the mixture, with a weight
+starting at 1 (as much as the last layer's transitions: real routers are token-driven), and a
+token embedding (zero-initialised) joins the residual network's input. A store without tokens
+builds neither, and the untrained model is conditional frequency as before.
+
 Only the last ``window`` layers are read, so the online cost per layer does not grow with depth.
 """
 
@@ -42,6 +48,7 @@ from data_pipeline.errors import UserError
 from predictors.base import PredictContext
 from predictors.frequency import layer_popularity, multi_hot
 from predictors.learned import LearnedPredictor
+from predictors.token_lookahead import TokenPrior, prior_from_store, warn_missing_token
 
 PROB_FLOOR = 1e-4  # mixture floor before the log: an unseen transition is unlikely, not impossible
 
@@ -74,7 +81,7 @@ class TrajectoryPredictor(LearnedPredictor):
         return flops, nbytes, 3 + (self.window + 2 if self.dim > 0 else 0)
 
     def __init__(self, counts: torch.Tensor, popularity: torch.Tensor, top_k: int, lookahead: int, dim: int = 32,
-                 window: int = 3, dropout: float = 0.1, smoothing: float = 1.0):
+                 window: int = 3, dropout: float = 0.1, smoothing: float = 1.0, tokens: TokenPrior | None = None):
         num_layers, max_distance, num_experts, _ = counts.shape
         super().__init__(num_layers, num_experts, top_k, lookahead)
         if max_distance < min(lookahead + window - 1, num_layers - 1):
@@ -84,9 +91,12 @@ class TrajectoryPredictor(LearnedPredictor):
         self.register_buffer("popularity", popularity.float())  # (L, E), frozen
         n_src = counts.sum(dim=-1) / top_k  # tokens with i at s (each adds K to its row)
         self.register_buffer("n_src", n_src, persistent=False)  # (L, G, E)
-        # mixture weights per (context layer, distance): window layers, then the previous token
-        mix = torch.zeros(num_layers, lookahead, window + 1)
+        self.tokens = tokens
+        # mixture weights per (context layer, distance): window layers, the previous token, [the token]
+        mix = torch.zeros(num_layers, lookahead, window + 1 + (tokens is not None))
         mix[..., 0] = 1.0
+        if tokens is not None:
+            mix[..., -1] = 1.0
         self.mix = nn.Parameter(mix)
         self.offset = nn.Parameter(torch.zeros(num_layers, lookahead))
         self.pad = num_layers * num_experts  # id of "no expert" (first token, layers before 0)
@@ -99,6 +109,12 @@ class TrajectoryPredictor(LearnedPredictor):
             self.drop = nn.Dropout(dropout)
             self.head_w = nn.Parameter(torch.zeros(num_layers, num_experts, dim))
             self.head_b = nn.Parameter(torch.zeros(num_layers, num_experts))
+        if tokens is not None:
+            self.needs = frozenset({"chosen", "previous", "token"})
+            self._warned = False
+            if dim > 0:
+                self.tok_emb = nn.Embedding(tokens.size + 1, dim)  # last row: unknown token
+                nn.init.zeros_(self.tok_emb.weight)
 
     @classmethod
     def fit(cls, topk_ids: Any, num_experts: int, lookahead: int, window: int = 3, **hparams: Any) -> TrajectoryPredictor:
@@ -108,10 +124,13 @@ class TrajectoryPredictor(LearnedPredictor):
         return cls(counts, popularity, int(np.asarray(topk_ids).shape[2]), lookahead, window=window, **hparams)
 
     @classmethod
-    def from_store(cls, store: Any, lookahead: int, rows: Any = None, **hparams: Any) -> TrajectoryPredictor:
-        """Transitions counted on ``rows`` of the store (its training split; all tokens when None)."""
+    def from_store(cls, store: Any, lookahead: int, rows: Any = None, use_tokens: bool = True,
+                   **hparams: Any) -> TrajectoryPredictor:
+        """Transitions (and, with ``use_tokens``, the token table) counted on ``rows`` of the store
+        (its training split; all tokens when None)."""
         ids = store.topk_ids()
-        return cls.fit(ids if rows is None else ids[rows], store.num_experts, lookahead, **hparams)
+        tokens = prior_from_store(store, rows) if use_tokens else None
+        return cls.fit(ids if rows is None else ids[rows], store.num_experts, lookahead, tokens=tokens, **hparams)
 
     # ------------------------------------------------------------------ forecasts
     def logits(self, ctx: PredictContext) -> torch.Tensor:
@@ -166,7 +185,16 @@ class TrajectoryPredictor(LearnedPredictor):
         sources = [layer - m for m in range(self.window) if layer - m >= 0]
         parts = [*self._transitions(sources, range(targets.start, targets.stop), chosen, future_ids),
                  prev_hot[..., : self.num_experts]]  # each (T, D', E)
-        weights = self.mix[layer, :n][:, [*range(len(sources)), self.window]]  # (D', parts)
+        columns = [*range(len(sources)), self.window]
+        idx = None
+        if self.tokens is not None:
+            if ctx.token is None and not self._warned:
+                warn_missing_token(self.family)
+                self._warned = True
+            idx = self.tokens.index(ctx.token, t)
+            parts.append(self.tokens.probs(idx, tl, future_ids))
+            columns.append(self.window + 1)
+        weights = self.mix[layer, :n][:, columns]  # (D', parts)
         mixture = torch.einsum("ptde,dp->tde", torch.stack(parts), weights)
         out = mixture.clamp(min=PROB_FLOOR).log() + self.offset[layer, :n, None]
         if self.dim == 0:
@@ -176,6 +204,8 @@ class TrajectoryPredictor(LearnedPredictor):
         window_layers = torch.arange(layer - self.window + 1, layer + 1, device=device)
         path = self.path_emb(self._global_ids(chosen[:, window_layers.clamp(min=0)], window_layers)).sum(dim=2)
         state = self.gru(path)[1][0]  # (T, dim)
+        if idx is not None:
+            state = state + self.tok_emb(idx)
         prev = self.prev_emb(self._global_ids(prev_ids, tl)).sum(dim=2)  # (T, D', dim)
         x = self.drop(F.gelu(self.mid(F.gelu(state[:, None] + prev + self.dist_emb.weight[:n]))))
         out = out + torch.einsum("tdw,dew->tde", x, self.head_w[targets]) + self.head_b[targets]
@@ -184,10 +214,11 @@ class TrajectoryPredictor(LearnedPredictor):
     # ------------------------------------------------------------------ checkpoints
     def hparams(self) -> dict[str, Any]:
         return {"top_k": self.top_k, "lookahead": self.lookahead, "dim": self.dim, "window": self.window,
-                "dropout": self.dropout, "smoothing": self.smoothing}
+                "dropout": self.dropout, "smoothing": self.smoothing,
+                "token_vocab": self.tokens.size if self.tokens is not None else 0}
 
     @classmethod
     def build(cls, hparams: dict[str, Any], state: dict[str, torch.Tensor]) -> TrajectoryPredictor:
         return cls(state["counts"], state["popularity"], int(hparams["top_k"]), int(hparams["lookahead"]),
                    dim=int(hparams["dim"]), window=int(hparams["window"]), dropout=float(hparams.get("dropout", 0.0)),
-                   smoothing=float(hparams.get("smoothing", 1.0)))
+                   smoothing=float(hparams.get("smoothing", 1.0)), tokens=TokenPrior.from_state(state, "tokens."))

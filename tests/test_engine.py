@@ -194,3 +194,43 @@ def test_engine_and_simulator_take_the_same_decisions_through_the_one_step(tiny,
                  round(sim["precision"] * c.forecast_predicted), round(sim["precision"] * c.forecast_predicted))
     assert engine[:8] == simulated[:8]
     assert sim["precision"] == pytest.approx(c.forecast_correct / c.forecast_predicted)
+
+
+def test_token_family_sees_the_same_tokens_in_the_engine_and_the_simulator(tiny, tmp_path):
+    """The token family forecasts from the token ids alone: the engine reads them off the input embedding,
+    the simulator off the store. Both feed the same ids, so both take the same decisions; with the ids
+    withheld (every token unknown) the engine's forecasts are popularity and its decisions change."""
+    from offload.simulator import SimConfig, simulate_configs
+    from predictors.checkpoint import save_predictor
+    from predictors.token_lookahead import TokenLookahead
+
+    with _engine(tiny, tiny.adapter.num_layers * tiny.adapter.num_experts, bandwidth=None) as eng:
+        recorder = eng.record()
+        for p in load_prompts("demo", 4, skip=10):
+            eng.generate(encode(tiny.tokenizer, p), 8)
+    fit = recorder.write(tmp_path / "fit", tiny.info)
+    predictor = TokenLookahead.from_store(fit, lookahead=2).eval()  # untrained residual: ranks by the counts
+    ckpt = save_predictor(predictor, tmp_path / "token", model=tiny.info)
+    prompts = [encode(tiny.tokenizer, p) for p in load_prompts("demo", 2)]
+
+    def run(hide_tokens: bool):
+        with _engine(tiny, 12, policy="lru", predictor=predictor, bandwidth=None, admission="greedy",
+                     prefetch_params={"overfetch": 1.5}) as eng:
+            if hide_tokens:
+                eng._see_tokens = lambda module, args: None  # noqa: ARG005 -- the mutant: no token ids
+                eng._token_hook.remove()
+                eng._token_hook = tiny.model.get_input_embeddings().register_forward_pre_hook(eng._see_tokens)
+            recorder = eng.record()
+            for ids in prompts:
+                eng.generate(ids, 6)
+            return eng.counters, recorder
+
+    c, recorder = run(hide_tokens=False)
+    store = recorder.write(tmp_path / "engine-trace", tiny.info)
+    sim = simulate_configs(store, [SimConfig(policy="lru", capacity="12", prefetch=f"ckpt:{ckpt}", lookahead=2,
+                                             overfetch=1.5, hardware="a100-5gbs:link_gbps=inf")])[0]
+    assert c.prefetch_issued > 0
+    assert (c.hits, c.misses, c.prefetch_issued, c.prefetch_used) == (
+        sim["hits"], sim["misses"], sim["prefetch_issued"], sim["prefetch_used"])
+    blind, _ = run(hide_tokens=True)
+    assert (blind.prefetch_used, blind.hits) != (c.prefetch_used, c.hits)

@@ -11,7 +11,7 @@ from browser import check_report
 from data_pipeline.errors import run_cli
 from offload.engine.cli import main, parse_bandwidth
 
-FAST = ["--prompts", "1", "--max-new-tokens", "3", "--no-wandb"]
+FAST = ["--model", "tiny-olmoe", "--prompts", "1", "--max-new-tokens", "3", "--no-wandb"]
 
 
 def _fails(capsys, argv: list[str], *needles: str) -> str:
@@ -87,7 +87,7 @@ def test_default_run_with_a_checkpoint_prints_the_table_and_writes_json(capsys, 
 
     _save_checkpoint(tmp_path / "checkpoints", load_model("tiny-olmoe").info)
     out = tmp_path / "report.json"
-    main(["--policy", "least_stale", "--checkpoints", str(tmp_path / "checkpoints"), "--prompts", "2",
+    main(["--policy", "least_stale", "--model", "tiny-olmoe", "--checkpoints", str(tmp_path / "checkpoints"), "--prompts", "2",
           "--max-new-tokens", "4", "--no-wandb", "--json", str(out), "--plots", str(tmp_path / "plots")])
     printed = capsys.readouterr().out
     for label in ("plain model", "least_stale + learned", "lru + learned", "lru + none (0% reference)",
@@ -172,7 +172,7 @@ def test_sim_mode_replays_without_the_engine(tmp_path):
 @pytest.mark.slow
 def test_a_run_without_decode_steps_draws_ttft_and_says_why_there_is_no_tpot(tmp_path):
     out = tmp_path / "r.json"
-    main(["--mode", "sim", "--prefetch", "gate", "--prompts", "1", "--max-new-tokens", "1", "--no-wandb",
+    main(["--model", "tiny-olmoe", "--mode", "sim", "--prefetch", "gate", "--prompts", "1", "--max-new-tokens", "1", "--no-wandb",
           "--json", str(out), "--report", "none"])
     report = json.loads(out.read_text())
     assert all(r["sim"]["tpot_s"] is None for r in report["rows"])  # the premise: prefill only

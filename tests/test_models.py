@@ -103,3 +103,31 @@ def test_missing_demo_wheel(monkeypatch, tmp_path):
 
 def test_tiny_config_is_documented_shape():
     assert TINY_OLMOE_CONFIG["num_experts"] >= 16 and TINY_OLMOE_CONFIG["num_experts_per_tok"] >= 4
+
+
+def test_olmoe_mini_loads_offline_by_name(tmp_path):
+    """The committed trained model: from_pretrained on models/olmoe-mini, real tokenizer, round trip."""
+    from safetensors import safe_open
+
+    from data_pipeline.models import REPO_MODELS
+
+    folder = REPO_MODELS["olmoe-mini"]
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 30 * 2**20  # the size the repo allows
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        assert all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
+    mini = load_model("olmoe-mini")
+    assert mini.name == "olmoe-mini" and mini.info.model_id == "olmoe-mini" and mini.info.family == "olmoe"
+    assert (mini.info.num_layers, mini.info.num_experts, mini.info.top_k) == (8, 64, 8)
+    assert mini.dtype == torch.float32 and mini.model.config._experts_implementation == "eager"
+    assert mini.model.config.tie_word_embeddings and len(mini.tokenizer) == 50280
+    assert mini.tokenizer.pad_token_id == 1 and mini.tokenizer.eos_token_id == 50279
+    text = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
+    enc = mini.tokenizer([text], return_tensors="pt")
+    with torch.no_grad():
+        logits = mini.model(**enc).logits[0, :-1]
+    nll = torch.nn.functional.cross_entropy(logits, enc["input_ids"][0, 1:])
+    assert torch.exp(nll) < 2000  # a trained model: an untrained one is near the vocabulary size (~50k)
+    mini.model.save_pretrained(tmp_path / "again")  # round trip through save_pretrained
+    again = load_model(str(tmp_path / "again"))
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(**enc).logits[0, :-1], logits, rtol=0, atol=0)

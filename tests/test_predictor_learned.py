@@ -33,7 +33,7 @@ def _ctx(store, layer: int, rows: np.ndarray) -> PredictContext:
 
 def test_untrained_mlp_ranks_like_the_gate(store) -> None:
     gate = GateLookahead.from_store(store, lookahead=3)
-    mlp = MLPLookahead.from_store(store, lookahead=3, width=16)
+    mlp = MLPLookahead.from_store(store, lookahead=3, width=16, use_tokens=False)
     ctx = _ctx(store, 1, np.arange(40))
     g, m = gate.predict(ctx), mlp.predict(ctx)
     assert torch.equal(g.topk(2, dim=-1).indices, m.topk(2, dim=-1).indices)

@@ -71,3 +71,20 @@ def test_missing_file():
 
 def test_presets_named():
     assert set(text_sources.PRESETS) == {"gsm8k", "nq_open", "truthful_qa", "wikitext"}
+
+
+def test_demo_heldout_is_olmoe_minis_test_documents():
+    from data_pipeline.corpus import split_documents
+
+    src = load_texts("demo:heldout", limit=50)
+    test = [d.text for d in split_documents()["test"]]
+    assert list(src) == test[:50] and len(test) > 4000
+    assert src.spec["name"] == "demo:heldout" and src.spec["split"] == "test"
+
+
+def test_demo_heldout_prompts_are_document_halves():
+    docs = list(load_texts("demo:heldout", limit=20))
+    prompts = list(load_texts("demo:heldout-prompts", limit=20))
+    for doc, prompt in zip(docs, prompts, strict=True):
+        words = doc.split(" ")
+        assert prompt == " ".join(words[: max(1, len(words) // 2)]) and doc.startswith(prompt)

@@ -44,7 +44,7 @@ def test_cli_fits_compares_and_saves_every_family(synthetic, tmp_path: Path, cap
     assert train.main(argv) == 0
     out = capsys.readouterr().out
     families = ["frequency", "conditional_frequency", "gate_lookahead", "sklearn_logreg", "mlp_lookahead",
-                "trajectory"]
+                "trajectory", "token"]
     for family in families:
         assert family in out
     assert "recall@k at single layer pairs" in out  # sklearn's pair, every family on it
@@ -133,7 +133,8 @@ def test_a_failed_run_leaves_no_checkpoint_behind(synthetic, tmp_path: Path, mon
 @pytest.mark.slow
 def test_demo_mlp_beats_gate_which_beats_frequency(tmp_path: Path) -> None:
     """Done-means on demo traces (tiny-olmoe, 12k tokens collected here, seed 0)."""
-    argv = ["--data.store", str(tmp_path / "demo"), "--collect.max_tokens", "12000", "--checkpoints",
+    argv = ["--data.store", str(tmp_path / "demo"), "--collect.model", "tiny-olmoe", "--collect.dataset", "demo",
+            "--collect.max_tokens", "12000", "--checkpoints",
             str(tmp_path / "ck"), "--run", "demo", "--families", "[frequency, gate_lookahead, mlp_lookahead]",
             "--trainer.max_epochs", "8", "--data.batch_size", "256", *QUIET]
     assert train.main(argv) == 0

@@ -37,6 +37,7 @@ import torch
 from data_pipeline.errors import UserError, run_cli
 
 TINY = "tiny-olmoe"
+MINI = "olmoe-mini"  # the demo model: trained, committed under models/
 
 #: The paper's four reproduced systems (SpecMD section 5), as engine settings.
 SYSTEMS: dict[str, dict[str, Any]] = {
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mode", choices=("engine", "sim"), default="engine",
                    help="engine: run the model for real; sim: replay the same prompts in the simulator only")
-    p.add_argument("--model", default=TINY, help="tiny-olmoe (offline demo), a local folder or a hub id")
+    p.add_argument("--model", default=MINI, help="olmoe-mini (the offline demo), tiny-olmoe (random, for tests), a local folder or a hub id")
     p.add_argument("--system", choices=sorted(SYSTEMS), default=None,
                    help="one of the paper's systems (its prefetch/eviction/miss/routing); compared with LS drop-in")
     p.add_argument("--policy", default="least_stale", help="eviction policy (offload.policies)")
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routing", default="standard", choices=("standard", "cache-aware"))
     p.add_argument("--routing-lambda", type=float, default=0.3)
     p.add_argument("--miss", default="fetch", choices=("fetch", "drop", "substitute"))
-    p.add_argument("--dataset", default=None, help="prompt source (default: demo for tiny-olmoe, gsm8k otherwise)")
+    p.add_argument("--dataset", default=None, help="prompt source (default: demo:heldout-prompts for olmoe-mini, demo for tiny-olmoe, gsm8k otherwise)")
     p.add_argument("--store", default=None, help="--mode sim: replay this trace store instead of recording one")
     p.add_argument("--prompts", type=int, default=8, help="number of prompts")
     p.add_argument("--max-new-tokens", type=int, default=16)
@@ -288,7 +289,7 @@ def _load(args: argparse.Namespace):
     from data_pipeline.models import load_model
 
     dtype = args.dtype
-    if dtype == "auto" and str(args.device).startswith("cuda") and args.model != TINY:
+    if dtype == "auto" and str(args.device).startswith("cuda") and args.model not in (TINY, MINI):
         dtype = "bfloat16"  # load on the host in the dtype the device will run
     return load_model(args.model, dtype=dtype, device="cpu", seed=args.seed)
 
@@ -407,7 +408,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     loaded = _load(args)
     slots = parse_capacity(args.capacity, loaded.info)
-    dataset = args.dataset or ("demo" if args.model == TINY else "gsm8k")
+    dataset = args.dataset or {MINI: "demo:heldout-prompts", TINY: "demo"}.get(args.model, "gsm8k")
     predictors = {r.prefetch: _predictor(args, loaded, r.prefetch) for r in rows
                   if r.prefetch not in ("oracle", "none")}
     main_predictor = predictors.get(rows[0].prefetch)

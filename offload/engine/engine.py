@@ -161,6 +161,9 @@ class OffloadEngine:
         self._closed = False
         for layer in range(self.num_layers):
             replace_forward(adapter.moe_block(layer), self._block_forward(layer))
+        # the token-aware families read the pass's token ids: the input embedding sees them first
+        self._token_ids: torch.Tensor | None = None
+        self._token_hook = loaded.model.get_input_embeddings().register_forward_pre_hook(self._see_tokens)
 
     @property
     def counters(self):
@@ -174,8 +177,12 @@ class OffloadEngine:
             return
         self._closed = True
         self.copier.close()
+        self._token_hook.remove()
         for layer in range(self.num_layers):
             restore_forward(self.adapter.moe_block(layer))
+
+    def _see_tokens(self, module: torch.nn.Module, args: tuple) -> None:
+        self._token_ids = args[0].reshape(-1) if args and torch.is_tensor(args[0]) else None
 
     def __enter__(self) -> OffloadEngine:
         return self
@@ -280,8 +287,13 @@ class OffloadEngine:
                 return None  # a prompt's first pass has no previous token at every layer
             previous = self._previous
         chosen = torch.stack(self._chosen, dim=1) if "chosen" in needs else None
+        token = None
+        if "token" in needs:
+            ids = self._token_ids
+            token = ids.to(torch.long) if ids is not None and ids.numel() == x.shape[0] else \
+                torch.full((x.shape[0],), -1, dtype=torch.long)  # unknown tokens: the prior's popularity
         return PredictContext(layer=layer, hidden=x if "hidden" in needs else None, chosen=chosen,
-                              previous=previous)
+                              previous=previous, token=token)
 
     def _forecaster(self, x: torch.Tensor):
         """The step's forecaster at this layer: the predictor on the real MoE input, ranked by the
