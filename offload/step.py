@@ -336,7 +336,8 @@ class LayerStep:
         if run.precision == "native":
             return
         self._unpack[key] = run.copy
-        if self.miss.upgrades:
+        # an expert evicted while its copy waited for its slot runs once from it and is gone: no upgrade
+        if self.miss.upgrades and self.cache.slot_of(key) == run.slot:
             nbytes = be.copy_bytes(run.layer, "native")
             self._upgrades[key] = be.link.submit(key, nbytes, UPGRADE, now, slot=run.slot, precision="native")
             self.counters.upgrades_issued += 1
