@@ -256,18 +256,27 @@ class QuantizedHostTier:
         self.template = dict(store.template)
         self.group_size = group_size
         self.meta_dtype = meta_dtype
-        quantized = [p for p in dict.fromkeys(as_precision(p) for p in precisions) if p != "native"]
-        self.precisions: tuple[Precision, ...] = ("native", *quantized)
-        for p in quantized:  # fail before hours of work on a shape that cannot be packed
-            expert_nbytes(self.template, p, group_size=group_size, meta_dtype=meta_dtype)
+        self._options = {"optimize": optimize, "pin": pin, "device": device}
+        self.precisions: tuple[Precision, ...] = ("native",)
         # _layers[precision][layer][name] = (codes, scale, zero), each stacked over experts
-        self._layers: dict[Precision, list[dict[str, tuple[torch.Tensor, ...]]]] = {p: [] for p in quantized}
-        for layer in range(store.num_layers):
-            for p in quantized:
+        self._layers: dict[Precision, list[dict[str, tuple[torch.Tensor, ...]]]] = {}
+        self.ensure(precisions)
+
+    def ensure(self, precisions: Sequence[Precision]) -> None:
+        """Build the precisions of ``precisions`` this tier does not hold yet (a tier shared between engines
+        grows to what each one needs); the others are left as they are."""
+        quantized = [p for p in dict.fromkeys(as_precision(p) for p in precisions)
+                     if p != "native" and p not in self._layers]
+        for p in quantized:  # fail before hours of work on a shape that cannot be packed
+            expert_nbytes(self.template, p, group_size=self.group_size, meta_dtype=self.meta_dtype)
+        store, device, pin = self.store, self._options["device"], self._options["pin"]
+        for p in quantized:
+            self._layers[p] = []
+            for layer in range(store.num_layers):
                 per_expert = [
                     quantize_expert(
-                        {n: w.to(device) for n, w in store.expert(layer, e).items()}, p, group_size,
-                        optimize=optimize, meta_dtype=meta_dtype,
+                        {n: w.to(device) for n, w in store.expert(layer, e).items()}, p, self.group_size,
+                        optimize=bool(self._options["optimize"]), meta_dtype=self.meta_dtype,
                     ).to("cpu")
                     for e in range(store.num_experts)
                 ]
@@ -277,6 +286,7 @@ class QuantizedHostTier:
                     arrays = tuple(torch.stack([getattr(q, f) for q in parts]) for f in ("codes", "scale", "zero"))
                     stacked[name] = tuple(a.pin_memory() if pin else a for a in arrays)
                 self._layers[p].append(stacked)
+            self.precisions = (*self.precisions, p)
 
     def expert(self, layer: int, expert: int, precision: Precision) -> QuantizedExpert:
         """Views of one expert's host copy at ``precision`` (``native``: the store's own tensors)."""

@@ -197,3 +197,15 @@ def test_host_tier_holds_every_expert_at_each_precision(tiny):
             assert all(written[n] is slot[n] and torch.equal(slot[n], fresh[n]) for n in native)
     with pytest.raises(UserError, match="not built"):
         tier.expert(0, 0, "int8")
+
+
+def test_a_shared_tier_grows_to_what_each_user_needs(tiny):
+    """fetch-lowest-bit needs int2 only, fetch-priority every precision: one tier serves both engines."""
+    store = HostExpertStore(tiny.adapter, release_model_weights=False)
+    tier = QuantizedHostTier(store, ("int2",), optimize=False)
+    held = tier.expert(1, 2, "int2").tensors["down_proj"].codes
+    tier.ensure(("int8", "int2"))
+    assert tier.precisions == ("native", "int2", "int8")
+    assert tier.expert(1, 2, "int2").tensors["down_proj"].codes.data_ptr() == held.data_ptr()  # not rebuilt
+    fresh = dequantize(quantize_expert(store.expert(1, 2), "int8", optimize=False))
+    assert all(torch.equal(t, fresh[n]) for n, t in dequantize(tier.expert(1, 2, "int8")).items())

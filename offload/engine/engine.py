@@ -115,8 +115,8 @@ class OffloadEngine:
 
     def __init__(self, loaded: Any, config: EngineConfig, predictor: Predictor | None = None,
                  tier: QuantizedHostTier | None = None):
-        """``tier``: the low-bit host copies, built from the same model (e.g. shared by several engines);
-        None: built here when the miss handler needs them."""
+        """``tier``: the low-bit host copies, built from the same model (e.g. shared by several engines; the
+        precisions it lacks are added); None: built here when the miss handler needs them."""
         self.loaded = loaded
         self.adapter = adapter = loaded.adapter
         self.config = config
@@ -187,10 +187,10 @@ class OffloadEngine:
         if tier is None:
             return QuantizedHostTier(self.store, miss.low_precisions, pin=self.device.type == "cuda",
                                      device=self.device)
-        missing = [p for p in miss.low_precisions if p not in tier.precisions]
-        if missing or tier.template != self.store.template:
-            raise UserError(f"the quantized host tier holds {', '.join(tier.precisions)} of another expert shape "
-                            f"or lacks {', '.join(missing)}, which {miss.mode} needs")
+        if tier.template != self.store.template:
+            raise UserError(f"the quantized host tier holds experts shaped {tier.template}, this model's are "
+                            f"{self.store.template}")
+        tier.ensure(miss.low_precisions)  # a shared tier grows to what this engine needs
         return tier
 
     def _host_copy(self, key: tuple[int, int], precision: str) -> Any:
