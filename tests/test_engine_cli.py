@@ -105,7 +105,7 @@ def test_default_run_with_a_checkpoint_prints_the_table_and_writes_json(capsys, 
     assert oracle["sim"]["policy"] == "belady" and oracle["sim"]["prefetch"] == "oracle"
     assert oracle["sim"]["hit_rate"] >= max(ls["engine"]["summary"]["hit_rate"], lru["engine"]["summary"]["hit_rate"])
     assert {p.name for p in (tmp_path / "plots").glob("*.png")} == {
-        "latency.png", "bytes_per_token.png", "hit_collision.png", "latency_per_prompt.png"}
+        "latency.png", "bytes_per_token.png", "hit_collision.png", "latency_per_prompt.png", "quality.png"}
     figures = _all_drawn(report)
     assert [ax.get_title() for ax in figures["latency"].figure.axes] == ["TTFT per configuration",
                                                                           "TPOT per configuration"]
@@ -117,7 +117,7 @@ def test_default_run_with_a_checkpoint_prints_the_table_and_writes_json(capsys, 
         assert row["engine"]["quality"]["perplexity"] == plain_q["perplexity"]
         assert row["engine"]["quality"]["agreement"] == 1.0
     assert "quality" not in oracle  # simulated rows have no outputs
-    page = check_report(tmp_path / "report.html", tmp_path, tables=2, figures=4, screenshot=tmp_path / "engine.png",
+    page = check_report(tmp_path / "report.html", tmp_path, tables=2, figures=5, screenshot=tmp_path / "engine.png",
                         texts=("Latency per configuration, against its bounds", "least_stale + learned",
                                "physical limit", "Training / held-out split", "python evaluate.py --policy least_stale"))
     assert page.dom.index('id="latency"') < page.dom.index('id="hit_collision"')
@@ -165,6 +165,7 @@ def test_sim_mode_replays_without_the_engine(tmp_path):
     figures = {p.name: p for p in plots(report)}
     assert figures["latency_per_prompt"].figure is None and "no engine run" in figures["latency_per_prompt"].note
     assert all(figures[n].figure is not None for n in ("latency", "bytes_per_token", "hit_collision"))
+    assert figures["quality"].figure is None and "no engine ran" in figures["quality"].note
 
 
 @pytest.mark.slow

@@ -96,7 +96,7 @@ def _fmt(key: str, value: Any) -> str:
     if value is None:
         return "-"
     if key == "hit_rate_by_precision":  # only the precisions that were hit
-        hit = [f"{p} {100 * v:.1f}%" for p, v in value.items() if v > 0]
+        hit = [f"{p} {100 * v:.1f}%" if v >= 5e-4 else f"{p} <0.1%" for p, v in value.items() if v > 0]
         return ", ".join(hit) if hit else "-"
     if key == "perplexity":
         return f"{value:.5g}"
@@ -367,10 +367,41 @@ def per_prompt_plot(report: dict[str, Any]) -> Plot:
     return Plot("latency_per_prompt", title, fig, note="; ".join(missing))
 
 
+def quality_plot(report: dict[str, Any]) -> Plot:
+    """What each configuration's speed costs in output quality: TPOT against next-token agreement and against
+    perplexity, one point per engine configuration, the plain model as the reference."""
+    title = "Speed against output quality"
+    caption = ("One point per configuration the engine ran: its measured TPOT (TTFT when no decode step ran) "
+               "against the share of next tokens it predicts as the plain model does, and against held-out "
+               "perplexity, both teacher-forced on the prompts' reference continuations. Exact configurations "
+               "(fetch at full precision) sit on the plain model's level; drop, substitute, cache-aware routing and "
+               "lower-bit copies trade quality for speed.")
+    if not report.get("plain_quality"):
+        return Plot("quality", title, None, caption=caption,
+                    note="no quality measured (--quality-tokens 0, or --mode sim: no engine ran)")
+    lines = [r for r in quality_rows(report) if r.get("perplexity") is not None]
+    key = "tpot_ms" if all(_positive(r.get("tpot_ms")) for r in lines) else "ttft_ms"
+    fig, axes = new_figure(5.5, 4.2, 2)
+    for ax, (metric, name, scale) in zip(axes, (("next_agreement", "next-token agreement (%)", 100.0),
+                                                  ("perplexity", "perplexity", 1.0)), strict=True):
+        for i, r in enumerate(lines):  # a marker and colour each (exact rows overlap at the plain level)
+            plain = r["label"].startswith("plain")
+            ax.scatter(r[key], scale * r[metric], marker="*" if plain else "osD^vP"[i % 6], s=140 if plain else 45,
+                       color="tab:green" if plain else f"C{i % 10}", zorder=3, alpha=0.85,
+                       label="plain model" if plain else r["label"])
+        ax.set_xlabel(f"{'TPOT' if key == 'tpot_ms' else 'TTFT'} (ms)")
+        ax.set_ylabel(name)
+        ax.set_title(f"{name.split(' (')[0]} against {'TPOT' if key == 'tpot_ms' else 'TTFT'}")
+        ax.grid(alpha=0.3)
+        ax.margins(0.15)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=7, frameon=False)
+    return Plot("quality", title, fig, caption=caption)
+
+
 def plots(report: dict[str, Any]) -> list[Plot]:
     """Every figure of an evaluation, the headline (latency against its bounds) first."""
     return [checked(p) for p in (latency_plot(report), bytes_plot(report), hit_collision_plot(report),
-                                 per_prompt_plot(report))]
+                                 per_prompt_plot(report), quality_plot(report))]
 
 
 def write_plots(report: dict[str, Any], folder: str | os.PathLike[str]) -> list[Path]:
