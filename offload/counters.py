@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from offload.precision import PRECISIONS
+
 
 @dataclass
 class Counters:
@@ -69,8 +71,6 @@ class Counters:
 
     def by_precision(self, what: str) -> dict[str, int]:
         """``hits`` or ``served`` per precision (offload.precision.PRECISIONS order)."""
-        from offload.precision import PRECISIONS
-
         return {p: getattr(self, f"{what}_{p}") for p in PRECISIONS}
 
     @property
