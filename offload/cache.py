@@ -23,6 +23,12 @@ needed key (it will miss when its turn comes). Keys passed as ``protected=`` are
 nothing can go, :class:`CacheFullError`.
 
 Counters: a **collision miss** is a miss on a key evicted earlier in the same pass.
+
+Precision: every resident key remembers the precision its copy is at (``native`` unless a lower-bit
+miss handler fetched it lower: offload.miss_handling); a hit is served at that precision, which the
+access result reports and the policy hears (``EvictionPolicy.on_served``: LHU counts only
+high-precision uses). :meth:`ExpertCache.upgrade` raises it when a full-precision copy replaces a
+low-bit one (HOBBIT's cascade).
 """
 
 from __future__ import annotations
@@ -80,6 +86,7 @@ class AccessResult:
     evicted: Key | None = None  # the key whose slot was reused, if any
     collision: bool = False  # a miss on a key evicted earlier in this pass
     first_use_of_prefetch: bool = False  # a hit on a prefetched key, its first demand access
+    precision: str = "native"  # what the access ran at: the resident copy's (hit) or the fetched one's
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,7 @@ class ExpertCache:
         self.stats = CacheStats(num_layers)
         self._lock = threading.RLock()
         self._slot: dict[Key, int] = {}
+        self._precision: dict[Key, str] = {}  # resident keys whose copy is not native
         if self.layer_capacity is None:
             self._free: list[list[int]] = [list(range(self.capacity - 1, -1, -1))]
         else:
@@ -137,6 +145,12 @@ class ExpertCache:
 
     def slot_of(self, key: Key) -> int | None:
         return self._slot.get(key)
+
+    def precision_of(self, key: Key) -> str:
+        """The precision of resident ``key``'s copy."""
+        if key not in self._slot:
+            raise KeyError(f"{key} is not resident")
+        return self._precision.get(key, "native")
 
     def resident(self) -> list[Key]:
         with self._lock:
@@ -178,8 +192,10 @@ class ExpertCache:
         fetch: bool = True,
         hint: Any = None,
         protected: Iterable[Key] = (),
+        precision: str = "native",
     ) -> AccessResult:
-        """A demand access of ``key`` with router weight ``score``; on a miss, fetch it unless told not to."""
+        """A demand access of ``key`` with router weight ``score``; on a miss, fetch it at ``precision``
+        unless told not to (a hit runs at the resident copy's precision)."""
         with self._lock:
             layer = key[0]
             self.stats.accesses[layer] += 1
@@ -191,8 +207,10 @@ class ExpertCache:
                 if first:
                     self._unused_prefetch.discard(key)
                     self.stats.prefetch_used += 1
+                served = self._precision.get(key, "native")
                 self.policy.on_access(key, score=score, hint=hint)
-                return AccessResult(True, slot, first_use_of_prefetch=first)
+                self.policy.on_served(key, served)
+                return AccessResult(True, slot, first_use_of_prefetch=first, precision=served)
             self.stats.misses[layer] += 1
             collision = key in self._evicted_in_pass
             if collision:
@@ -201,8 +219,11 @@ class ExpertCache:
                 return AccessResult(False, -1, collision=collision)
             ins = self._insert(key, prefetch=False, hint=hint, protected=frozenset(protected))
             assert ins is not None  # a demand insert either succeeds or raises CacheFullError
+            if precision != "native":
+                self._precision[key] = precision
             self.policy.on_access(key, score=score, hint=hint)
-            return AccessResult(False, ins.slot, ins.evicted, collision)
+            self.policy.on_served(key, precision)
+            return AccessResult(False, ins.slot, ins.evicted, collision, precision=precision)
 
     def use(self, key: Key, score: float = 0.0, *, hint: Any = None) -> None:
         """A resident key runs in place of another (substitution): the policy sees a use, the
@@ -211,6 +232,17 @@ class ExpertCache:
             if key not in self._slot:
                 raise KeyError(f"{key} is not resident")
             self.policy.on_access(key, score=score, hint=hint)
+            self.policy.on_served(key, self._precision.get(key, "native"))
+
+    def upgrade(self, key: Key, precision: str = "native") -> None:
+        """Resident ``key``'s copy was replaced by one at ``precision`` (a cascade's full-precision copy)."""
+        with self._lock:
+            if key not in self._slot:
+                raise KeyError(f"{key} is not resident")
+            if precision == "native":
+                self._precision.pop(key, None)
+            else:
+                self._precision[key] = precision
 
     # ------------------------------------------------------------------ prefetch path
     def insert(
@@ -320,6 +352,7 @@ class ExpertCache:
 
     def _remove(self, key: Key, counted: bool = True) -> None:
         slot = self._slot.pop(key)
+        self._precision.pop(key, None)
         self._free[0 if self.layer_capacity is None else key[0]].append(slot)
         self.policy.on_evict(key)
         if counted:

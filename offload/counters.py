@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from offload.precision import PRECISIONS
+
 
 @dataclass
 class Counters:
@@ -37,10 +39,39 @@ class Counters:
     forecast_predicted: int = 0  # experts forecast (one per (source layer, distance, selected expert))
     forecast_correct: int = 0  # of those, really needed at the target layer
     forecast_relevant: int = 0  # experts needed at target layers that had a forecast
+    # precision (offload.miss_handling's lower-bit modes): hits by the resident copy's precision, and every
+    # expert computation (hits, fetched misses, substitutes) by the precision it ran at
+    hits_native: int = 0
+    hits_int8: int = 0
+    hits_int4: int = 0
+    hits_int2: int = 0
+    served_native: int = 0
+    served_int8: int = 0
+    served_int4: int = 0
+    served_int2: int = 0
+    dequantized: int = 0  # low-bit copies dequantized into their slot (once each, at their first run)
+    upgrades_issued: int = 0  # cascade: full-precision copies queued behind a low-bit miss
+    upgrades: int = 0  # ... that replaced their low-bit copy
+    upgrades_cancelled: int = 0  # ... withdrawn before reaching the link (their expert was evicted)
+    upgrade_bytes: float = 0.0  # bytes of upgrades that reached the link
 
     @property
     def bytes_moved(self) -> float:
-        return self.demand_bytes + self.prefetch_bytes
+        return self.demand_bytes + self.prefetch_bytes + self.upgrade_bytes
+
+    def hit_at(self, precision: str) -> None:
+        """A hit on a resident copy at ``precision``."""
+        field = f"hits_{precision}"
+        setattr(self, field, getattr(self, field) + 1)
+
+    def served_at(self, precision: str) -> None:
+        """An expert computation at ``precision``."""
+        field = f"served_{precision}"
+        setattr(self, field, getattr(self, field) + 1)
+
+    def by_precision(self, what: str) -> dict[str, int]:
+        """``hits`` or ``served`` per precision (offload.precision.PRECISIONS order)."""
+        return {p: getattr(self, f"{what}_{p}") for p in PRECISIONS}
 
     @property
     def wasted_bytes(self) -> float:
@@ -63,5 +94,6 @@ class Counters:
 
     def as_dict(self) -> dict[str, float]:
         d: dict[str, float] = asdict(self)
-        d.update(bytes_moved=self.bytes_moved, wasted_bytes=self.wasted_bytes, prefetch_wasted=self.prefetch_wasted)
+        d.update(bytes_moved=self.bytes_moved, wasted_bytes=self.wasted_bytes, prefetch_wasted=self.prefetch_wasted,
+                 hits_by_precision=self.by_precision("hits"), served_by_precision=self.by_precision("served"))
         return d

@@ -45,6 +45,15 @@ class Hardware:
         """Seconds of a small computation: launches plus compute- or memory-bound work (roofline)."""
         return kernels * self.kernel_us * 1e-6 + max(flops / (self.tflops * 1e12), nbytes / (self.hbm_gbps * 1e9))
 
+    def dequant_time(self, native_bytes: float, packed_bytes: float, kernels: int) -> float:
+        """Seconds to dequantize one low-bit copy into its slot: ``kernels`` small elementwise kernels
+        (offload.precision.dequant_kernels) reading the packed bytes and writing the native ones."""
+        return self.kernel_time(0.0, native_bytes + packed_bytes, kernels)
+
+    def device_copy_time(self, nbytes: float, kernels: int) -> float:
+        """Seconds of an on-device copy of ``nbytes`` in ``kernels`` copies (an upgrade into its slot)."""
+        return self.kernel_time(0.0, 2.0 * nbytes, kernels)
+
     def layer_time(self, tokens: int) -> float:
         """Seconds of the non-expert part of one layer for a pass of ``tokens`` tokens."""
         return (self.layer_us + self.token_us * tokens) * 1e-6

@@ -37,19 +37,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, get_args
+from typing import Protocol
 
 import torch
 from hqq.core.quantize import Quantizer
 
 from data_pipeline.errors import UserError
+from offload.precision import (  # noqa: F401  (the names this module has always offered)
+    DEFAULT_GROUP_SIZE,
+    NBITS,
+    PRECISIONS,
+    Precision,
+    as_precision,
+    check_groups,
+    group_size_for,
+    weight_nbytes,
+)
 
-Precision = Literal["native", "int8", "int4", "int2"]
-#: Every precision, highest first (the order a fall-back cascade walks).
-PRECISIONS: tuple[Precision, ...] = get_args(Precision)
-#: Bits per weight code of each quantized precision.
-NBITS: dict[Precision, int] = {"int8": 8, "int4": 4, "int2": 2}
-DEFAULT_GROUP_SIZE = 64
 DEFAULT_META_DTYPE = torch.float16
 _AXIS = 1  # groups run along the input dimension of an (out, in) weight
 
@@ -57,32 +61,8 @@ _AXIS = 1  # groups run along the input dimension of an (out, in) weight
 Template = Mapping[str, tuple[Sequence[int], torch.dtype]]
 
 
-def as_precision(name: str) -> Precision:
-    """Validate a precision name (``native``, ``int8``, ``int4``, ``int2``)."""
-    if name not in PRECISIONS:
-        raise UserError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}")
-    return name  # type: ignore[return-value]
-
-
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-
-def _check_groups(shape: Sequence[int], nbits: int, group_size: int) -> int:
-    """Number of groups of a weight; raise when HQQ could not pack it without losing codes."""
-    if len(shape) != 2:
-        raise UserError(f"expert weights must be 2-D (out, in), got shape {tuple(shape)}")
-    if group_size < 1 or shape[1] % group_size:
-        raise UserError(f"group size {group_size} does not divide the input dimension of shape {tuple(shape)}")
-    groups = shape[0] * shape[1] // group_size
-    per_byte = 8 // nbits
-    if groups % per_byte:
-        # HQQ packs group rows in blocks of 8 // nbits and would silently drop the remainder
-        raise UserError(
-            f"{groups} groups of {group_size} in shape {tuple(shape)} cannot be packed {per_byte} codes "
-            f"to a byte at {nbits} bits; choose a group size giving a multiple of {per_byte} groups"
-        )
-    return groups
 
 
 def packed_nbytes(
@@ -93,14 +73,15 @@ def packed_nbytes(
     group_size: int = DEFAULT_GROUP_SIZE,
     meta_dtype: torch.dtype = DEFAULT_META_DTYPE,
 ) -> int:
-    """Bytes of one weight at ``precision``: packed codes plus one scale and one zero per group."""
-    precision = as_precision(precision)
-    numel = int(torch.Size(shape).numel())
-    if precision == "native":
-        return numel * _itemsize(dtype)
-    nbits = NBITS[precision]
-    groups = _check_groups(shape, nbits, group_size)
-    return numel * nbits // 8 + 2 * groups * _itemsize(meta_dtype)
+    """Bytes of one weight at ``precision``: packed codes plus one scale and one zero per group
+    (:func:`offload.precision.weight_nbytes` on this torch dtype)."""
+    return weight_nbytes(shape, _itemsize(dtype), precision, group_size=group_size,
+                         meta_itemsize=_itemsize(meta_dtype))
+
+
+def template_shapes(template: Template) -> dict[str, tuple[Sequence[int], int]]:
+    """``template`` as :mod:`offload.precision` sizes it: name -> (shape, bytes per native weight)."""
+    return {name: (tuple(shape), _itemsize(dtype)) for name, (shape, dtype) in template.items()}
 
 
 def expert_nbytes(
@@ -154,7 +135,8 @@ def quantize_tensor(
     meta_dtype: torch.dtype = DEFAULT_META_DTYPE,
 ) -> QuantizedTensor:
     """Quantize an ``(out, in)`` weight with HQQ on the device it lives on."""
-    _check_groups(weight.shape, nbits, group_size)
+    group_size = group_size_for(weight.shape, group_size)
+    check_groups(weight.shape, nbits, group_size)
     codes, meta = Quantizer.quantize(
         weight.detach(), nbits=nbits, group_size=group_size, optimize=optimize, axis=_AXIS,
         device=weight.device, bitpack=True,
@@ -276,18 +258,27 @@ class QuantizedHostTier:
         self.template = dict(store.template)
         self.group_size = group_size
         self.meta_dtype = meta_dtype
-        quantized = [p for p in dict.fromkeys(as_precision(p) for p in precisions) if p != "native"]
-        self.precisions: tuple[Precision, ...] = ("native", *quantized)
-        for p in quantized:  # fail before hours of work on a shape that cannot be packed
-            expert_nbytes(self.template, p, group_size=group_size, meta_dtype=meta_dtype)
+        self._options = {"optimize": optimize, "pin": pin, "device": device}
+        self.precisions: tuple[Precision, ...] = ("native",)
         # _layers[precision][layer][name] = (codes, scale, zero), each stacked over experts
-        self._layers: dict[Precision, list[dict[str, tuple[torch.Tensor, ...]]]] = {p: [] for p in quantized}
-        for layer in range(store.num_layers):
-            for p in quantized:
+        self._layers: dict[Precision, list[dict[str, tuple[torch.Tensor, ...]]]] = {}
+        self.ensure(precisions)
+
+    def ensure(self, precisions: Sequence[Precision]) -> None:
+        """Build the precisions of ``precisions`` this tier does not hold yet (a tier shared between engines
+        grows to what each one needs); the others are left as they are."""
+        quantized = [p for p in dict.fromkeys(as_precision(p) for p in precisions)
+                     if p != "native" and p not in self._layers]
+        for p in quantized:  # fail before hours of work on a shape that cannot be packed
+            expert_nbytes(self.template, p, group_size=self.group_size, meta_dtype=self.meta_dtype)
+        store, device, pin = self.store, self._options["device"], self._options["pin"]
+        for p in quantized:
+            self._layers[p] = []
+            for layer in range(store.num_layers):
                 per_expert = [
                     quantize_expert(
-                        {n: w.to(device) for n, w in store.expert(layer, e).items()}, p, group_size,
-                        optimize=optimize, meta_dtype=meta_dtype,
+                        {n: w.to(device) for n, w in store.expert(layer, e).items()}, p, self.group_size,
+                        optimize=bool(self._options["optimize"]), meta_dtype=self.meta_dtype,
                     ).to("cpu")
                     for e in range(store.num_experts)
                 ]
@@ -297,6 +288,7 @@ class QuantizedHostTier:
                     arrays = tuple(torch.stack([getattr(q, f) for q in parts]) for f in ("codes", "scale", "zero"))
                     stacked[name] = tuple(a.pin_memory() if pin else a for a in arrays)
                 self._layers[p].append(stacked)
+            self.precisions = (*self.precisions, p)
 
     def expert(self, layer: int, expert: int, precision: Precision) -> QuantizedExpert:
         """Views of one expert's host copy at ``precision`` (``native``: the store's own tensors)."""

@@ -39,6 +39,12 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.0f}%"
 
 
+def _by_precision(rates: dict[str, float] | None) -> str:
+    """Hit rate per precision of the copy hit, the precisions that were hit only."""
+    hit = [f"{p} {v:.3f}" for p, v in (rates or {}).items() if v > 0]
+    return ", ".join(hit) if hit else "-"
+
+
 def _varying(results: list[dict[str, Any]]) -> list[str]:
     varying = [k for k in SWEPT if len({str(r.get(k)) for r in results}) > 1] or ["policy"]
     if "policy" not in varying:
@@ -63,8 +69,12 @@ def sweep_table(results: list[dict[str, Any]]) -> SweepTable:
     counted = {r.get("passes", "all") for r in results}
     title = "expert-cache simulation" + ("" if counted == {"all"} else
                                          f" (counted: {', '.join(sorted(counted))} passes of the split)")
-    columns = [*varying, "slots", "hit rate", "coll. rate", "pf used/issued", "MB/tok", "wasted MB/tok", "stall s",
-               "TTFT ms", "TTFT gap", "TPOT ms", "TPOT gap", "prec/rec"]
+    from offload.miss_handling import LOWER_BIT_MODES
+
+    lower_bit = any(r.get("miss") in LOWER_BIT_MODES for r in results)  # then: hits per precision
+    columns = [*varying, "slots", "hit rate", *(["hits by precision"] if lower_bit else []), "coll. rate",
+               "pf used/issued", "MB/tok", "wasted MB/tok", "stall s", "TTFT ms", "TTFT gap", "TPOT ms", "TPOT gap",
+               "prec/rec"]
     order = {"least_stale": 0, "belady": 1}
 
     def sort_key(r: dict[str, Any]) -> tuple:
@@ -82,6 +92,7 @@ def sweep_table(results: list[dict[str, Any]]) -> SweepTable:
             *[_fmt(r.get(k)) for k in varying],
             str(r["capacity_slots"]),
             _fmt(r["hit_rate"]),
+            *([_by_precision(r.get("hit_rate_by_precision"))] if lower_bit else []),
             _fmt(r["collision_rate"], 4),
             f"{r['prefetch_used']}/{r['prefetch_issued']}",
             _fmt(r.get("bytes_per_token", 0.0) / 1e6, 2),
@@ -95,7 +106,7 @@ def sweep_table(results: list[dict[str, Any]]) -> SweepTable:
         last = i + 1 == len(ordered) or setting_key(ordered[i + 1]) != setting_key(r)
         if last and (r.get("limit_ttft_s") is not None or r.get("limit_tpot_s") is not None):
             cells = ["physical limit" if k == "policy" else "" for k in varying]
-            rows.append([*cells, str(r["capacity_slots"]), *[""] * 6, _ms(r.get("limit_ttft_s"), 1), "",
+            rows.append([*cells, str(r["capacity_slots"]), *[""] * (7 if lower_bit else 6), _ms(r.get("limit_ttft_s"), 1), "",
                          _ms(r.get("limit_tpot_s"), 2), "", ""])
             kinds.append("limit")
     return SweepTable(title, columns, len(varying), rows, kinds)

@@ -15,6 +15,13 @@ each starting when the device is free and its copy has arrived. Copies of later 
 while experts compute; waiting for a copy is **stall time**. TTFT = duration of a prefill pass, TPOT
 = mean duration of a decode pass.
 
+Lower-bit copies (``miss`` = fetch-lowest-bit, fetch-priority, precision-cascade): a copy at a lower
+precision moves that precision's packed bytes, sized from the store's model numbers (hidden size,
+MoE intermediate size, dtype: :mod:`offload.precision`); an emulated expert (``copy_bytes``) scales by
+the same ratio, in ``copy_dtype`` when its native dtype differs from the model's. A low-bit copy's
+first run also pays its dequantization (``Hardware.dequant_time``), an applied upgrade its on-device
+copy.
+
 Held-out evaluation: ``passes="test"`` (alias ``held-out``) replays every pass in order -- the cache
 and the calibration warm up on the earlier ones, as a deployed cache would -- but counts and times
 only the passes of the test part of the store's train/val/test split (the split ``train.py`` made;
@@ -40,6 +47,15 @@ from offload.link import SimCopy, SimLink
 from offload.miss_handling import MissHandling
 from offload.passes import NEVER, Passes, _prefill_layer, build_passes
 from offload.policies import make_policy
+from offload.precision import (
+    PRECISIONS,
+    Shapes,
+    byte_ratios,
+    dequant_kernels,
+    itemsize,
+    moe_expert_shapes,
+    with_itemsize,
+)
 from offload.prefetch import ExpertForecast, Prefetcher, forecast_depth, make_prefetcher
 from offload.routing import ROUTINGS, CacheAwareRouter
 from offload.step import Access, Candidates, LayerStep, Run
@@ -69,6 +85,8 @@ class SimConfig:
     protect_layer: bool = True
     predictor_us: float | None = None  # per forecast call; None: the predictor's roofline cost
     copy_bytes: float | None = None  # bytes one copy moves over the link (emulate a model); None: the store's
+    copy_dtype: str | None = None  # native dtype of that emulated expert (its low-bit copies' ratio); None: the store's
+    precisions: str = ",".join(PRECISIONS)  # what the host tier holds, for the lower-bit miss handlers
     passes: str = "all"  # all | train | val | test (held-out): which passes are counted
     split: str = "auto"  # the train/val/test split (data_pipeline.splits), as train.py makes it
     split_seed: int = 0
@@ -99,6 +117,8 @@ class Replay:
     predictor_cost: Callable[[int], float] = field(default=lambda tokens: 0.0)  # seconds per call
     pass_part: np.ndarray | None = None  # (P,) 0/1/2 = train/val/test; None: every pass counts as train
     copy_bytes: np.ndarray | None = None  # (L,) bytes a copy moves over the link; None: layer_bytes
+    shapes: Shapes | None = None  # one expert's weights (shape, bytes per weight): sizes its low-bit copies
+    link_ratio: dict[str, float] = field(default_factory=lambda: {"native": 1.0})  # copy bytes per precision
 
     @property
     def link_bytes(self) -> np.ndarray:
@@ -113,6 +133,9 @@ class SimBackend:
         self.link = SimLink(self.hw.link_bytes_per_s)
         self.layer_bytes = replay.layer_bytes
         self.link_bytes = replay.link_bytes
+        self.link_ratio = replay.link_ratio
+        self.shapes = replay.shapes
+        self.compute_ratio = byte_ratios(replay.shapes) if replay.shapes is not None else {"native": 1.0}
         self.bpp = replay.bytes_per_param
         self.predictor_cost = replay.predictor_cost
         self.top_k = replay.passes.top_k
@@ -139,8 +162,15 @@ class SimBackend:
         return (self.hw.layer_time(tokens),
                 experts * self.hw.expert_time(float(self.layer_bytes[layer]), per_expert, self.bpp))
 
-    def copy_bytes(self, layer: int) -> float:
-        return float(self.link_bytes[layer])
+    def copy_bytes(self, layer: int, precision: str = "native") -> float:
+        return float(self.link_bytes[layer]) * self.link_ratio[precision]
+
+    def upgrade(self, copy: SimCopy, slot: int) -> None:
+        """The arrived full-precision copy is copied into the slot on the device."""
+        assert self.shapes is not None
+        dt = self.hw.device_copy_time(float(self.layer_bytes[copy.key[0]]), len(self.shapes))
+        self.t += dt
+        self.compute_s += dt
 
     def arrived(self, copy: SimCopy) -> bool:
         return self.link.arrived(copy, self.t)
@@ -154,7 +184,12 @@ class SimBackend:
         return waited
 
     def run(self, run: Run) -> None:
-        dt = self.hw.expert_time(float(self.layer_bytes[run.layer]), run.tokens, self.bpp)
+        native = float(self.layer_bytes[run.layer])
+        dt = self.hw.expert_time(native, run.tokens, self.bpp)
+        if run.unpack is not None:  # a low-bit copy's first run: dequantize it into the slot
+            assert self.shapes is not None
+            p = run.unpack.precision
+            dt += self.hw.dequant_time(native, native * self.compute_ratio[p], dequant_kernels(self.shapes, p))
         self.t += dt
         self.compute_s += dt
 
@@ -242,7 +277,8 @@ def simulate_reference(replay: Replay, cfg: SimConfig) -> dict[str, Any]:
     router = CacheAwareRouter(L, ps.top_k, cfg.routing_lambda) if aware else None
     future = Future(ps) if policy.needs_future else None
     backend = SimBackend(replay)
-    step = LayerStep(cache, backend, miss=MissHandling(cfg.miss, cfg.drop_from_rank, cfg.substitute_tolerance),
+    miss = MissHandling(cfg.miss, cfg.drop_from_rank, cfg.substitute_tolerance, cfg.precisions)
+    step = LayerStep(cache, backend, miss=miss,
                      admission=cfg.admission, lookahead=fc.lookahead if fc is not None else 1,
                      depth=forecast_depth(E, ps.top_k), protect_layer=cfg.protect_layer,
                      prefetch_hint=future.prefetch_hint if future is not None else None)
@@ -319,6 +355,14 @@ def _result(replay: Replay, cfg: SimConfig, tally: _Tally, counted: np.ndarray) 
         hits=c.hits,
         misses=c.misses,
         hit_rate=c.hits / c.accesses if c.accesses else 0.0,
+        hits_by_precision=c.by_precision("hits"),
+        hit_rate_by_precision={p: n / c.accesses if c.accesses else 0.0 for p, n in c.by_precision("hits").items()},
+        served_by_precision=c.by_precision("served"),
+        dequantized=c.dequantized,
+        upgrades_issued=c.upgrades_issued,
+        upgrades=c.upgrades,
+        upgrades_cancelled=c.upgrades_cancelled,
+        upgrade_bytes=c.upgrade_bytes,
         collision_misses=c.collision_misses,
         collision_misses_per_layer=[int(x) for x in collisions],
         collision_rate=c.collision_misses / c.accesses if c.accesses else 0.0,
@@ -444,7 +488,7 @@ class ReplayCache:
         from offload.admission import check_admission
 
         check_admission(cfg.admission)
-        MissHandling(cfg.miss, cfg.drop_from_rank, cfg.substitute_tolerance)
+        miss = MissHandling(cfg.miss, cfg.drop_from_rank, cfg.substitute_tolerance, cfg.precisions)
         make_policy(cfg.policy, **cfg.policy_params)
         hw = get_hardware(cfg.hardware)
         ps = self.passes(cfg.phase)
@@ -469,9 +513,25 @@ class ReplayCache:
             if not (cfg.copy_bytes > 0 and math.isfinite(cfg.copy_bytes)):
                 raise UserError(f"bytes per copy must be a positive number, got {cfg.copy_bytes}")
             copy_bytes = np.full(ps.num_layers, float(cfg.copy_bytes))
+        shapes, link_ratio = _precision_sizes(self.store, cfg, miss)
         return Replay(self.store, ps, fc, hw, slots, _layer_bytes(self.store, ps, cfg.copy_bytes), bpp,
                       predictor_cost(prefetcher, hw, cfg.predictor_us),
-                      self.pass_part(cfg) if cfg.passes != "all" else None, copy_bytes)
+                      self.pass_part(cfg) if cfg.passes != "all" else None, copy_bytes, shapes, link_ratio)
+
+
+def _precision_sizes(store: TraceStore | None, cfg: SimConfig,
+                     miss: MissHandling) -> tuple[Shapes | None, dict[str, float]]:
+    """(the model's expert shapes, bytes a copy moves per precision as a share of native) for a lower-bit
+    miss handler; full precision only otherwise. The shapes come from the store's model numbers."""
+    if not miss.lower_bit:
+        return None, {"native": 1.0}
+    m = store.model if store is not None else None
+    if m is None or not (m.hidden_size and m.moe_intermediate_size):
+        raise UserError(f"{cfg.miss} sizes its low-bit copies from the model's hidden size and MoE intermediate "
+                        "size, which this trace store does not record")
+    shapes = moe_expert_shapes(m.hidden_size, m.moe_intermediate_size, m.dtype)
+    link_shapes = with_itemsize(shapes, itemsize(cfg.copy_dtype)) if cfg.copy_dtype else shapes
+    return shapes, byte_ratios(link_shapes, miss.precisions)
 
 
 def simulate(replay: Replay, cfg: SimConfig) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 Covers the policies lru, fifo, lfu (and lhu, which is LFU without a precision cascade), fld,
 score, belady and least_stale, with fetch or drop miss handling, standard routing, any forecast
-(prefetch), global or per-layer caches and the timing model. Substitution, cache-aware routing and
-random eviction run on the reference loop.
+(prefetch), global or per-layer caches and the timing model. Substitution, the lower-bit miss
+handlers, cache-aware routing and random eviction run on the reference loop.
 
 Data structures (keys are dense: k = layer*E + expert): one doubly linked list per layer holding the
 resident keys in touch order (oldest first). LRU/FIFO take the oldest eligible head over the layers
@@ -39,6 +39,9 @@ F_TFLOPS, F_HBM, F_LAYER_US, F_TOKEN_US, F_EXPERT_US, F_BPP = range(6)
 
 
 def supports(cfg: Any) -> bool:
+    """Configurations this kernel replays; the lower-bit miss handlers (fetch-lowest-bit, fetch-priority,
+    precision-cascade) are left to the reference step on purpose: their per-precision bytes, dequantization
+    and upgrade queue are a second link tier that a port would have to keep equal to the step forever."""
     return (cfg.policy in POLICY_CODES and cfg.miss in ("fetch", "drop") and cfg.routing == "standard"
             and cfg.admission == "greedy")
 
@@ -674,6 +677,8 @@ def simulate_fast(replay: Any, cfg: Any) -> dict[str, Any]:
         prefetch_used_bytes=float(F[F_PF_USED_B]), stall_s=float(F[F_STALL]), predictor_calls=int(C[C_PRED_CALLS]),
         predictor_s=float(F[F_PRED_S]), forecast_predicted=int(C[C_FC_PRED]), forecast_correct=int(C[C_FC_CORR]),
         forecast_relevant=int(C[C_FC_REL]),
+        # the kernel covers full-precision configurations only (supports): every hit and run is native
+        hits_native=int(C[C_HIT]), served_native=int(C[C_HIT]) + int(C[C_MISS]) - int(C[C_DROP]),
     )
     pre = counted & (ps.phase == 0)
     dec = counted & (ps.phase == 1)

@@ -4,12 +4,14 @@ Every decision that moves bytes is taken here, in this order, at each MoE layer 
 
 1. **begin**: the layer's experts are pinned in the cache; the non-expert part of the layer runs;
    prefetches for ``l`` that have not reached the link yet and that ``l`` does not need are
-   cancelled (they move no bytes and give their slot back); the forecasts made for ``l`` are
-   scored (precision/recall) and teach the :class:`~offload.admission.Calibration` what their
-   ranks were worth.
-2. **demand accesses in rank order** with miss handling (fetch, drop, substitute). A hit on a
+   cancelled (they move no bytes and give their slot back); full-precision upgrades that have
+   arrived replace their low-bit copies; the forecasts made for ``l`` are scored
+   (precision/recall) and teach the :class:`~offload.admission.Calibration` what their ranks
+   were worth.
+2. **demand accesses in rank order** with miss handling (:mod:`offload.miss_handling`: fetch, drop,
+   substitute, or a lower-bit copy: fetch-lowest-bit, fetch-priority, precision-cascade). A hit on a
    prefetch still queued promotes it to a demand copy. A demand copy goes ahead of every queued
-   prefetch (:mod:`offload.link`).
+   prefetch (:mod:`offload.link`); a cascade queues the full-precision upgrade behind everything.
 3. **forecast**: the predictor (on the device timeline) forecasts layers ``l+1 .. l+D``. Its
    selected experts become *predicted for this pass* in the cache (Least-Stale's current queue),
    and every policy that wants the whole ranked forecast with P(use) gets it
@@ -17,7 +19,12 @@ Every decision that moves bytes is taken here, in this order, at each MoE layer 
 4. **prefetch decisions** (:mod:`offload.admission`): greedy (the paper's), or by expected value.
 5. **run** the layer's experts: those whose weights are there first, then the rest in access
    order, each waiting for its copy (stall). A demand copy whose slot belongs to an expert this
-   layer still has to run starts only after that expert ran.
+   layer still has to run starts only after that expert ran. A low-bit copy is dequantized into its
+   slot at its first run (the run carries it as ``unpack``; both backends charge or do that work).
+
+Precision: every copy carries its precision and moves that precision's bytes
+(``Backend.copy_bytes(layer, precision)``); the cache remembers each resident copy's precision, a
+hit runs at it, and the counters count hits and computations per precision.
 
 The step talks to the world through a :class:`Backend`: the simulator's virtual clock and link
 (:class:`offload.simulator.SimBackend`) or the engine's real device, copier and wall clock
@@ -36,8 +43,8 @@ import numpy as np
 from offload.admission import Calibration, RunningRate, check_admission, prefetch_value
 from offload.cache import ExpertCache
 from offload.counters import Counters
-from offload.link import DEMAND, PREFETCH, Link
-from offload.miss_handling import MissHandling
+from offload.link import DEMAND, PREFETCH, UPGRADE, Link
+from offload.miss_handling import MissHandling, importance
 from offload.policies.base import Key
 
 #: candidates below this P(use) are not worth the arithmetic of an admission decision
@@ -77,6 +84,8 @@ class Run:
     tokens: int
     copy: Any = None  # the copy to wait for, if any
     blocked_by: Key | None = None  # the copy starts after this expert of the layer has run
+    precision: str = "native"  # what it runs at (a missed expert: the precision it is fetched at)
+    unpack: Any = None  # a low-bit copy to dequantize into the slot before it runs (its first run)
 
 
 class Backend(Protocol):
@@ -95,7 +104,11 @@ class Backend(Protocol):
     def layer_estimate(self, layer: int, tokens: int, experts: int) -> tuple[float, float]:
         """Expected (non-expert, expert) compute seconds of ``layer`` (prefetch admission)."""
 
-    def copy_bytes(self, layer: int) -> float: ...
+    def copy_bytes(self, layer: int, precision: str = "native") -> float:
+        """Bytes one copy of an expert of ``layer`` at ``precision`` moves over the link."""
+
+    def upgrade(self, copy: Any, slot: int) -> None:
+        """An upgrade (full-precision copy) has arrived: make it the weights of ``slot``."""
 
     def arrived(self, copy: Any) -> bool: ...
 
@@ -152,6 +165,8 @@ class LayerStep:
         self._pending: dict[Key, int] = {}
         self._blocked: dict[Key, list[Run]] = {}
         self._substitutes: set[Key] = set()
+        self._upgrades: dict[Key, Any] = {}  # cascade: full-precision copies not applied yet, in submission order
+        self._unpack: dict[Key, Any] = {}  # low-bit copies of this layer, dequantized at their first run
 
     # ------------------------------------------------------------------ passes
     def begin_pass(self, phase: int) -> None:
@@ -186,16 +201,17 @@ class LayerStep:
         used = np.zeros(self.num_experts, dtype=bool)
         used[[a.expert for a in accesses]] = True
         self._settle_prefetches(layer, used, now)
+        self._apply_upgrades()
         self._learn(layer, used)
         self._pending, self._blocked, self._substitutes = {}, {}, set()
         runs: list[Run] = []
         router_probs: np.ndarray | None = None
         self._layer_missed = False
-        for a in accesses:
+        for i, a in enumerate(accesses):
             key = (layer, a.expert)
             if key not in cache and self.miss.mode == "substitute" and router_probs is None and probs is not None:
                 router_probs = probs()
-            run = self._access(key, a, now, router_probs, needed)
+            run = self._access(key, a, now, router_probs, needed, importance(i, len(accesses)))
             if run is not None:
                 runs.append(run)
                 self._pending[(layer, run.run_as)] = self._pending.get((layer, run.run_as), 0) + 1
@@ -218,6 +234,19 @@ class LayerStep:
                 self.cache.evict(key, cancelled=True)
                 self._unbook(key, copy)
 
+    def _apply_upgrades(self) -> None:
+        """Cascade: every full-precision copy that has arrived replaces its low-bit copy (once: it is
+        then forgotten); those still queued or on the link wait for a later layer."""
+        for key, copy in list(self._upgrades.items()):
+            if not self.backend.arrived(copy):
+                continue
+            del self._upgrades[key]
+            slot = self.cache.slot_of(key)
+            assert slot is not None, "an upgrade outlived its expert"
+            self.backend.upgrade(copy, slot)
+            self.cache.upgrade(key, "native")
+            self.counters.upgrades += 1
+
     def _learn(self, layer: int, used: np.ndarray) -> None:
         """Score the forecasts made for ``layer`` in this pass and calibrate their ranks."""
         c = self.counters
@@ -230,21 +259,23 @@ class LayerStep:
 
     # ------------------------------------------------------------------ 2. demand accesses
     def _access(self, key: Key, a: Access, now: float, router_probs: np.ndarray | None,
-                needed: list[Key]) -> Run | None:
-        run = self._access_inner(key, a, now, router_probs, needed)
+                needed: list[Key], rank_share: float) -> Run | None:
+        run = self._access_inner(key, a, now, router_probs, needed, rank_share)
         if self.events is not None:
             r = self._last
             self.events.append((self.cache.pass_index, key, r.hit, r.evicted, r.collision))
         return run
 
     def _access_inner(self, key: Key, a: Access, now: float, router_probs: np.ndarray | None,
-                      needed: list[Key]) -> Run | None:
+                      needed: list[Key], rank_share: float) -> Run | None:
         c, cache, link = self.counters, self.cache, self.backend.link
         layer = key[0]
         c.accesses += 1
         if key in cache:
             r = self._last = cache.access(key, a.score, hint=a.hint)
             c.hits += 1
+            c.hit_at(r.precision)
+            c.served_at(r.precision)
             if key in self._prefetched:
                 self._prefetched.discard(key)
                 c.prefetch_used += 1
@@ -253,7 +284,7 @@ class LayerStep:
             if copy is not None and not self.backend.arrived(copy):
                 c.late_prefetch += 1
                 link.promote(copy, now)
-            return Run(layer, a.expert, a.expert, r.slot, a.tokens, copy)
+            return Run(layer, a.expert, a.expert, r.slot, a.tokens, copy, precision=r.precision)
         self._layer_missed = True
         c.misses += 1
         self._note_reuse(key)
@@ -274,24 +305,43 @@ class LayerStep:
                 c.substituted += 1
                 slot = cache.slot_of((layer, sub))
                 assert slot is not None
-                return Run(layer, a.expert, sub, slot, a.tokens, self._copies.get((layer, sub)))
-        r = self._last = cache.access(key, a.score, hint=a.hint, protected=self._substitutes)
+                served = cache.precision_of((layer, sub))
+                c.served_at(served)
+                return Run(layer, a.expert, sub, slot, a.tokens, self._copies.get((layer, sub)), precision=served)
+        precision = self.miss.precision(rank_share)
+        r = self._last = cache.access(key, a.score, hint=a.hint, protected=self._substitutes, precision=precision)
         c.collision_misses += int(r.collision)
-        run = Run(layer, a.expert, a.expert, r.slot, a.tokens)
+        c.served_at(precision)
+        run = Run(layer, a.expert, a.expert, r.slot, a.tokens, precision=precision)
         blocked = r.evicted is not None and self._on_evicted(r.evicted, now)
-        nbytes = self.backend.copy_bytes(layer)
-        c.demand_bytes += nbytes
+        c.demand_bytes += self.backend.copy_bytes(layer, precision)
         if blocked:
             run.blocked_by = r.evicted
             self._blocked.setdefault(r.evicted, []).append(run)  # type: ignore[arg-type]
         else:
-            run.copy = self._submit(key, r.slot, nbytes, DEMAND, now)
+            self._submit_demand(run, now)
         return run
 
-    def _submit(self, key: Key, slot: int, nbytes: float, priority: int, now: float) -> Any:
-        copy = self.backend.link.submit(key, nbytes, priority, now, slot=slot)
+    def _submit(self, key: Key, slot: int, nbytes: float, priority: int, now: float,
+                precision: str = "native") -> Any:
+        copy = self.backend.link.submit(key, nbytes, priority, now, slot=slot, precision=precision)
         self._copies[key] = copy
         return copy
+
+    def _submit_demand(self, run: Run, now: float) -> None:
+        """The demand copy of a missed expert at its precision; a low-bit one is dequantized at its run,
+        and under the cascade its full-precision upgrade queues behind every other copy."""
+        key, be = (run.layer, run.expert), self.backend
+        run.copy = self._submit(key, run.slot, be.copy_bytes(run.layer, run.precision), DEMAND, now, run.precision)
+        if run.precision == "native":
+            return
+        self._unpack[key] = run.copy
+        # an expert evicted while its copy waited for its slot runs once from it and is gone: no upgrade
+        if self.miss.upgrades and self.cache.slot_of(key) == run.slot:
+            nbytes = be.copy_bytes(run.layer, "native")
+            self._upgrades[key] = be.link.submit(key, nbytes, UPGRADE, now, slot=run.slot, precision="native")
+            self.counters.upgrades_issued += 1
+            self.counters.upgrade_bytes += nbytes
 
     def _on_evicted(self, key: Key, now: float) -> bool:
         """Book-keeping for an evicted key; True when this layer still has to run it (its slot is
@@ -302,6 +352,9 @@ class LayerStep:
         copy = self._copies.pop(key, None)
         if key in self._prefetched:
             self._prefetched.discard(key)
+        upgrade = self._upgrades.pop(key, None)
+        if upgrade is not None and self.backend.link.cancel(upgrade, now):
+            self._unbook(key, upgrade)  # it never reached the link; one already on it is wasted
         if key in self._pending:
             if copy is not None:
                 self._copies[key] = copy  # its run still waits on it
@@ -313,8 +366,12 @@ class LayerStep:
 
     def _unbook(self, key: Key, copy: Any) -> None:
         nbytes = getattr(copy, "nbytes", self.backend.copy_bytes(key[0]))
-        if getattr(copy, "priority", PREFETCH) == DEMAND:
+        priority = getattr(copy, "priority", PREFETCH)
+        if priority == DEMAND:
             self.counters.demand_bytes -= nbytes
+        elif priority == UPGRADE:
+            self.counters.upgrade_bytes -= nbytes
+            self.counters.upgrades_cancelled += 1
         else:
             self.counters.prefetch_bytes -= nbytes
             self.counters.prefetch_cancelled += 1
@@ -429,7 +486,8 @@ class LayerStep:
                     victim_copy_s = 0.0
                 else:
                     p_before, p_later = self._victim_odds(victim, layer, cand.target)
-                    victim_copy_s = link.copy_seconds(self.backend.copy_bytes(victim[0]))
+                    # what a miss on the victim would copy again (a lower-bit mode: its low-bit copy)
+                    victim_copy_s = link.copy_seconds(self.backend.copy_bytes(victim[0], self.miss.precision()))
                 value = prefetch_value(p_use=q, copy_s=copy_s, victim_copy_s=victim_copy_s,
                                        p_victim_before=p_before, p_victim_later=p_later, start=start,
                                        demand_starts=between, p_demand=self.p_demand.value)
@@ -462,14 +520,17 @@ class LayerStep:
                 self.counters.stall_s += be.wait(run.copy)
                 if self._copies.get((run.layer, run.run_as)) is run.copy:
                     del self._copies[(run.layer, run.run_as)]
+            run.unpack = self._unpack.pop((run.layer, run.run_as), None)
+            if run.unpack is not None:
+                self.counters.dequantized += 1
             be.run(run)
             key = (run.layer, run.run_as)
             self._pending[key] -= 1
             if self._pending[key] == 0:
                 del self._pending[key]
                 for waiting in self._blocked.pop(key, []):
-                    wkey = (waiting.layer, waiting.expert)
-                    waiting.copy = self._submit(wkey, waiting.slot, be.copy_bytes(waiting.layer), DEMAND, be.now())
+                    self._submit_demand(waiting, be.now())
                     waiting.blocked_by = None
         assert not self._blocked, "a copy was left waiting for an expert that never ran"
+        assert not self._unpack, "a low-bit copy was left packed: its expert never ran"
         return order

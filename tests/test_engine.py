@@ -38,8 +38,24 @@ def _router_weights(loaded) -> torch.Tensor:
 
 
 def _engine(tiny, slots: int, **kw) -> OffloadEngine:
-    predictor = kw.pop("predictor", None)
-    return OffloadEngine(clone_loaded(tiny), EngineConfig(capacity_slots=slots, **kw), predictor=predictor)
+    predictor, tier = kw.pop("predictor", None), kw.pop("tier", None)
+    return OffloadEngine(clone_loaded(tiny), EngineConfig(capacity_slots=slots, **kw), predictor=predictor,
+                         tier=tier)
+
+
+@pytest.fixture(scope="module")
+def tier(tiny):
+    """Every tiny-olmoe expert at int8 / int4 / int2 (round-to-nearest: 10x faster to build than HQQ's
+    optimiser, and the same code path)."""
+    from offload.engine.expert_store import HostExpertStore
+    from offload.quantization import QuantizedHostTier
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return QuantizedHostTier(HostExpertStore(clone_loaded(tiny).adapter), optimize=False)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("policy", ["lru", "least_stale"])
@@ -234,3 +250,59 @@ def test_token_family_sees_the_same_tokens_in_the_engine_and_the_simulator(tiny,
         sim["hits"], sim["misses"], sim["prefetch_issued"], sim["prefetch_used"])
     blind, _ = run(hide_tokens=True)
     assert (blind.prefetch_used, blind.hits) != (c.prefetch_used, c.hits)
+
+
+@pytest.mark.parametrize("miss,policy", [("fetch-lowest-bit", "lru"), ("fetch-priority", "least_stale"),
+                                         ("precision-cascade", "lhu"), ("precision-cascade", "least_stale")])
+def test_engine_and_simulator_agree_on_lower_bit_copies(tiny, tmp_path, chosen_predictor, tier, miss, policy):
+    """The lower-bit miss handlers through the one step: replaying the engine's routing, the simulator
+    fetches the same experts at the same precisions, hits the same copies at the same precisions, dequantizes
+    and upgrades the same ones, and moves the same bytes (sized from the store's model numbers there, from
+    the real tensors here). Unthrottled: an upgrade arrives by the next layer in both."""
+    from offload.simulator import SimConfig, simulate_configs
+
+    predictor, ckpt = chosen_predictor
+    prompts = [encode(tiny.tokenizer, p) for p in load_prompts("demo", 2)]
+    with _engine(tiny, 12, policy=policy, predictor=predictor, bandwidth=None, admission="greedy", miss=miss,
+                 tier=tier, prefetch_params={"overfetch": 1.5}) as eng:
+        recorder = eng.record()
+        for ids in prompts:
+            eng.generate(ids, 6)
+        c = eng.counters
+    store = recorder.write(tmp_path / "engine-trace", tiny.info)
+    sim = simulate_configs(store, [SimConfig(policy=policy, capacity="12", prefetch=f"ckpt:{ckpt}", lookahead=2,
+                                             overfetch=1.5, miss=miss, hardware="a100-5gbs:link_gbps=inf")])[0]
+    assert sim["backend"] == "reference"  # the numba kernel leaves lower-bit modes to the step
+    low = sum(n for p, n in c.by_precision("served").items() if p != "native")
+    assert low > 0 and c.dequantized > 0 and (c.upgrades > 0) == (miss == "precision-cascade")
+    engine = (c.accesses, c.hits, c.misses, c.evictions, c.prefetch_issued, c.prefetch_used, c.dequantized,
+              c.upgrades_issued, c.upgrades, c.upgrades_cancelled, c.by_precision("hits"), c.by_precision("served"))
+    simulated = (sim["accesses"], sim["hits"], sim["misses"], sim["evictions"], sim["prefetch_issued"],
+                 sim["prefetch_used"], sim["dequantized"], sim["upgrades_issued"], sim["upgrades"],
+                 sim["upgrades_cancelled"], sim["hits_by_precision"], sim["served_by_precision"])
+    assert engine == simulated
+    for key in ("demand_bytes", "prefetch_bytes", "upgrade_bytes"):
+        assert sim[key] == pytest.approx(getattr(c, key), rel=1e-12), key
+
+
+def test_slots_hold_exactly_the_precision_the_cache_says(tiny, prompt_ids, tier):
+    """After a cascade run on a throttled link (upgrades still in flight at the end), every resident
+    expert's slot holds its full-precision weights if the cache says native, else exactly the dequantized
+    low-bit copy: an upgrade lands in its slot only when the step applies it."""
+    from offload.quantization import dequantize
+
+    seen = set()
+    with _engine(tiny, 48, policy="lru", miss="precision-cascade", tier=tier, bandwidth=5e9,
+                 expert_bytes=12582912) as eng:
+        for ids in prompt_ids:
+            eng.generate(ids, MAX_NEW)
+            for key in eng.cache.resident():
+                precision = eng.cache.precision_of(key)
+                seen.add(precision)
+                slot = eng.pool.slot(eng.cache.slot_of(key))
+                want = (eng.store.expert(*key) if precision == "native"
+                        else dequantize(tier.expert(key[0], key[1], precision)))
+                assert all(torch.equal(slot[n], want[n]) for n in slot), (key, precision)
+        c = eng.counters
+    assert seen == {"native", "int2"} and c.upgrades > 0
+    assert c.upgrades_issued > c.upgrades + c.upgrades_cancelled  # some were still on their way

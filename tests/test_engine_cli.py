@@ -52,13 +52,15 @@ def test_bad_input_is_one_line(capsys, tmp_path):
     _fails(capsys, ["--bandwidth", "0GB/s", *FAST], "bandwidth")
     _fails(capsys, ["--bandwidth=-5GB/s", *FAST], "bandwidth")
     _fails(capsys, ["--policy-typo", "lru"], "unrecognized arguments")
-    _fails(capsys, ["--system", "hobbit", *FAST], "quantized")
     # refused before any model loads (issue 11): an unknown policy, a lookahead the prefetcher cannot make
     _fails(capsys, ["--policy", "nope", *FAST], "valid: least_stale")
     _fails(capsys, ["--prefetch", "topk", "--lookahead", "3", *FAST], "next layer only")
     _fails(capsys, ["--checkpoint", str(tmp_path), *FAST], "without a finished train.py run")
     for bad in ("nan", "", "150%"):
         _fails(capsys, ["--prefetch", "none", "--capacity", bad, *FAST], "capacity")
+    _fails(capsys, ["--miss", "fetch,fetch-highest-bit", *FAST], "unknown miss handling 'fetch-highest-bit'")
+    _fails(capsys, ["--precisions", "native,int3", *FAST], "unknown precision 'int3'")
+    _fails(capsys, ["--quality-tokens", "-1", *FAST], "--quality-tokens")
     if not torch.cuda.is_available():
         _fails(capsys, ["--device", "cuda", *FAST], "GPU")
 
@@ -114,12 +116,19 @@ def test_default_run_with_a_checkpoint_prints_the_table_and_writes_json(capsys, 
     assert oracle["sim"]["policy"] == "belady" and oracle["sim"]["prefetch"] == "oracle"
     assert oracle["sim"]["hit_rate"] >= max(ls["engine"]["summary"]["hit_rate"], lru["engine"]["summary"]["hit_rate"])
     assert {p.name for p in (tmp_path / "plots").glob("*.png")} == {
-        "latency.png", "bytes_per_token.png", "hit_collision.png", "latency_per_prompt.png"}
+        "latency.png", "bytes_per_token.png", "hit_collision.png", "latency_per_prompt.png", "quality.png"}
     figures = _all_drawn(report)
     assert [ax.get_title() for ax in figures["latency"].figure.axes] == ["TTFT per configuration",
                                                                           "TPOT per configuration"]
     # the HTML report lands beside the JSON and renders offline, headline figure first
-    page = check_report(tmp_path / "report.html", tmp_path, tables=1, figures=4, screenshot=tmp_path / "engine.png",
+    # quality: fetch at full precision is the plain model's, to the last bit
+    plain_q = report["plain_quality"]
+    assert plain_q["agreement"] == 1.0 and plain_q["tokens"] == 2 * 32
+    for row in (ls, lru, zero):
+        assert row["engine"]["quality"]["perplexity"] == plain_q["perplexity"]
+        assert row["engine"]["quality"]["agreement"] == 1.0
+    assert "quality" not in oracle  # simulated rows have no outputs
+    page = check_report(tmp_path / "report.html", tmp_path, tables=2, figures=5, screenshot=tmp_path / "engine.png",
                         texts=("Latency per configuration, against its bounds", "least_stale + learned",
                                "physical limit", "Training / held-out split", "python evaluate.py --policy least_stale"))
     assert page.dom.index('id="latency"') < page.dom.index('id="hit_collision"')
@@ -167,6 +176,7 @@ def test_sim_mode_replays_without_the_engine(tmp_path):
     figures = {p.name: p for p in plots(report)}
     assert figures["latency_per_prompt"].figure is None and "no engine run" in figures["latency_per_prompt"].note
     assert all(figures[n].figure is not None for n in ("latency", "bytes_per_token", "hit_collision"))
+    assert figures["quality"].figure is None and "no engine ran" in figures["quality"].note
 
 
 @pytest.mark.slow
@@ -192,3 +202,50 @@ def _plots_with_data(report: dict) -> list:
     for p in out:
         assert p.figure is None or empty_panels(p.figure) == [], p.name
     return out
+
+
+@pytest.mark.slow
+def test_hobbit_runs_with_its_cascade_next_to_least_stale(tmp_path, capsys):
+    """HOBBIT: top-k prefetch + LHU + precision cascade on a copy-bound link, and the same with Least-Stale:
+    copies at int2 shrink by the emulated bf16 expert's ratio, upgrades follow, and perplexity shows the cost."""
+    out = tmp_path / "r.json"
+    main(["--system", "hobbit", "--model", "tiny-olmoe", "--prompts", "2", "--max-new-tokens", "4", "--quality-tokens", "8", "--no-wandb",
+          "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "Speed against output quality" in printed and "hits by precision" in printed
+    report = json.loads(out.read_text())
+    hobbit, hobbit_ls = report["rows"][:2]
+    assert (hobbit["label"], hobbit_ls["label"]) == ("hobbit", "hobbit + LS")
+    assert (hobbit["policy"], hobbit["miss"], hobbit_ls["policy"]) == ("lhu", "precision-cascade", "least_stale")
+    sizes = report["copy_bytes_by_precision"]  # an OLMoE-1B-7B expert (bf16, 12 MiB) at each precision
+    n = 3 * 2048 * 1024
+    assert sizes == {"native": 2 * n, "int8": n + 4 * n / 64, "int4": n / 2 + 4 * n / 64, "int2": n / 4 + 4 * n / 64}
+    for row in (hobbit, hobbit_ls):
+        s, sim = row["engine"]["summary"], row["sim"]
+        assert s["served_by_precision"]["int2"] > 0 and s["upgrades_issued"] > 0 and s["dequantized"] > 0
+        assert sum(s["hits_by_precision"].values()) == s["hits"]
+        assert s["demand_bytes"] == pytest.approx(s["misses"] * sizes["int2"])  # every miss at int2
+        assert s["upgrade_bytes"] > 0 and s["bytes_moved"] == pytest.approx(
+            s["demand_bytes"] + s["prefetch_bytes"] + s["upgrade_bytes"])
+        # the simulator replays the same routing on its own clock: when an upgrade lands (hence what LHU counts)
+        # may differ by a copy's jitter, so decisions agree closely, not exactly (exactly: tests/test_engine.py)
+        assert sim["accesses"] == s["accesses"] and sim["upgrades_issued"] > 0
+        assert sim["misses"] == pytest.approx(s["misses"], rel=0.05)
+        assert row["engine"]["quality"]["tokens"] == 2 * 8
+    assert report["calibration"]["kernel_us"] > 0  # the simulator's dequantization cost, measured here
+    fetch_rows = [r for r in report["rows"] if r.get("engine") and r["miss"] == "fetch"]
+    assert fetch_rows and all(r["engine"]["quality"]["perplexity"] == report["plain_quality"]["perplexity"]
+                              for r in fetch_rows)
+
+
+@pytest.mark.slow
+def test_a_miss_list_gives_one_row_each(tmp_path):
+    out = tmp_path / "r.json"
+    main(["--prefetch", "gate", "--miss", "fetch,fetch-lowest-bit,fetch-priority", "--precisions", "native,int4",
+          *FAST, "--quality-tokens", "4", "--json", str(out), "--report", "none"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["label"] for r in rows[:4]] == ["least_stale + gate", "lru + gate", "least_stale + gate, fetch-lowest-bit",
+                                             "least_stale + gate, fetch-priority"]
+    low, priority = rows[2]["engine"]["summary"], rows[3]["engine"]["summary"]
+    assert low["served_by_precision"]["int4"] > 0 and low["served_by_precision"]["int2"] == 0
+    assert set(k for k, v in priority["served_by_precision"].items() if v) <= {"native", "int4"}

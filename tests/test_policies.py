@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from data_pipeline.errors import UserError
 from offload.cache import ExpertCache
 from offload.policies import FIFO, FLD, LFU, LHU, LRU, Belady, LeastStale, RandomEviction, ScoreBased
 from tests.cache_replay import replay
@@ -117,13 +118,48 @@ def test_lfu_ties_go_to_least_recently_used():
     assert victims == [(0, 1)]
 
 
+def _precision_trace(cache: ExpertCache, uses: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """One layer, one access per pass: expert ``e`` fetched at ``precision`` on a miss (a hit runs at the
+    resident copy's precision, whatever is asked); ``"upgrade"`` raises resident ``e`` to full precision.
+    Returns the victims."""
+    victims = []
+    for e, precision in uses:
+        if precision == "upgrade":
+            cache.upgrade((0, e))
+            continue
+        cache.begin_pass()
+        cache.begin_layer(0, [(0, e)])
+        r = cache.access((0, e), precision=precision)
+        if r.evicted is not None:
+            victims.append(r.evicted)
+    return victims
+
+
 def test_lhu_counts_only_high_precision_uses():
-    passes = [[[e]] for e in [0, 0, 1, 1, 1, 2]]
-    hints = [None, None, {"precision_bits": 4}, {"precision_bits": 4}, {"precision_bits": 4}, None]
-    _, victims, _ = summary(replay(ExpertCache(1, 4, 2, LHU()), passes, hints=hints))
-    assert victims == [(0, 1)]  # b used 3 times but only at 4 bits: count 0 < a's 2
-    _, victims, _ = summary(replay(ExpertCache(1, 4, 2, LFU()), passes, hints=hints))
-    assert victims == [(0, 0)]  # plain LFU counts them: a=2 < b=3
+    """a is used twice at full precision; b is fetched at int4 and used three times at int4; c needs a
+    slot. LHU: a counts 2, b 0 -> b goes. LFU counts every use: a 2 < b 3 -> a goes."""
+    uses = [(0, "native"), (0, "native"), (1, "int4"), (1, "int4"), (1, "int4"), (2, "native")]
+    assert _precision_trace(ExpertCache(1, 4, 2, LHU()), uses) == [(0, 1)]
+    assert _precision_trace(ExpertCache(1, 4, 2, LFU()), uses) == [(0, 0)]
+    # int8 counted as high precision: b's int4 uses still do not count, an int8 copy's do
+    assert _precision_trace(ExpertCache(1, 4, 2, LHU(high="int8")), uses) == [(0, 1)]
+    int8 = [(e, "int8" if p == "int4" else p) for e, p in uses]
+    assert _precision_trace(ExpertCache(1, 4, 2, LHU(high="int8")), int8) == [(0, 0)]
+    assert _precision_trace(ExpertCache(1, 4, 2, LHU()), int8) == [(0, 1)]
+
+
+def test_lhu_counts_uses_after_an_upgrade_and_keeps_counts_across_evictions():
+    """b: three int4 uses (0), upgraded to full precision, then three full-precision uses (3) > a's 2:
+    c evicts a. a comes back and evicts c (1 < b's 3); its count goes 2 -> 3 (run scope keeps it). d then
+    finds a and b both at 3: the tie goes to the least recently used, b."""
+    uses = [(0, "native"), (0, "native"), (1, "int4"), (1, "int4"), (1, "int4"), (1, "upgrade"),
+            (1, "native"), (1, "native"), (1, "native")]
+    cache = ExpertCache(1, 4, 2, LHU())
+    assert _precision_trace(cache, uses + [(2, "native")]) == [(0, 0)]
+    assert cache.precision_of((0, 1)) == "native" and cache.policy.count[(0, 1)] == 3
+    assert _precision_trace(cache, [(0, "native"), (3, "native")]) == [(0, 2), (0, 1)]
+    with pytest.raises(UserError, match="high precision"):
+        LHU(high="int3")
 
 
 def test_fld_evicts_the_layer_farthest_ahead_in_execution_order():

@@ -144,9 +144,20 @@ def test_bytes_of_an_olmoe_1b_7b_expert():
     assert expert_nbytes(template, "int4", meta_dtype=torch.float32) == n // 2 + 8 * groups
 
 
+def test_an_input_width_the_group_size_does_not_divide_takes_its_largest_divisor_below():
+    """olmoe-mini's experts: gate_up (96, 96) and down (96, 48); groups of 64 fit neither, groups of 48 both."""
+    w = {"gate_up_proj": torch.randn(96, 96), "down_proj": torch.randn(96, 48)}
+    template = {n: (tuple(t.shape), t.dtype) for n, t in w.items()}
+    q = quantize_expert(w, "int4", 64)
+    assert {n: t.group_size for n, t in q.tensors.items()} == {"gate_up_proj": 48, "down_proj": 48}
+    groups = (96 * 96 + 96 * 48) // 48
+    assert q.nbytes == expert_nbytes(template, "int4") == (96 * 96 + 96 * 48) // 2 + 4 * groups
+    deq = dequantize(q)
+    for n, t in w.items():
+        assert deq[n].shape == t.shape and (deq[n] - t).abs().max() < t.abs().max() / 4
+
+
 def test_shapes_that_cannot_be_packed_are_refused():
-    with pytest.raises(UserError, match="does not divide"):
-        quantize_expert({"w": torch.randn(8, 48)}, "int8", 32)
     with pytest.raises(UserError, match="cannot be packed"):  # 3 groups: HQQ would drop codes at 4 bits
         quantize_expert({"w": torch.randn(3, 64)}, "int4", 64)
     with pytest.raises(UserError, match="unknown precision"):
@@ -197,3 +208,15 @@ def test_host_tier_holds_every_expert_at_each_precision(tiny):
             assert all(written[n] is slot[n] and torch.equal(slot[n], fresh[n]) for n in native)
     with pytest.raises(UserError, match="not built"):
         tier.expert(0, 0, "int8")
+
+
+def test_a_shared_tier_grows_to_what_each_user_needs(tiny):
+    """fetch-lowest-bit needs int2 only, fetch-priority every precision: one tier serves both engines."""
+    store = HostExpertStore(tiny.adapter, release_model_weights=False)
+    tier = QuantizedHostTier(store, ("int2",), optimize=False)
+    held = tier.expert(1, 2, "int2").tensors["down_proj"].codes
+    tier.ensure(("int8", "int2"))
+    assert tier.precisions == ("native", "int2", "int8")
+    assert tier.expert(1, 2, "int2").tensors["down_proj"].codes.data_ptr() == held.data_ptr()  # not rebuilt
+    fresh = dequantize(quantize_expert(store.expert(1, 2), "int8", optimize=False))
+    assert all(torch.equal(t, fresh[n]) for n, t in dequantize(tier.expert(1, 2, "int8")).items())

@@ -54,3 +54,38 @@ def fit_compute_profile(store: Any, pass_times: np.ndarray, *, link_bytes_per_s:
     spec = (f"a100-5gbs:link_gbps={link:.6g},tflops={fit['tflops']:.6g},hbm_gbps=1e9,"
             f"layer_us={fit['layer_us']:.6g},token_us={fit['token_us']:.6g},expert_us={fit['expert_us']:.6g}")
     return spec, fit
+
+
+def fit_dequant_kernel_us(weights: dict[str, Any], precisions: list[str], device: str = "cpu",
+                          repeats: int = 30) -> dict[str, float]:
+    """This machine's cost of dequantizing one expert (``weights``, as ``adapter.expert_params`` gives it)
+    at each low precision into a slot, as the simulator models it: ``dequant_kernels`` launches of
+    ``kernel_us`` each (the bytes term is off in a calibrated profile). Returns the fitted ``kernel_us``
+    (least squares through the origin over the precisions) and the median measured microseconds of each."""
+    import time
+
+    import torch
+
+    from offload.precision import dequant_kernels
+    from offload.quantization import dequantize, quantize_expert, template_shapes
+
+    dev = torch.device(device)
+    weights = {n: w.detach().to(dev) for n, w in weights.items()}
+    shapes = template_shapes({n: (w.shape, w.dtype) for n, w in weights.items()})
+    slot = {n: torch.empty_like(w) for n, w in weights.items()}
+    measured: dict[str, float] = {}
+    for p in precisions:
+        q = quantize_expert(weights, p, optimize=False)  # the same dequantization as HQQ's optimised codes
+        times = []
+        for _ in range(repeats):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            dequantize(q, out=slot)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            times.append(time.perf_counter() - t0)
+        measured[p] = float(np.median(times)) * 1e6
+    kernels = {p: dequant_kernels(shapes, p) for p in precisions}
+    kernel_us = sum(measured[p] * kernels[p] for p in precisions) / sum(k * k for k in kernels.values())
+    return {"kernel_us": kernel_us, **{f"dequant_{p}_us": t for p, t in measured.items()}}

@@ -18,6 +18,14 @@ fitted to the plain engine run (``--hardware calibrated``), so engine and simula
 row by row. ``--system`` reproduces one of the paper's four systems instead, next to the same
 system with Least-Stale as a drop-in eviction policy. ``--mode sim`` replays everything in the
 simulator only.
+
+``--miss`` takes a comma list (one row per miss handler). The lower-bit handlers (fetch-lowest-bit,
+fetch-priority, precision-cascade; HOBBIT's system) copy experts from a quantized host tier holding
+``--precisions`` (HQQ, built once per run and shared by every engine); an emulated copy shrinks by the
+precision's byte ratio in the emulated model's dtype (bf16 for the paper's models). Every engine row
+whose outputs can change, and every fetch row as its check, reports held-out perplexity and
+next-token agreement with the plain model, teacher-forced on the prompts' reference continuations
+(:mod:`offload.engine.quality`; ``--quality-tokens 0`` turns it off).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import os
 import re
 import sys
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +43,8 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import UserError, run_cli
+from offload.miss_handling import LOWER_BIT_MODES, MISS_MODES
+from offload.precision import PRECISIONS, precision_ladder
 
 TINY = "tiny-olmoe"
 MINI = "olmoe-mini"  # the demo model: trained, committed under models/
@@ -47,6 +57,8 @@ SYSTEMS: dict[str, dict[str, Any]] = {
     "hobbit": dict(policy="lhu", prefetch="topk", miss="precision-cascade", routing="standard"),
 }
 
+#: the native dtype of the paper's models' experts (their low-bit copies shrink by this dtype's ratio)
+TARGET_DTYPE = "bfloat16"
 #: expert sizes of the paper's models (bf16, gate + up + down projections): what ``--expert-bytes`` emulates
 EXPERT_TARGETS: dict[str, int] = {
     "olmoe-1b-7b": 3 * 2048 * 1024 * 2,  # 12.6 MB (12 MiB)
@@ -126,7 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "'model' (the model's own); the weights copied stay the model's, so outputs do not change")
     p.add_argument("--routing", default="standard", choices=("standard", "cache-aware"))
     p.add_argument("--routing-lambda", type=float, default=0.3)
-    p.add_argument("--miss", default="fetch", choices=("fetch", "drop", "substitute"))
+    p.add_argument("--miss", default="fetch",
+                   help=f"miss handling, comma list for one row each: {', '.join(MISS_MODES)}")
+    p.add_argument("--precisions", default=",".join(PRECISIONS),
+                   help="precisions the quantized host tier holds for the lower-bit miss handlers (native is "
+                        "always held; fetch-lowest-bit and the cascade's first copy use the lowest)")
+    p.add_argument("--quality-tokens", type=int, default=32,
+                   help="reference continuation tokens per prompt for perplexity and next-token agreement "
+                        "(teacher-forced); 0: no quality columns")
     p.add_argument("--dataset", default=None, help="prompt source (default: demo:heldout-prompts for olmoe-mini, demo for tiny-olmoe, gsm8k otherwise)")
     p.add_argument("--store", default=None, help="--mode sim: replay this trace store instead of recording one")
     p.add_argument("--prompts", type=int, default=8, help="number of prompts")
@@ -172,11 +191,11 @@ def _rows(args: argparse.Namespace) -> list[RowSpec]:
         if s["policy"] != "least_stale":
             rows.append(replace(base, label=f"{args.system} + LS", policy="least_stale"))
     else:
-        base = RowSpec(f"{args.policy} + {args.prefetch}", args.policy, args.prefetch, args.miss, args.routing,
-                       admission=args.admission)
-        rows = [base]
+        misses = _misses(args.miss)
+        rows = [RowSpec(f"{args.policy} + {args.prefetch}" + _miss_suffix(miss), args.policy, args.prefetch, miss,
+                        args.routing, admission=args.admission) for miss in misses]
         if args.policy != "lru" and args.prefetch != "none":
-            rows.append(replace(base, label=f"lru + {args.prefetch}", policy="lru"))
+            rows.insert(1, replace(rows[0], label=f"lru + {args.prefetch}" + _miss_suffix(misses[0]), policy="lru"))
     zero = RowSpec("lru + none (0% reference)", "lru", "none", role="zero")
     same = [r for r in rows if (r.policy, r.prefetch, r.miss, r.routing) == ("lru", "none", "fetch", "standard")]
     if same:
@@ -187,6 +206,20 @@ def _rows(args: argparse.Namespace) -> list[RowSpec]:
                         role="full"))
     rows.append(RowSpec("physical limit", "belady", "none", engine=False, role="limit"))
     return rows
+
+
+def _misses(text: str) -> list[str]:
+    misses = [m.strip() for m in str(text).split(",") if m.strip()]
+    for m in misses:
+        if m not in MISS_MODES:
+            raise UserError(f"unknown miss handling {m!r}; valid: {', '.join(MISS_MODES)}")
+    if not misses:
+        raise UserError("--miss names no miss handling")
+    return list(dict.fromkeys(misses))
+
+
+def _miss_suffix(miss: str) -> str:
+    return "" if miss == "fetch" else f", {miss}"
 
 
 # ---------------------------------------------------------------------- predictor
@@ -270,10 +303,10 @@ def _check_inputs(args: argparse.Namespace) -> float | None:
         raise UserError(f"--prompts must be at least 1, got {args.prompts}")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.system == "hobbit":
-        raise UserError("HOBBIT needs quantized expert copies (int8/int4/int2) for its precision cascade and LHU "
-                        "eviction; this engine keeps experts in the model's dtype only. Try --system "
-                        "eliseev_mazur, zhu or mixturecache")
+    if args.quality_tokens < 0:
+        raise UserError(f"--quality-tokens must be 0 (off) or more, got {args.quality_tokens}")
+    precision_ladder(args.precisions)
+    _misses(args.miss)
     bandwidth = parse_bandwidth(args.bandwidth)
     device = str(args.device)
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -304,11 +337,21 @@ def _hardware_spec(name: str, bandwidth: float | None) -> str:
     return f"{name}{sep}link_gbps={bandwidth / 1e9:g}"
 
 
+@dataclass
+class _Shared:
+    """What every engine row of one run shares: the quality reference and the quantized host tier."""
+
+    continuations: list = field(default_factory=list)  # held-out contexts and their reference continuations
+    plain_scored: list = field(default_factory=list)  # the plain model on them (the quality reference)
+    tier: Any = None  # the quantized host tier, built by the first lower-bit engine and lent to the rest
+
+
 def _engine_row(args, row: RowSpec, loaded, prompts, predictor, lookahead: int, slots: int,
                 bandwidth: float | None, expert_bytes: int | None, reference: list[list[int]],
-                workdir: Path) -> tuple[dict, Any]:
+                workdir: Path, shared: _Shared) -> tuple[dict, Any]:
     from offload.engine.engine import EngineConfig, OffloadEngine, clone_loaded
     from offload.engine.metrics import summarize
+    from offload.engine.quality import score_engine, summarize_quality
     from offload.engine.run import run_prompts
 
     config = EngineConfig(
@@ -316,18 +359,29 @@ def _engine_row(args, row: RowSpec, loaded, prompts, predictor, lookahead: int, 
         routing_lambda=args.routing_lambda, miss=row.miss,
         prefetch="score" if row.prefetch == "score" else "topk",
         prefetch_params={"overfetch": args.overfetch, "percentile": args.percentile, "lookahead": lookahead},
-        admission=row.admission, expert_bytes=expert_bytes, device=str(args.device),
+        admission=row.admission, expert_bytes=expert_bytes, expert_dtype=_expert_dtype(args),
+        precisions=precision_ladder(args.precisions), device=str(args.device),
     )
-    with OffloadEngine(clone_loaded(loaded), config, predictor=predictor if row.prefetch != "none" else None) as eng:
+    tier = shared.tier if row.miss in LOWER_BIT_MODES else None
+    with OffloadEngine(clone_loaded(loaded), config, predictor=predictor if row.prefetch != "none" else None,
+                       tier=tier) as eng:
+        shared.tier = shared.tier or eng.tier
         recorder = eng.record(hidden=True)
         metrics, _ = run_prompts(loaded, prompts, args.max_new_tokens, engine=eng, reference=reference,
                                  progress=f"engine: {row.label}")
+        quality = (summarize_quality(score_engine(eng, shared.continuations), shared.plain_scored)
+                   if shared.continuations else None)
     a = loaded.adapter
     store = recorder.write(
         workdir / re.sub(r"[^a-z0-9]+", "-", row.label.lower()), loaded.info,
         router_weights={i: a.router_weight(i).detach().float().cpu().numpy() for i in range(a.num_layers)},
     )
-    return {"summary": summarize(metrics), "prompts": [m.as_dict() for m in metrics]}, store
+    return {"summary": summarize(metrics), "prompts": [m.as_dict() for m in metrics], "quality": quality}, store
+
+
+def _expert_dtype(args: argparse.Namespace) -> str | None:
+    """The emulated expert's native dtype: the paper's models are bf16; a raw size is the model's own dtype."""
+    return TARGET_DTYPE if str(args.expert_bytes).strip().lower() in EXPERT_TARGETS else None
 
 
 def _simulate(args, row: RowSpec, store, predictor, lookahead: int, hardware: str, expert_bytes: int | None,
@@ -339,6 +393,8 @@ def _simulate(args, row: RowSpec, store, predictor, lookahead: int, hardware: st
         policy=row.policy, capacity=args.capacity, prefetch=prefetch, lookahead=lookahead,
         overfetch=args.overfetch, admission=row.admission, hardware=hardware, miss=row.miss, routing=row.routing,
         routing_lambda=args.routing_lambda, copy_bytes=expert_bytes, predictor_us=predictor_us,
+        copy_dtype=_expert_dtype(args) if expert_bytes is not None else None,
+        precisions=",".join(precision_ladder(args.precisions)),
     )
     if row.engine and row.routing == "cache-aware":
         # the recording holds the engine's re-routed choices: replay them as they are
@@ -419,20 +475,29 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     plain_metrics, _ = run_prompts(loaded, prompts, args.max_new_tokens, progress="plain model")
     reference = [m.generated for m in plain_metrics]
+    shared = _Shared()
+    if args.quality_tokens and args.mode == "engine":  # quality is measured on engine rows only
+        from offload.engine.quality import continuations, score_plain, summarize_quality
+
+        shared.continuations = continuations(loaded.tokenizer, prompts, args.quality_tokens, loaded.model)
+        shared.plain_scored = score_plain(loaded.model, shared.continuations)
     with tempfile.TemporaryDirectory(prefix="engine-traces-") as tmp:
         workdir = Path(tmp)
         plain_store, plain_times = _record(args, loaded, prompts, workdir)
-        hardware, fit = _hardware(args, loaded, plain_store, plain_times, bandwidth)
+        hardware, fit = _hardware(args, loaded, plain_store, plain_times, bandwidth, rows)
         report = _header(args, loaded.info, slots, bandwidth, hardware, lookahead, main_predictor, expert_bytes)
         report.update(dataset=dataset, prompts=len(prompts), prompt_note=prompt_note, calibration=fit,
                       plain=summarize(plain_metrics))
+        if shared.continuations:
+            report["plain_quality"] = summarize_quality(shared.plain_scored, shared.plain_scored)
         for row in rows:
             entry = _entry(row)
             store = plain_store
             predictor_us = None
             if row.engine and args.mode == "engine":
                 entry["engine"], store = _engine_row(args, row, loaded, prompts, predictors.get(row.prefetch),
-                                                     lookahead, slots, bandwidth, expert_bytes, reference, workdir)
+                                                     lookahead, slots, bandwidth, expert_bytes, reference, workdir,
+                                                     shared)
                 predictor_us = _measured_predictor_us(entry["engine"]["summary"])
             entry["sim"] = _simulate(args, row, store, predictors.get(row.prefetch), lookahead, hardware,
                                      expert_bytes, predictor_us)
@@ -441,14 +506,30 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _hardware(args, loaded, plain_store, plain_times: list[float], bandwidth: float | None):
+def _hardware(args, loaded, plain_store, plain_times: list[float], bandwidth: float | None, rows: list[RowSpec]):
     """The simulator's profile: this machine's compute fitted to the plain engine run, or a named one."""
     if args.hardware != "calibrated":
         return _hardware_spec(args.hardware, bandwidth), None
     from offload.engine.calibrate import fit_compute_profile
 
     params = loaded.info.expert_bytes / loaded.model.dtype.itemsize
-    return fit_compute_profile(plain_store, np.asarray(plain_times), link_bytes_per_s=bandwidth, expert_params=params)
+    spec, fit = fit_compute_profile(plain_store, np.asarray(plain_times), link_bytes_per_s=bandwidth,
+                                    expert_params=params)
+    low = sorted({p for r in rows if r.miss in LOWER_BIT_MODES for p in _low_precisions(args, r.miss)},
+                 key=PRECISIONS.index)
+    if low:  # what dequantizing a low-bit copy costs here: the simulator's per-precision compute cost
+        from offload.engine.calibrate import fit_dequant_kernel_us
+
+        dequant = fit_dequant_kernel_us(loaded.adapter.expert_params(0, 0), low, str(args.device))
+        fit.update(dequant)
+        spec += f",kernel_us={dequant['kernel_us']:.6g}"
+    return spec, fit
+
+
+def _low_precisions(args: argparse.Namespace, miss: str) -> tuple[str, ...]:
+    from offload.miss_handling import MissHandling
+
+    return MissHandling(miss, precisions=precision_ladder(args.precisions)).low_precisions
 
 
 def _gaps(report: dict[str, Any]) -> None:
@@ -487,8 +568,23 @@ def _header(args, info, slots: int, bandwidth, hardware: str, lookahead: int, pr
         "expert_bytes": real, "copy_bytes": link_bytes, "emulated": args.expert_bytes if expert_bytes else None,
         "copy_ms": None if bandwidth is None or link_bytes is None else 1e3 * link_bytes / bandwidth,
         "predictor": getattr(predictor, "source", None) or (predictor.describe() if predictor else None),
+        "precisions": list(precision_ladder(args.precisions)), "copy_bytes_by_precision": _precision_bytes(
+            args, info, link_bytes, emulated=expert_bytes is not None), "quality_tokens": args.quality_tokens,
         "rows": [],
     }
+
+
+def _precision_bytes(args: argparse.Namespace, info: Any, link_bytes: float | None,
+                     emulated: bool) -> dict[str, float] | None:
+    """Bytes one copy moves at each precision held (the real or emulated size times the byte ratio)."""
+    from offload.precision import byte_ratios, itemsize, moe_expert_shapes, with_itemsize
+
+    if link_bytes is None or not (info.hidden_size and info.moe_intermediate_size):
+        return None
+    shapes = moe_expert_shapes(info.hidden_size, info.moe_intermediate_size, info.dtype)
+    dtype = _expert_dtype(args) if emulated else None
+    ratios = byte_ratios(with_itemsize(shapes, itemsize(dtype)) if dtype else shapes, precision_ladder(args.precisions))
+    return {p: link_bytes * r for p, r in ratios.items()}
 
 
 def _entry(row: RowSpec) -> dict[str, Any]:

@@ -17,6 +17,13 @@ copied are the model's own.
   virtual start and arrival unchanged -- unless it is promoted first (it then starts like a demand
   copy) or cancelled (it moves no bytes). A copy on the link is never interrupted.
 
+Lower-bit copies and upgrades (offload.miss_handling) do not land in the slot itself: a low-bit copy
+moves the packed codes, scales and zeros of the host tier (offload.quantization) into a staging area
+beside the slot, dequantized into the slot when the expert first runs; an upgrade (the cascade's
+full-precision copy) lands beside the slot too, and is copied into it only when the step applies it,
+so a slot always holds what the step says it holds. On CPU the staging area is the host tier itself
+(there is no link to cross): the bytes are still those the copy's precision moves.
+
 No thread: on a loaded CPU every thread hand-off costs more than a small expert's emulated copy,
 which the simulator cannot see; without one the engine's timeline is the simulator's.
 """
@@ -30,9 +37,10 @@ from typing import Any
 
 import torch
 
-from offload.link import DEMAND, PREFETCH, SimCopy, SimLink
+from offload.link import DEMAND, PREFETCH, UPGRADE, SimCopy, SimLink
+from offload.quantization import QuantizedExpert
 
-__all__ = ["DEMAND", "PREFETCH", "CopierLink", "CopyPayload", "ThrottledCopier", "sleep_until"]
+__all__ = ["DEMAND", "PREFETCH", "UPGRADE", "CopierLink", "CopyPayload", "ThrottledCopier", "sleep_until"]
 
 #: ``time.sleep`` overshoots by tens of microseconds, as long as a small expert's whole emulated copy:
 #: the last stretch before a deadline is spun instead (yielding the GIL each round).
@@ -50,12 +58,14 @@ def sleep_until(deadline: float) -> None:
 
 @dataclass
 class CopyPayload:
-    """The tensors one copy moves, and its CUDA event once issued."""
+    """The tensors one copy moves, and its CUDA event once issued. ``dst`` None: staged beside the slot
+    (a low-bit copy or an upgrade); ``staged`` then holds the device copy once issued."""
 
-    src: Mapping[str, torch.Tensor]
-    dst: Mapping[str, torch.Tensor]
+    src: Mapping[str, torch.Tensor] | QuantizedExpert
+    dst: Mapping[str, torch.Tensor] | None
     event: Any = None
     error: BaseException | None = None
+    staged: Mapping[str, torch.Tensor] | QuantizedExpert | None = None
 
 
 class ThrottledCopier:
@@ -71,9 +81,11 @@ class ThrottledCopier:
         self.bytes_copied = 0
 
     # ------------------------------------------------------------------ the link's operations
-    def submit(self, key: Any, src: Mapping[str, torch.Tensor], dst: Mapping[str, torch.Tensor], nbytes: int,
-               priority: int = DEMAND) -> SimCopy:
-        return self.link.submit(key, nbytes, priority, time.perf_counter(), payload=CopyPayload(src, dst))
+    def submit(self, key: Any, src: Mapping[str, torch.Tensor] | QuantizedExpert,
+               dst: Mapping[str, torch.Tensor] | None, nbytes: int, priority: int = DEMAND, *,
+               precision: str = "native") -> SimCopy:
+        return self.link.submit(key, nbytes, priority, time.perf_counter(), payload=CopyPayload(src, dst),
+                                precision=precision)
 
     def promote(self, copy: SimCopy) -> None:
         self.link.promote(copy, time.perf_counter())
@@ -129,38 +141,67 @@ class ThrottledCopier:
                 # the slot may still be read by kernels queued on the compute stream: copy after them
                 self._stream.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(self._stream):
-                    for name, dst in payload.dst.items():
-                        dst.copy_(payload.src[name], non_blocking=True)
+                    self._move(payload, non_blocking=True)
                     payload.event = torch.cuda.Event()
                     payload.event.record(self._stream)
             else:
-                for name, dst in payload.dst.items():
-                    dst.copy_(payload.src[name])
-            self.bytes_copied += sum(t.numel() * t.element_size() for t in payload.dst.values())
+                self._move(payload, non_blocking=False)
         except BaseException as e:  # surfaced to whoever waits on the copy
             payload.error = e
+
+    def _move(self, payload: CopyPayload, non_blocking: bool) -> None:
+        """Into the slot, or staged beside it (allocated on the copy stream when there is one)."""
+        if payload.dst is not None:
+            for name, dst in payload.dst.items():
+                dst.copy_(payload.src[name], non_blocking=non_blocking)  # type: ignore[index]
+            self.bytes_copied += sum(t.numel() * t.element_size() for t in payload.dst.values())
+            return
+        src = payload.src
+        if isinstance(src, QuantizedExpert):
+            payload.staged = src.to(self.device, non_blocking=non_blocking)
+            self.bytes_copied += src.nbytes
+        else:
+            payload.staged = {n: t.to(self.device, non_blocking=non_blocking) for n, t in src.items()}
+            self.bytes_copied += sum(t.numel() * t.element_size() for t in src.values())
+
+    def release(self, copy: SimCopy, tensors: Mapping[str, torch.Tensor] | QuantizedExpert) -> None:
+        """A staged copy has been read on the compute stream: its memory, allocated on the copy stream, may
+        be reused only after those reads (CUDA's caching allocator is told so); drops the staging."""
+        if self._stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            parts = tensors.tensors.values() if isinstance(tensors, QuantizedExpert) else tensors.values()
+            for part in parts:
+                for t in ((part.codes, part.scale, part.zero) if hasattr(part, "codes") else (part,)):
+                    t.record_stream(current)
+        copy.payload.staged = None
 
 
 class CopierLink:
     """The per-layer step's :class:`offload.link.Link` in the engine: keys become host and slot tensors.
 
-    ``host_expert(key)`` gives the host tensors of an expert, ``slot(i)`` the device views of a slot;
-    ``link_bytes`` is what a copy holds the link for (the real expert size, or an emulated one).
-    The step's ``now`` is ignored: the wall clock is read at every operation.
+    ``host_expert(key, precision)`` gives the host copy of an expert at a precision (native tensors or a
+    :class:`~offload.quantization.QuantizedExpert`), ``slot(i)`` the device views of a slot;
+    ``link_bytes[precision]`` is what a copy holds the link for (the real size, or an emulated one).
+    A full-precision demand copy or prefetch lands in its slot; a low-bit copy or an upgrade is staged
+    (module doc). The step's ``now`` is ignored: the wall clock is read at every operation.
     """
 
-    def __init__(self, copier: ThrottledCopier, host_expert: Callable[[Any], Mapping[str, torch.Tensor]],
-                 slot: Callable[[int], Mapping[str, torch.Tensor]], link_bytes: int):
+    def __init__(self, copier: ThrottledCopier,
+                 host_expert: Callable[[Any, str], Mapping[str, torch.Tensor] | QuantizedExpert],
+                 slot: Callable[[int], Mapping[str, torch.Tensor]], link_bytes: Mapping[str, float]):
         self.copier = copier
         self._host_expert = host_expert
         self._slot = slot
-        self.link_bytes = link_bytes
+        self.link_bytes = dict(link_bytes)
 
     def copy_seconds(self, nbytes: float) -> float:
         return self.copier.link.copy_seconds(nbytes)
 
-    def submit(self, key: Any, nbytes: float, priority: int, now: float, *, slot: int = -1) -> SimCopy:
-        return self.copier.submit(key, self._host_expert(key), self._slot(slot), int(nbytes), priority)
+    def submit(self, key: Any, nbytes: float, priority: int, now: float, *, slot: int = -1,
+               precision: str = "native") -> SimCopy:
+        staged = precision != "native" or priority == UPGRADE
+        return self.copier.submit(key, self._host_expert(key, precision), None if staged else self._slot(slot),
+                                  int(nbytes), priority, precision=precision)
 
     def promote(self, copy: SimCopy, now: float) -> None:
         self.copier.promote(copy)

@@ -16,6 +16,12 @@ Figure 2 of SpecMD, in this code:
   (OLMoE-1B-7B's 12.6 MB by default in ``evaluate.py``), while the real, small weights are copied:
   outputs do not change.
 
+Lower-bit copies (``miss`` = fetch-lowest-bit, fetch-priority, precision-cascade): the host holds
+every expert at each precision of ``precisions`` too (:class:`offload.quantization.QuantizedHostTier`,
+built once and shareable between engines); a low-bit copy moves that precision's packed bytes (an
+emulated expert: its size times the precision's byte ratio, in ``expert_dtype``) and is dequantized
+into its slot when it first runs; a cascade's upgrade replaces it when the step applies it.
+
 All cache decisions are taken on the main thread; only the copies run concurrently. Expert outputs
 are summed in ascending expert id whatever order the experts ran in (those already there first),
 so with demand fetch the engine's logits are the plain model's, bit for bit.
@@ -38,13 +44,15 @@ from offload.cache import ExpertCache
 from offload.engine.copier import CopierLink, ThrottledCopier
 from offload.engine.device_pool import DevicePool
 from offload.engine.expert_store import HostExpertStore
-from offload.engine.generate import Generation, greedy_generate
+from offload.engine.generate import Generation, Scored, greedy_generate, teacher_forced
 from offload.engine.moe_layer import expert_rows, replace_forward, restore_forward
 from offload.engine.trace import TraceRecorder
 from offload.link import SimCopy
 from offload.miss_handling import MissHandling
 from offload.policies import make_policy
+from offload.precision import PRECISIONS, byte_ratios, itemsize, with_itemsize
 from offload.prefetch import PercentileSelection, Selection, TopKSelection, forecast_depth, rank_candidates
+from offload.quantization import QuantizedHostTier, dequantize, template_shapes
 from offload.routing import ROUTINGS, CacheAwareRouter
 from offload.step import Access, Candidates, LayerStep, Run
 from predictors.base import PredictContext, Predictor
@@ -67,6 +75,8 @@ class EngineConfig:
     prefetch_params: dict[str, Any] = field(default_factory=dict)
     admission: str = "greedy"  # greedy | value (offload.admission)
     expert_bytes: int | None = None  # bytes a copy holds the link for (emulate a bigger model); None: real
+    expert_dtype: str | None = None  # native dtype of that emulated expert (low-bit copies scale by its ratio)
+    precisions: tuple[str, ...] = PRECISIONS  # what the host tier holds, for the lower-bit miss handlers
     partition: str = "global"
     device: str = "cpu"
 
@@ -103,13 +113,17 @@ def clone_loaded(loaded: Any) -> Any:
 class OffloadEngine:
     """Runs ``loaded.model`` with experts in a host tier and ``capacity_slots`` device slots."""
 
-    def __init__(self, loaded: Any, config: EngineConfig, predictor: Predictor | None = None):
+    def __init__(self, loaded: Any, config: EngineConfig, predictor: Predictor | None = None,
+                 tier: QuantizedHostTier | None = None):
+        """``tier``: the low-bit host copies, built from the same model (e.g. shared by several engines; the
+        precisions it lacks are added); None: built here when the miss handler needs them."""
         self.loaded = loaded
         self.adapter = adapter = loaded.adapter
         self.config = config
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda requested but no CUDA GPU is available")
+        miss = MissHandling(config.miss, config.drop_from_rank, config.substitute_tolerance, config.precisions)
         if config.bandwidth is not None and not config.bandwidth > 0:
             raise UserError(f"bandwidth must be positive, got {config.bandwidth} bytes/s")
         self.num_layers, self.num_experts, self.top_k = adapter.num_layers, adapter.num_experts, adapter.top_k
@@ -146,14 +160,15 @@ class OffloadEngine:
         link_bytes = int(config.expert_bytes) if config.expert_bytes is not None else self.store.expert_nbytes
         if link_bytes <= 0:
             raise UserError(f"emulated expert size must be positive, got {link_bytes} bytes")
-        self.backend = EngineBackend(self, CopierLink(self.copier, lambda key: self.store.expert(*key),
-                                                      self.pool.slot, link_bytes))
+        self.tier = self._host_tier(miss, tier)
+        shapes = template_shapes(self.store.template)  # type: ignore[arg-type]
+        link_shapes = with_itemsize(shapes, itemsize(config.expert_dtype)) if config.expert_dtype else shapes
+        sizes = {p: float(link_bytes) * r for p, r in byte_ratios(link_shapes, miss.precisions).items()}
+        self.backend = EngineBackend(self, CopierLink(self.copier, self._host_copy, self.pool.slot, sizes))
         self._select = _make_selection(config) if predictor is not None else None
         self._max_distance = int(config.prefetch_params.get("lookahead", 1 << 30))
         lookahead = min(predictor.lookahead, self._max_distance) if predictor is not None else 1
-        self.step = LayerStep(self.cache, self.backend,
-                              miss=MissHandling(config.miss, config.drop_from_rank, config.substitute_tolerance),
-                              admission=config.admission, lookahead=lookahead,
+        self.step = LayerStep(self.cache, self.backend, miss=miss, admission=config.admission, lookahead=lookahead,
                               depth=forecast_depth(self.num_experts, self.top_k))
         self._chosen: list[torch.Tensor] = []  # this pass: (T, K) ids per layer run so far
         self._previous: torch.Tensor | None = None  # (1, L, K) the previous token's experts
@@ -169,6 +184,25 @@ class OffloadEngine:
     def counters(self):
         """The step's event counters (offload.counters.Counters)."""
         return self.step.counters
+
+    def _host_tier(self, miss: MissHandling, tier: QuantizedHostTier | None) -> QuantizedHostTier | None:
+        if not miss.lower_bit:
+            return tier
+        if tier is None:
+            return QuantizedHostTier(self.store, miss.low_precisions, pin=self.device.type == "cuda",
+                                     device=self.device)
+        if tier.template != self.store.template:
+            raise UserError(f"the quantized host tier holds experts shaped {tier.template}, this model's are "
+                            f"{self.store.template}")
+        tier.ensure(miss.low_precisions)  # a shared tier grows to what this engine needs
+        return tier
+
+    def _host_copy(self, key: tuple[int, int], precision: str) -> Any:
+        """The host copy of expert ``key`` at ``precision`` (what the link moves)."""
+        if precision == "native":
+            return self.store.expert(*key)
+        assert self.tier is not None, "a low-bit copy without a quantized host tier"
+        return self.tier.expert(key[0], key[1], precision)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -223,6 +257,16 @@ class OffloadEngine:
         if self.recorder is not None:
             self.recorder.end_sequence(gen.tokens)
         return gen
+
+    def teacher_forced(self, context: torch.Tensor, target: torch.Tensor) -> Scored:
+        """Score ``target`` as the continuation of ``context`` through the offloaded model (quality); these
+        passes are not recorded (a recording replays the timed generations)."""
+        self.reset_sequence()
+        recorder, self.recorder = self.recorder, None
+        try:
+            return teacher_forced(self.loaded.model, context, target, before_pass=self.begin_pass)
+        finally:
+            self.recorder = recorder
 
     def record(self, hidden: bool = False) -> TraceRecorder:
         """Start recording the routing the cache sees (and optionally MoE inputs) for a trace store."""
@@ -358,8 +402,16 @@ class EngineBackend:
         non_expert, expert = self._estimate[tokens > 1]
         return non_expert, expert
 
-    def copy_bytes(self, layer: int) -> float:
-        return float(self.link.link_bytes)
+    def copy_bytes(self, layer: int, precision: str = "native") -> float:
+        return self.link.link_bytes[precision]
+
+    def upgrade(self, copy: SimCopy, slot: int) -> None:
+        """Copy the staged full-precision weights into the slot (on the compute stream, after its readers)."""
+        self.link.copier.wait(copy)  # it has arrived; on CUDA this also settles its event
+        staged = copy.payload.staged
+        for name, t in self.engine.pool.slot(slot).items():
+            t.copy_(staged[name])
+        self.link.copier.release(copy, staged)
 
     def arrived(self, copy: SimCopy) -> bool:
         return self.link.copier.ready(copy)
@@ -378,8 +430,12 @@ class EngineBackend:
         """Tokens that chose ``run.expert`` get ``run.run_as``'s output (the same unless substituted)."""
         assert self._x is not None
         rank, token = expert_rows(self._ids, run.expert)
+        params = self.engine.pool.slot(run.slot)
+        if run.unpack is not None:  # a low-bit copy's first run: dequantize it into its slot
+            packed = run.unpack.payload.staged
+            dequantize(packed, out=params)
+            self.engine.copier.release(run.unpack, packed)
         if token.numel():
-            params = self.engine.pool.slot(run.slot)
             y = self.engine.adapter.expert_forward(params, self._x[token]) * self._weights[token, rank, None]
             self._parts.append((run.expert, token, y))
 

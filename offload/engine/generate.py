@@ -42,6 +42,15 @@ class Generation:
         return len(self.tokens) / total if total > 0 else 0.0
 
 
+@dataclass
+class Scored:
+    """A teacher-forced pass over a continuation: per target token, the negative log-likelihood the model
+    gave it and the token the model would have chosen there (its argmax)."""
+
+    nll: list[float]
+    argmax: list[int]
+
+
 def context_length(model: nn.Module) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
@@ -111,3 +120,36 @@ def greedy_generate(
             break
         step_input = torch.tensor([[token]], device=device)
     return gen
+
+
+@torch.no_grad()
+def teacher_forced(
+    model: nn.Module,
+    context: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    before_pass: Callable[[int], None] | None = None,
+) -> Scored:
+    """Score ``target`` (C,) as the continuation of ``context`` (1, T): prefill the context, then feed the
+    true tokens one decode pass at a time (the same passes as :func:`greedy_generate`, so an offloaded
+    model's cache sees decode-time accesses), reading each pass's next-token distribution."""
+    from transformers import DynamicCache
+
+    if context.dim() != 2 or context.shape[0] != 1 or target.dim() != 1 or not len(target):
+        raise ValueError(f"teacher_forced takes a (1, T) context and a non-empty (C,) target, got "
+                         f"{tuple(context.shape)} and {tuple(target.shape)}")
+    check_fits(model, context.shape[1], len(target))
+    device = next(model.parameters()).device
+    cache = DynamicCache(config=model.config)
+    cache_kw = _cache_keyword(model)
+    scored = Scored([], [])
+    step_input = context.to(device)
+    for i, token in enumerate(target.tolist()):
+        if before_pass is not None:
+            before_pass(PREFILL if i == 0 else DECODE)
+        out = model(input_ids=step_input, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+        logits = out.logits[0, -1].double()
+        scored.nll.append(float(torch.logsumexp(logits, 0) - logits[token]))
+        scored.argmax.append(int(logits.argmax()))
+        step_input = torch.tensor([[token]], device=device)
+    return scored

@@ -2,7 +2,9 @@
 
 GSM8K texts (the offline demo text and the ``gsm8k`` preset) are ``question + newline + solution``
 ending in ``#### <number>``; the engine prompts with the question only and scores exact match on
-that number. Other texts are used whole as prompts, with no answer.
+that number, and the solution is the prompt's *continuation*: the reference text perplexity is
+measured on (offload.engine.quality). Other texts are used whole as prompts, with no answer; their
+quality is measured on their own second half.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ _NUMBER = re.compile(r"[-+]?\d[\d,]*\.?\d*")
 class Prompt:
     text: str  # what the model is given
     answer: str | None = None  # the reference final answer (GSM8K), normalised
+    continuation: str | None = None  # the reference text that follows ``text`` (GSM8K: the solution)
 
 
 def _normalise(number: str) -> str:
@@ -34,8 +37,8 @@ def split_gsm8k(text: str) -> Prompt:
     m = _FINAL.search(text)
     if m is None or "\n" not in text:
         return Prompt(text)
-    question = text.split("\n", 1)[0].strip()
-    return Prompt(f"Question: {question}\nAnswer:", _normalise(m.group(1)))
+    question, solution = text.split("\n", 1)
+    return Prompt(f"Question: {question.strip()}\nAnswer:", _normalise(m.group(1)), " " + solution.strip())
 
 
 def extract_answer(generated: str) -> str | None:

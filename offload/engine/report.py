@@ -10,7 +10,8 @@ from typing import Any
 from reporting.figures import Plot, checked, new_figure, save_pngs
 
 COLUMNS = ("precision", "recall", "hit_rate", "collision_rate", "mb_per_token", "wasted_mb_per_token", "stall_ms",
-           "ttft_ms", "sim_ttft_ms", "ttft_gap", "tpot_ms", "sim_tpot_ms", "tpot_gap", "agreement")
+           "ttft_ms", "sim_ttft_ms", "ttft_gap", "tpot_ms", "sim_tpot_ms", "tpot_gap", "agreement", "perplexity",
+           "next_agreement", "low_bit_runs")
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -33,9 +34,11 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     plain = report.get("plain")
     if plain is not None:
+        quality = report.get("plain_quality") or {}
         out.append({"label": "plain model (all experts resident)", "source": "engine", "hit_rate": 1.0,
                     "collision_rate": 0.0, "stall_ms": 0.0, "mb_per_token": 0.0, "ttft_ms": _ms(plain["ttft_s"]),
-                    "tpot_ms": _ms(plain["tpot_s"]), "agreement": 1.0})
+                    "tpot_ms": _ms(plain["tpot_s"]), "agreement": 1.0, "perplexity": quality.get("perplexity"),
+                    "next_agreement": quality.get("agreement")})
     for row in report["rows"]:
         sim = row.get("sim") or {}
         eng = (row.get("engine") or {}).get("summary")
@@ -60,7 +63,12 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                 wasted_mb_per_token=eng["wasted_bytes"] / max(_engine_tokens(row["engine"]), 1) / 1e6,
                 stall_ms=_ms(eng["stall_s_per_prompt"]), ttft_ms=_ms(eng["ttft_s"]), tpot_ms=_ms(eng["tpot_s"]),
                 agreement=eng.get("token_agreement"), exact_match=eng.get("exact_match"),
+                hit_rate_by_precision={p: n / eng["accesses"] if eng["accesses"] else 0.0
+                                       for p, n in (eng.get("hits_by_precision") or {}).items()},
+                low_bit_runs=_low_bit_share(eng.get("served_by_precision")),
             )
+            quality = row["engine"].get("quality") or {}
+            line.update(perplexity=quality.get("perplexity"), next_agreement=quality.get("agreement"))
         else:
             prompts = max(1, int(report.get("prompts") or 1))
             line.update(
@@ -70,17 +78,32 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                 wasted_mb_per_token=sim.get("wasted_bytes_per_token", 0.0) / 1e6,
                 stall_ms=_ms(sim["stall_time_s"] / prompts) if sim.get("stall_time_s") is not None else None,
                 ttft_ms=_ms(sim.get("ttft_s")), tpot_ms=_ms(sim.get("tpot_s")),
+                hit_rate_by_precision=sim.get("hit_rate_by_precision"),
+                low_bit_runs=_low_bit_share(sim.get("served_by_precision")),
             )
         out.append(line)
     return out
 
 
+def _low_bit_share(served: dict[str, int] | None) -> float | None:
+    """Share of expert computations that ran on a low-bit copy."""
+    if not served or not sum(served.values()):
+        return None
+    return 1.0 - served.get("native", 0) / sum(served.values())
+
+
 def _fmt(key: str, value: Any) -> str:
     if value is None:
         return "-"
+    if key == "hit_rate_by_precision":  # only the precisions that were hit
+        hit = [f"{p} {100 * v:.1f}%" if v >= 5e-4 else f"{p} <0.1%" for p, v in value.items() if v > 0]
+        return ", ".join(hit) if hit else "-"
+    if key == "perplexity":
+        return f"{value:.5g}"
     if key in ("ttft_gap", "tpot_gap"):
         return f"{100 * value:.0f}%"
-    if key in ("precision", "recall", "hit_rate", "collision_rate", "agreement", "exact_match"):
+    if key in ("precision", "recall", "hit_rate", "collision_rate", "agreement", "exact_match", "next_agreement",
+               "low_bit_runs"):
         return f"{100 * value:.1f}%"
     return f"{value:.2f}"
 
@@ -98,6 +121,15 @@ def describe_setup(report: dict[str, Any]) -> list[str]:
                      f"copied are the model's own ({report['expert_bytes'] / 1e3:.0f} kB), outputs are unchanged")
     if report.get("prompt_note"):
         lines.append(f"prompts: {report['prompt_note']}")
+    sizes = report.get("copy_bytes_by_precision")
+    if sizes and _lower_bit(report):
+        lines.append("lower-bit copies (HQQ, groups of 64): " + ", ".join(f"{p} {b / 1e6:.2f} MB" for p, b in sizes.items())
+                     + " per copy; a low-bit copy is dequantized into its slot at its first run")
+    if report.get("plain_quality"):
+        q = report["plain_quality"]
+        lines.append(f"quality: perplexity and next-token agreement with the plain model, teacher-forced on "
+                     f"{q['tokens']:.0f} tokens of the prompts' reference continuations "
+                     f"(up to {report.get('quality_tokens')} each)")
     fit = report.get("calibration")
     if fit:
         lines.append(f"simulator: this machine's compute fitted to the plain engine run (R^2 {fit['r2']:.3f}; prefill "
@@ -112,6 +144,18 @@ CAPTION = ("precision/recall: forecast experts vs experts used at the target lay
            "never used); stall: time waiting for copies; gap: share of the gap closed between LRU without prefetch "
            "(0%) and Belady + oracle prefetch (100%), measured for engine rows; sim: the simulator replaying the "
            "same recorded run")
+QUALITY_TITLE = "Speed against output quality"
+QUALITY_CAPTION = ("hits by precision: share of accesses that hit a copy at each precision (the rest missed); runs at "
+                   "low bit: share of expert computations on a low-bit copy; MB/tok: bytes over the link per token, "
+                   "upgrades included; perplexity and next-token agreement (the most likely next token is the plain "
+                   "model's): teacher-forced on the prompts' held-out reference continuations; token agreement: "
+                   "greedy generations position by position")
+
+
+def _lower_bit(report: dict[str, Any]) -> bool:
+    from offload.miss_handling import LOWER_BIT_MODES
+
+    return any(r.get("miss") in LOWER_BIT_MODES for r in report.get("rows", []))
 
 
 def _heads(wasted: bool = True) -> dict[str, str]:
@@ -125,6 +169,33 @@ def _heads(wasted: bool = True) -> dict[str, str]:
     if not wasted:
         heads.pop("wasted_mb_per_token")
     return heads
+
+
+def _quality_heads(report: dict[str, Any]) -> dict[str, str] | None:
+    """The second table's columns: speed next to output quality and the precisions copies ran at (None when
+    the run measured no quality and copied nothing below full precision)."""
+    lower, quality = _lower_bit(report), bool(report.get("plain_quality"))
+    if not (lower or quality):
+        return None
+    heads = {"label": "configuration", "hit_rate": "hit rate", "hit_rate_by_precision": "hits by precision",
+             "low_bit_runs": "runs at low bit", "mb_per_token": "MB/tok", "ttft_ms": "TTFT ms", "tpot_ms": "TPOT ms",
+             "perplexity": "perplexity", "next_agreement": "next-token agreement", "agreement": "token agreement"}
+    if not lower:
+        for key in ("hit_rate_by_precision", "low_bit_runs"):
+            heads.pop(key)
+    if not quality:
+        heads.pop("perplexity")
+        heads.pop("next_agreement")
+    return heads
+
+
+def quality_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The table lines of the second table: engine-measured configurations and the plain model."""
+    return [line for line in table_rows(report) if line.get("source") == "engine"]
+
+
+def _cells(heads: dict[str, str], line: dict[str, Any]) -> list[str]:
+    return [str(line.get(k, "")) if k in ("label", "source") else _fmt(k, line.get(k)) for k in heads]
 
 
 def print_table(report: dict[str, Any], console: Any = None) -> None:
@@ -142,10 +213,18 @@ def print_table(report: dict[str, Any], console: Any = None) -> None:
     for key, head in heads.items():
         table.add_column(head, justify="left" if key in ("label", "source") else "right")
     for line in table_rows(report):
-        table.add_row(*[str(line.get(k, "")) if k in ("label", "source") else _fmt(k, line.get(k)) for k in heads])
+        table.add_row(*_cells(heads, line))
     for extra in setup[1:]:
         console.print(extra)
     console.print(table)
+    qheads = _quality_heads(report)
+    if qheads is not None:
+        second = Table(title=QUALITY_TITLE, caption=QUALITY_CAPTION)
+        for key, head in qheads.items():
+            second.add_column(head, justify="left" if key == "label" else "right")
+        for line in quality_rows(report):
+            second.add_row(*_cells(qheads, line))
+        console.print(second)
 
 
 def write_json(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -288,10 +367,41 @@ def per_prompt_plot(report: dict[str, Any]) -> Plot:
     return Plot("latency_per_prompt", title, fig, note="; ".join(missing))
 
 
+def quality_plot(report: dict[str, Any]) -> Plot:
+    """What each configuration's speed costs in output quality: TPOT against next-token agreement and against
+    perplexity, one point per engine configuration, the plain model as the reference."""
+    title = "Speed against output quality"
+    caption = ("One point per configuration the engine ran: its measured TPOT (TTFT when no decode step ran) "
+               "against the share of next tokens it predicts as the plain model does, and against held-out "
+               "perplexity, both teacher-forced on the prompts' reference continuations. Exact configurations "
+               "(fetch at full precision) sit on the plain model's level; drop, substitute, cache-aware routing and "
+               "lower-bit copies trade quality for speed.")
+    if not report.get("plain_quality"):
+        return Plot("quality", title, None, caption=caption,
+                    note="no quality measured (--quality-tokens 0, or --mode sim: no engine ran)")
+    lines = [r for r in quality_rows(report) if r.get("perplexity") is not None]
+    key = "tpot_ms" if all(_positive(r.get("tpot_ms")) for r in lines) else "ttft_ms"
+    fig, axes = new_figure(5.5, 4.2, 2)
+    for ax, (metric, name, scale) in zip(axes, (("next_agreement", "next-token agreement (%)", 100.0),
+                                                  ("perplexity", "perplexity", 1.0)), strict=True):
+        for i, r in enumerate(lines):  # a marker and colour each (exact rows overlap at the plain level)
+            plain = r["label"].startswith("plain")
+            ax.scatter(r[key], scale * r[metric], marker="*" if plain else "osD^vP"[i % 6], s=140 if plain else 45,
+                       color="tab:green" if plain else f"C{i % 10}", zorder=3, alpha=0.85,
+                       label="plain model" if plain else r["label"])
+        ax.set_xlabel(f"{'TPOT' if key == 'tpot_ms' else 'TTFT'} (ms)")
+        ax.set_ylabel(name)
+        ax.set_title(f"{name.split(' (')[0]} against {'TPOT' if key == 'tpot_ms' else 'TTFT'}")
+        ax.grid(alpha=0.3)
+        ax.margins(0.15)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=7, frameon=False)
+    return Plot("quality", title, fig, caption=caption)
+
+
 def plots(report: dict[str, Any]) -> list[Plot]:
     """Every figure of an evaluation, the headline (latency against its bounds) first."""
     return [checked(p) for p in (latency_plot(report), bytes_plot(report), hit_collision_plot(report),
-                                 per_prompt_plot(report))]
+                                 per_prompt_plot(report), quality_plot(report))]
 
 
 def write_plots(report: dict[str, Any], folder: str | os.PathLike[str]) -> list[Path]:
@@ -307,9 +417,7 @@ def html_report(report: dict[str, Any], figures: list[Plot], command: str):
     setup = describe_setup(report)
     lines = table_rows(report)
     heads = _heads()
-    table = Table(setup[0], list(heads.values()),
-                  [[str(line.get(k, "")) if k in ("label", "source") else _fmt(k, line.get(k)) for k in heads]
-                   for line in lines], caption=CAPTION,
+    table = Table(setup[0], list(heads.values()), [_cells(heads, line) for line in lines], caption=CAPTION,
                   row_kinds=["limit" if line["label"].startswith("physical limit") else
                              "reference" if line["label"].startswith("plain") or "reference" in line["label"] else ""
                              for line in lines], left=2)
@@ -320,7 +428,18 @@ def html_report(report: dict[str, Any], figures: list[Plot], command: str):
                   setup=[line for line in setup[1:] if not line.startswith("prompts: ")]
                   + [f"mode: {report.get('mode')}, lookahead {report.get('lookahead')}, "
                      f"{report.get('max_new_tokens')} new tokens per prompt"],
-                  split=split, tables=[table], plots=figures)
+                  split=split, tables=[table] + _quality_table(report), plots=figures)
+
+
+def _quality_table(report: dict[str, Any]) -> list:
+    from reporting.html import Table
+
+    heads = _quality_heads(report)
+    if heads is None:
+        return []
+    lines = quality_rows(report)
+    return [Table(QUALITY_TITLE, list(heads.values()), [_cells(heads, line) for line in lines], caption=QUALITY_CAPTION,
+                  row_kinds=["reference" if line["label"].startswith("plain") else "" for line in lines], left=1)]
 
 
 def log_wandb(report: dict[str, Any], project: str, figures: list[Plot] | None = None) -> None:

@@ -8,6 +8,7 @@ inside a pass::
     on_layer_start(layer)                     the execution point moves to ``layer``
     on_insert(key, prefetch, hint)            a key became resident (demand fetch or prefetch)
     on_access(key, score, hint)               a demand access (a hit, or the access right after its miss insert)
+    on_served(key, precision)                 ... and the precision that access ran at (right after on_access)
     on_predicted(key)                         a resident key was forecast for this pass (Least-Stale: "current")
     on_forecast(layer, experts, p_use, rest)  the whole ranked forecast of a layer ahead, with P(use)
     on_evict(key)                             a key left the cache
@@ -81,6 +82,11 @@ class EvictionPolicy(ABC):
 
     def on_access(self, key: Key, *, score: float = 0.0, hint: Any = None) -> None:
         self._touch(key)
+
+    def on_served(self, key: Key, precision: str) -> None:
+        """The demand access just reported ran ``key`` at ``precision`` (``native``, ``int8``, ``int4``,
+        ``int2``: offload.quantization); a substitute's use is reported too. Ignored by default."""
+        return None
 
     def on_predicted(self, key: Key) -> None:
         """A resident key was selected by the prefetcher/predictor for this pass (ignored by default)."""

@@ -39,11 +39,7 @@ class LFU(EvictionPolicy):
 
     def on_access(self, key: Key, *, score: float = 0.0, hint: Any = None) -> None:
         super().on_access(key, score=score, hint=hint)
-        if self._counts(hint):
-            self.count[key] = self.count.get(key, 0) + 1
-
-    def _counts(self, hint: Any) -> bool:
-        return True
+        self.count[key] = self.count.get(key, 0) + 1
 
     def victim(self, eligible: Eligible, *, for_prefetch: bool = False) -> Key | None:
         return self._min_by(lambda k: self.count[k], eligible)
