@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from offload.passes import passes_from_lists  # noqa: E402
 from offload.simulator import ReplayCache, SimConfig  # noqa: E402
-from offload.simulator_fast import kernel_args, replay_kernel  # noqa: E402
+from offload.simulator_fast import kernel_args  # noqa: E402
 
 
 def synthetic_passes(n_access: int, L: int = 16, E: int = 64, K: int = 8, seed: int = 0):
@@ -79,12 +79,13 @@ def libcachesim_lru(keys: np.ndarray, slots: int) -> tuple[float, int]:
 
 def time_kernel(rc: ReplayCache, cfg: SimConfig, repeats: int = 2) -> tuple[float, int, int]:
     replay = rc.replay(cfg)
-    args = kernel_args(replay, cfg)
-    replay_kernel(*args)  # compile / warm up
+    kernel, args = kernel_args(replay, cfg)
+    kernel(*args)  # compile / warm up
     best = float("inf")
     for _ in range(repeats):
+        kernel, args = kernel_args(replay, cfg)  # a fresh policy state
         t = time.perf_counter()
-        _, plc, *_ = replay_kernel(*args)
+        _, plc, *_ = kernel(*args)
         best = min(best, time.perf_counter() - t)
     return best, int(plc[2].sum()), int(plc[3].sum())
 

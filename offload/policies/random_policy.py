@@ -1,12 +1,29 @@
-"""Random eviction (seeded): a uniform choice among the eligible resident experts."""
+"""Random eviction (seeded): a uniform choice among the eligible resident experts.
+
+Compiled twin: the same draw (numba's ``Generator.integers`` is numpy's stream) over the same list
+(resident keys layer by layer, each layer in touch order), located through per-layer counts instead
+of a list of every eligible key: only the running layer can hold keys that may not go.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
+import numba as nb
 import numpy as np
 
 from offload.policies.base import Eligible, EvictionPolicy, Key
+from offload.policies.compiled import (
+    Allowed,
+    KernelContext,
+    PolicyKernel,
+    Touch,
+    allowed,
+    touch_access,
+    touch_evict,
+    touch_insert,
+    touch_lists,
+)
 
 
 class RandomEviction(EvictionPolicy):
@@ -28,3 +45,82 @@ class RandomEviction(EvictionPolicy):
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.name, "seed": self.seed}
+
+    def kernel_state(self, ctx: KernelContext) -> RandomState:
+        return RandomState(touch_lists(ctx, per_layer=True), np.zeros(ctx.num_layers, dtype=np.int64),
+                           np.zeros(1, dtype=np.int64), np.random.default_rng(self.seed), ctx.per_layer)
+
+
+# ---------------------------------------------------------------------------------- compiled twin
+class RandomState(NamedTuple):
+    touch: Touch  # one list per layer: resident() order
+    count: np.ndarray  # resident keys per layer
+    here: np.ndarray  # [execution point]
+    rng: np.random.Generator
+    per_layer: bool
+
+
+@nb.njit(cache=True)
+def _layer_start(st: RandomState, layer: int) -> None:
+    st.here[0] = layer
+
+
+@nb.njit(cache=True)
+def _insert(st: RandomState, k: int, prefetch: bool, hint: int, clock: int) -> None:
+    touch_insert(st.touch, k, prefetch, hint, clock)
+    st.count[st.touch.lst[k]] += 1
+
+
+@nb.njit(cache=True)
+def _access(st: RandomState, k: int, score: float, hint: int, clock: int) -> None:
+    touch_access(st.touch, k, score, hint, clock)
+
+
+@nb.njit(cache=True)
+def _evict(st: RandomState, k: int) -> None:
+    touch_evict(st.touch, k)
+    st.count[st.touch.lst[k]] -= 1
+
+
+@nb.njit(cache=True)
+def _allowed_in(st: RandomState, layer: int, el: Allowed, skip: int) -> tuple[int, int]:
+    """(allowed keys of ``layer``, the ``skip``-th of them or -1)."""
+    if layer != st.here[0]:  # see Allowed: other layers are all allowed, or (mode 1) none is
+        n = 0 if el.mode == 1 else st.count[layer]
+        if skip < 0 or skip >= n:
+            return n, -1
+        k = st.touch.head[layer]
+        for _ in range(skip):
+            k = st.touch.nxt[k]
+        return n, k
+    n = 0
+    found = -1
+    k = st.touch.head[layer]
+    while k >= 0:
+        if allowed(el, k):
+            if n == skip:
+                found = k
+            n += 1
+        k = st.touch.nxt[k]
+    return n, found
+
+
+@nb.njit(cache=True)
+def _victim(st: RandomState, el: Allowed, for_prefetch: bool) -> int:
+    lo, hi = (el.part, el.part + 1) if st.per_layer else (0, st.count.shape[0])
+    total = 0
+    for layer in range(lo, hi):
+        total += _allowed_in(st, layer, el, -1)[0]
+    if total == 0:
+        return -1
+    i = st.rng.integers(0, total)
+    for layer in range(lo, hi):
+        n, k = _allowed_in(st, layer, el, i)
+        if k >= 0:
+            return k
+        i -= n
+    return -1
+
+
+RandomEviction.kernel = PolicyKernel(victim=_victim, on_insert=_insert, on_access=_access, on_evict=_evict,
+                                     on_layer_start=_layer_start)
