@@ -26,7 +26,7 @@ import hashlib
 import inspect
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numba as nb
 import numpy as np
@@ -82,7 +82,7 @@ def _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state
     return qh, free
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, _nrt=False)
 def _next_after(sorted_keys, sorted_pos, key, pos):
     lo = np.searchsorted(sorted_keys, key, side="left")
     hi = np.searchsorted(sorted_keys, key, side="right")
@@ -150,16 +150,73 @@ FORECASTS = False  # the policy wants on_forecast (then the kernel keeps the ste
 
 
 # ---------------------------------------------------------------------------------- the replay
+class Work(NamedTuple):
+    """Every array the replay writes, allocated here (the kernel runs without reference counting,
+    see the module doc), with its initial value."""
+
+    key_layer: np.ndarray
+    et1: np.ndarray
+    resident: np.ndarray
+    pin: np.ndarray
+    served: np.ndarray
+    in_run: np.ndarray
+    evicted_pass: np.ndarray
+    unused_pf: np.ndarray
+    n_res_layer: np.ndarray
+    used: np.ndarray
+    arrival: np.ndarray
+    copy_state: np.ndarray
+    qidx: np.ndarray
+    q_key: np.ndarray
+    q_sub: np.ndarray
+    q_dur: np.ndarray
+    q_live: np.ndarray
+    cal_used: np.ndarray
+    cal_seen: np.ndarray
+    p_use: np.ndarray
+    C: np.ndarray
+    F: np.ndarray
+    PL: np.ndarray
+    C_sink: np.ndarray
+    F_sink: np.ndarray
+    PL_sink: np.ndarray
+    pass_time: np.ndarray
+    pass_compute: np.ndarray
+    pass_bytes: np.ndarray
+    run_key: np.ndarray
+    run_tok: np.ndarray
+    run_copy: np.ndarray
+    run_block: np.ndarray
+    run_first: np.ndarray
+
+
+def work(L: int, E: int, P: int, queue: int, lookahead: int, depth: int) -> Work:
+    N = L * E
+    i64, f64 = np.int64, np.float64
+    cal = (2, max(lookahead, 1), depth + 1)
+    return Work(
+        key_layer=np.arange(N, dtype=i64) // E, et1=np.zeros(L), resident=np.zeros(N, dtype=np.bool_),
+        pin=np.full(N, -1, dtype=i64), served=np.full(N, -1, dtype=i64), in_run=np.full(N, -1, dtype=i64),
+        evicted_pass=np.full(N, -1, dtype=i64), unused_pf=np.zeros(N, dtype=np.bool_), n_res_layer=np.zeros(L, i64),
+        used=np.full(E, -1, dtype=i64), arrival=np.zeros(N), copy_state=np.zeros(N, dtype=np.int8),
+        qidx=np.full(N, -1, dtype=i64), q_key=np.zeros(queue, i64), q_sub=np.zeros(queue), q_dur=np.zeros(queue),
+        q_live=np.zeros(queue, dtype=np.bool_), cal_used=np.full(cal, 1.0), cal_seen=np.full(cal, 2.0),
+        p_use=np.zeros(E), C=np.zeros(NC, i64), F=np.zeros(NF, f64), PL=np.zeros((4, L), i64),
+        C_sink=np.zeros(NC, i64), F_sink=np.zeros(NF, f64), PL_sink=np.zeros((4, L), i64), pass_time=np.zeros(P),
+        pass_compute=np.zeros(P), pass_bytes=np.zeros(P), run_key=np.zeros(E + 1, i64), run_tok=np.zeros(E + 1, i64),
+        run_copy=np.zeros(E + 1, dtype=np.bool_), run_block=np.full(E + 1, -1, dtype=i64),
+        run_first=np.zeros(E + 1, dtype=np.bool_))
+
+
 def _replay(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, next_use, sorted_keys, sorted_pos,
             fc_ptr, fc_expert, fc_selected, fc_covered, fc_prob, ip, layer_cap, copy_s, layer_bytes, link_bytes, fp,
-            pcost, counted, st):
+            pcost, counted, w, st):
     """Replay all passes; the same decisions as :class:`offload.step.LayerStep` with greedy admission.
 
-    Returns (int counters (NC,), per-layer counts (4, L): accesses, hits, misses, collisions, float
-    counters (NF,), per-pass time (P,), per-pass compute (P,), per-pass bytes moved (P,)); counters
-    cover the ``counted`` passes only. ``st``: the policy's compiled state (changed in place).
+    The results land in ``w`` (:class:`Work`): int counters ``C`` (NC,), per-layer counts ``PL`` (4, L):
+    accesses, hits, misses, collisions, float counters ``F`` (NF,), per-pass time, compute and bytes
+    moved; counters cover the ``counted`` passes only. ``st``: the policy's compiled state.
     """
-    N = L * E
     P = len(phase)
     capacity = ip[P_CAPACITY]
     per_layer = ip[P_PER_LAYER] != 0
@@ -170,59 +227,56 @@ def _replay(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, next_u
     depth = ip[P_DEPTH]
     has_prob = ip[P_HAS_PROB] != 0
 
-    key_layer = np.empty(N, dtype=np.int64)
-    for k in range(N):
-        key_layer[k] = k // E
-    et1 = np.empty(L, dtype=np.float64)  # expert time of one token, per layer (decode)
+    key_layer = w.key_layer
+    et1 = w.et1  # expert time of one token, per layer (decode)
     for layer in range(L):
         et1[layer] = _expert_time(layer_bytes[layer], 1, fp)
-    resident = np.zeros(N, dtype=np.bool_)
-    pin = np.full(N, -1, dtype=np.int64)
-    served = np.full(N, -1, dtype=np.int64)
-    in_run = np.full(N, -1, dtype=np.int64)  # token of the layer whose runs include the key
-    evicted_pass = np.full(N, -1, dtype=np.int64)
-    unused_pf = np.zeros(N, dtype=np.bool_)
-    n_res_layer = np.zeros(L, dtype=np.int64)
+    resident = w.resident
+    pin = w.pin
+    served = w.served
+    in_run = w.in_run  # token of the layer whose runs include the key
+    evicted_pass = w.evicted_pass
+    unused_pf = w.unused_pf
+    n_res_layer = w.n_res_layer
     n_res = 0
-    used = np.full(E, -1, dtype=np.int64)
+    used = w.used
 
     # the link: started copies end at ``free``; queued prefetches in admission order
-    arrival = np.zeros(N, dtype=np.float64)
-    copy_state = np.zeros(N, dtype=np.int8)  # 0: no copy to wait for, 1: queued, 2: started
-    qidx = np.full(N, -1, dtype=np.int64)
-    QN = len(fc_expert) + 1
-    q_key = np.zeros(QN, dtype=np.int64)
-    q_sub = np.zeros(QN, dtype=np.float64)
-    q_dur = np.zeros(QN, dtype=np.float64)
-    q_live = np.zeros(QN, dtype=np.bool_)
+    arrival = w.arrival
+    copy_state = w.copy_state  # 0: no copy to wait for, 1: queued, 2: started
+    qidx = w.qidx
+    q_key = w.q_key
+    q_sub = w.q_sub
+    q_dur = w.q_dur
+    q_live = w.q_live
     qh = 0
     qt = 0
     free = 0.0
 
     # offload.admission.Calibration: P(use) per phase, distance and rank (policies that weigh forecasts)
-    cal_used = np.full((2, max(D, 1), depth + 1), 1.0)
-    cal_seen = np.full((2, max(D, 1), depth + 1), 2.0)
-    p_use = np.zeros(E, dtype=np.float64)
+    cal_used = w.cal_used
+    cal_seen = w.cal_seen
+    p_use = w.p_use
 
     # counters of counted passes, and a sink for the others
-    CT = np.zeros(NC, dtype=np.int64)
-    FT = np.zeros(NF, dtype=np.float64)
-    PLT = np.zeros((4, L), dtype=np.int64)
-    CJ = np.zeros(NC, dtype=np.int64)
-    FJ = np.zeros(NF, dtype=np.float64)
-    PLJ = np.zeros((4, L), dtype=np.int64)
-    pass_time = np.zeros(P, dtype=np.float64)
-    pass_compute = np.zeros(P, dtype=np.float64)
-    pass_bytes = np.zeros(P, dtype=np.float64)
+    CT = w.C
+    FT = w.F
+    PLT = w.PL
+    CJ = w.C_sink
+    FJ = w.F_sink
+    PLJ = w.PL_sink
+    pass_time = w.pass_time
+    pass_compute = w.pass_compute
+    pass_bytes = w.pass_bytes
     clock = 0
     token = 0
     t = 0.0
     comp = 0.0
-    run_key = np.zeros(E + 1, dtype=np.int64)
-    run_tok = np.zeros(E + 1, dtype=np.int64)
-    run_copy = np.zeros(E + 1, dtype=np.bool_)
-    run_block = np.full(E + 1, -1, dtype=np.int64)
-    run_first = np.zeros(E + 1, dtype=np.bool_)
+    run_key = w.run_key
+    run_tok = w.run_tok
+    run_copy = w.run_copy
+    run_block = w.run_block
+    run_first = w.run_first
 
     for p in range(P):
         if counted[p]:
@@ -525,8 +579,8 @@ def _replay(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, next_u
         pass_compute[p] = comp - c0
         pass_bytes[p] = moved
     CT[C_HIT] = CT[C_ACC] - CT[C_MISS]
-    PLT[1] = PLT[0] - PLT[2]
-    return CT, PLT, FT, pass_time, pass_compute, pass_bytes
+    for layer in range(L):
+        PLT[1, layer] = PLT[0, layer] - PLT[2, layer]
 
 
 # ---------------------------------------------------------------------------------- specialisation
@@ -570,7 +624,7 @@ def specialise(cls: type[EvictionPolicy]) -> Dispatcher:
         py = types.FunctionType(_replay.__code__, glb, f"replay_{kernel.name}_{digest}")
         py.__qualname__ = py.__name__  # numba names its cache files after it
         py.__doc__ = _replay.__doc__
-        _KERNELS[digest] = nb.njit(cache=True)(py)
+        _KERNELS[digest] = nb.njit(cache=True, _nrt=False)(py)
     return _KERNELS[digest]
 
 
@@ -600,7 +654,8 @@ def _params(replay: Any, cfg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def kernel_args(replay: Any, cfg: Any, counted: np.ndarray | None = None) -> tuple[Dispatcher, tuple]:
-    """The kernel for ``cfg.policy`` and its positional arguments (a fresh policy state each call)."""
+    """The kernel for ``cfg.policy`` and its positional arguments (a fresh policy state and
+    :class:`Work` each call; the results land in the ``Work``, the second argument from the end)."""
     ps = replay.passes
     policy = make_policy(cfg.policy, **cfg.policy_params)
     kernel = specialise(type(policy))
@@ -629,10 +684,11 @@ def kernel_args(replay: Any, cfg: Any, counted: np.ndarray | None = None) -> tup
     pcost = np.array([replay.predictor_cost(int(n)) if fc is not None else 0.0 for n in ps.pass_tokens])
     if counted is None:
         counted = np.ones(ps.num_passes, dtype=np.bool_)
+    w = work(ps.num_layers, ps.num_experts, ps.num_passes, len(fc_expert) + 1, int(ip[P_LOOKAHEAD]), int(ip[P_DEPTH]))
     return kernel, (ps.num_layers, ps.num_experts, ps.phase, ps.pass_tokens, ps.layer_ptr, ps.expert, ps.score,
                     ps.best_rank, ps.tokens, next_use, sorted_keys, order, fc_ptr, fc_expert, fc_selected, fc_covered,
                     fc_prob, ip, layer_cap, copy_s, replay.layer_bytes.astype(np.float64), link_bytes, fp, pcost,
-                    counted, state)
+                    counted, w, state)
 
 
 def simulate_fast(replay: Any, cfg: Any) -> dict[str, Any]:
@@ -642,7 +698,9 @@ def simulate_fast(replay: Any, cfg: Any) -> dict[str, Any]:
     ps = replay.passes
     counted = _counted_passes(replay, cfg)
     kernel, args = kernel_args(replay, cfg, counted)
-    C, plc, F, pass_time, pass_compute, pass_bytes = kernel(*args)
+    kernel(*args)
+    w = args[-2]
+    C, plc, F, pass_time, pass_compute, pass_bytes = w.C, w.PL, w.F, w.pass_time, w.pass_compute, w.pass_bytes
     c = Counters(
         passes=int(counted.sum()), accesses=int(C[C_ACC]), hits=int(C[C_HIT]), misses=int(C[C_MISS]),
         late_prefetch=int(C[C_LATE]), collision_misses=int(C[C_COLL]), dropped=int(C[C_DROP]),

@@ -13,8 +13,6 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-import numba as nb
-
 from offload.policies.base import Eligible, EvictionPolicy, Key
 from offload.policies.compiled import (
     Heap,
@@ -24,6 +22,7 @@ from offload.policies.compiled import (
     heap_push,
     heap_update,
     heap_victim,
+    hook,
     key_heap,
 )
 
@@ -64,14 +63,14 @@ class BeladyState(NamedTuple):
     heap: Heap  # priority: minus the next use
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _insert(st: BeladyState, k: int, prefetch: bool, hint: int, clock: int) -> None:
     st.heap.prio[k] = -float(hint)
     st.heap.stamp[k] = clock
     heap_push(st.heap, k)
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _access(st: BeladyState, k: int, score: float, hint: int, clock: int) -> None:
     st.heap.prio[k] = -float(hint)
     st.heap.stamp[k] = clock

@@ -45,6 +45,12 @@ from typing import Any, NamedTuple
 import numba as nb
 import numpy as np
 
+#: How hooks and their helpers are compiled: inlined (at numba's IR level) into the replay kernel,
+#: which runs without numba's reference counting (its arrays live as long as the replay). A call
+#: would pass a state of many arrays as hundreds of scalar arguments, and counted references would
+#: add atomic increments on every array read.
+hook = nb.njit(_nrt=False, inline="always")
+
 
 @dataclass(frozen=True)
 class KernelContext:
@@ -104,7 +110,7 @@ class Allowed(NamedTuple):
     part: int
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def allowed(el: Allowed, k: int) -> bool:
     mode = el.mode
     if mode == 0:
@@ -141,7 +147,7 @@ def touch_lists(ctx: KernelContext, per_layer: bool) -> Touch:
                  np.full(lists, -1, dtype=np.int64), np.zeros(n, dtype=np.int64), lst)
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def touch_unlink(t: Touch, k: int) -> None:
     li = t.lst[k]
     a, b = t.prv[k], t.nxt[k]
@@ -157,7 +163,7 @@ def touch_unlink(t: Touch, k: int) -> None:
     t.nxt[k] = -1
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def touch_append(t: Touch, k: int, clock: int) -> None:
     li = t.lst[k]
     t.stamp[k] = clock
@@ -171,7 +177,7 @@ def touch_append(t: Touch, k: int, clock: int) -> None:
     t.tail[li] = k
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def touch_again(t: Touch, k: int, clock: int) -> None:
     """``k`` (resident) was touched: it becomes the newest of its list."""
     t.stamp[k] = clock
@@ -180,7 +186,7 @@ def touch_again(t: Touch, k: int, clock: int) -> None:
         touch_append(t, k, clock)
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def touch_first(t: Touch, li: int, el: Allowed) -> int:
     """The least recently touched eligible key of list ``li``, or -1."""
     k = t.head[li]
@@ -193,22 +199,22 @@ def touch_first(t: Touch, li: int, el: Allowed) -> int:
 
 # the whole compiled LRU (and FIFO without ``on_access``): ``st`` is a Touch whose lists are the
 # cache's partitions (one global list, or one per layer), so the victim is the head of one list
-@nb.njit(cache=True, _nrt=False)
+@hook
 def touch_insert(st: Touch, k: int, prefetch: bool, hint: int, clock: int) -> None:
     touch_append(st, k, clock)
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def touch_access(st: Touch, k: int, score: float, hint: int, clock: int) -> None:
     touch_again(st, k, clock)
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def touch_evict(st: Touch, k: int) -> None:
     touch_unlink(st, k)
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def oldest_victim(st: Touch, el: Allowed, for_prefetch: bool) -> int:
     return touch_first(st, el.part, el)
 
@@ -239,14 +245,14 @@ def key_heap(ctx: KernelContext) -> Heap:
                 part, np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.int64), np.zeros(cap + 1, dtype=np.int64))
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _before(h: Heap, a: int, b: int) -> bool:
     pa = h.prio[a]
     pb = h.prio[b]
     return pa < pb or (pa == pb and h.stamp[a] < h.stamp[b])
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _sift_up(h: Heap, q: int, i: int) -> None:
     items = h.items
     k = items[q, i]
@@ -262,7 +268,7 @@ def _sift_up(h: Heap, q: int, i: int) -> None:
     h.pos[k] = i
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _sift_down(h: Heap, q: int, i: int) -> None:
     items = h.items
     n = h.size[q]
@@ -283,7 +289,7 @@ def _sift_down(h: Heap, q: int, i: int) -> None:
     h.pos[k] = i
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def heap_push(h: Heap, k: int) -> None:
     """Add ``k`` (its ``prio`` and ``stamp`` set) to its partition's heap."""
     q = h.part[k]
@@ -293,7 +299,7 @@ def heap_push(h: Heap, k: int) -> None:
     _sift_up(h, q, i)
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def heap_update(h: Heap, k: int) -> None:
     """``k``'s ``prio`` or ``stamp`` changed: restore the heap order."""
     q = h.part[k]
@@ -301,7 +307,7 @@ def heap_update(h: Heap, k: int) -> None:
     _sift_down(h, q, h.pos[k])
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def heap_remove(h: Heap, k: int) -> None:
     q = h.part[k]
     i = h.pos[k]
@@ -316,7 +322,7 @@ def heap_remove(h: Heap, k: int) -> None:
         _sift_down(h, q, h.pos[last])
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def heap_min(h: Heap, q: int, el: Allowed) -> int:
     """The eligible key of partition ``q`` first in (prio, stamp) order, or -1.
 
@@ -351,11 +357,11 @@ def heap_min(h: Heap, q: int, el: Allowed) -> int:
 
 
 # hooks of every policy whose state keeps its resident keys in ``st.heap`` (LFU, score, Belady)
-@nb.njit(cache=True, _nrt=False)
+@hook
 def heap_victim(st: Any, el: Allowed, for_prefetch: bool) -> int:
     return heap_min(st.heap, el.part, el)
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def heap_evict(st: Any, k: int) -> None:
     heap_remove(st.heap, k)

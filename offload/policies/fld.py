@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import numba as nb
 import numpy as np
 
 from offload.policies.base import Eligible, EvictionPolicy, Key
@@ -22,6 +21,7 @@ from offload.policies.compiled import (
     KernelContext,
     PolicyKernel,
     Touch,
+    hook,
     touch_access,
     touch_evict,
     touch_first,
@@ -60,32 +60,32 @@ class FLDState(NamedTuple):
     per_layer: bool
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _pass_start(st: FLDState, pass_index: int, phase: int) -> None:
     st.here[0] = 0
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _layer_start(st: FLDState, layer: int) -> None:
     st.here[0] = layer
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _insert(st: FLDState, k: int, prefetch: bool, hint: int, clock: int) -> None:
     touch_insert(st.touch, k, prefetch, hint, clock)
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _access(st: FLDState, k: int, score: float, hint: int, clock: int) -> None:
     touch_access(st.touch, k, score, hint, clock)
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _evict(st: FLDState, k: int) -> None:
     touch_evict(st.touch, k)
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _victim(st: FLDState, el: Allowed, for_prefetch: bool) -> int:
     t = st.touch
     if st.per_layer:

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import numba as nb
 import numpy as np
 
 from data_pipeline.errors import UserError
@@ -54,6 +53,7 @@ from offload.policies.compiled import (
     PolicyKernel,
     Touch,
     allowed,
+    hook,
     touch_again,
     touch_append,
     touch_lists,
@@ -169,41 +169,41 @@ class LSState(NamedTuple):
     per_layer: bool
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _pass_start(st: LSState, pass_index: int, phase: int) -> None:
     st.pos[0] = pass_index
     st.pos[1] = 0
     st.pos[2] = phase
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _layer_start(st: LSState, layer: int) -> None:
     st.pos[1] = layer
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _insert(st: LSState, k: int, prefetch: bool, hint: int, clock: int) -> None:
     touch_append(st.touch, k, clock)
     st.last_pass[k] = st.pos[0]
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _touch(st: LSState, k: int, clock: int) -> None:
     touch_again(st.touch, k, clock)
     st.last_pass[k] = st.pos[0]
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _access(st: LSState, k: int, score: float, hint: int, clock: int) -> None:
     _touch(st, k, clock)
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _evict(st: LSState, k: int) -> None:
     touch_unlink(st.touch, k)
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _first(st: LSState, layer: int, want_stale: bool, el: Allowed) -> int:
     """``LeastStale._first``: the least recently touched eligible key of ``layer`` in the wanted class."""
     t = st.touch
@@ -220,7 +220,7 @@ def _first(st: LSState, layer: int, want_stale: bool, el: Allowed) -> int:
     return -1
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _victim(st: LSState, el: Allowed, for_prefetch: bool) -> int:
     L = st.touch.head.shape[0]
     here = st.pos[1]

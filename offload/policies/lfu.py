@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import numba as nb
 import numpy as np
 
 from data_pipeline.errors import UserError
@@ -27,6 +26,7 @@ from offload.policies.compiled import (
     heap_push,
     heap_update,
     heap_victim,
+    hook,
     key_heap,
 )
 
@@ -78,7 +78,7 @@ class LFUState(NamedTuple):
     cache_scope: bool
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _insert(st: LFUState, k: int, prefetch: bool, hint: int, clock: int) -> None:
     if st.cache_scope:
         st.count[k] = 0
@@ -87,7 +87,7 @@ def _insert(st: LFUState, k: int, prefetch: bool, hint: int, clock: int) -> None
     heap_push(st.heap, k)
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _access(st: LFUState, k: int, score: float, hint: int, clock: int) -> None:
     st.count[k] += 1
     st.heap.prio[k] = st.count[k]

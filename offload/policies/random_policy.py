@@ -11,6 +11,8 @@ from typing import Any, NamedTuple
 
 import numba as nb
 import numpy as np
+from numba.np.random.generator_core import next_uint32
+from numba.np.random.random_methods import buffered_bounded_lemire_uint32
 
 from offload.policies.base import Eligible, EvictionPolicy, Key
 from offload.policies.compiled import (
@@ -19,6 +21,7 @@ from offload.policies.compiled import (
     PolicyKernel,
     Touch,
     allowed,
+    hook,
     touch_access,
     touch_evict,
     touch_insert,
@@ -60,29 +63,29 @@ class RandomState(NamedTuple):
     per_layer: bool
 
 
-@nb.njit(cache=True)
+@hook
 def _layer_start(st: RandomState, layer: int) -> None:
     st.here[0] = layer
 
 
-@nb.njit(cache=True)
+@hook
 def _insert(st: RandomState, k: int, prefetch: bool, hint: int, clock: int) -> None:
     touch_insert(st.touch, k, prefetch, hint, clock)
     st.count[st.touch.lst[k]] += 1
 
 
-@nb.njit(cache=True)
+@hook
 def _access(st: RandomState, k: int, score: float, hint: int, clock: int) -> None:
     touch_access(st.touch, k, score, hint, clock)
 
 
-@nb.njit(cache=True)
+@hook
 def _evict(st: RandomState, k: int) -> None:
     touch_evict(st.touch, k)
     st.count[st.touch.lst[k]] -= 1
 
 
-@nb.njit(cache=True)
+@hook
 def _allowed_in(st: RandomState, layer: int, el: Allowed, skip: int) -> tuple[int, int]:
     """(allowed keys of ``layer``, the ``skip``-th of them or -1)."""
     if layer != st.here[0]:  # see Allowed: other layers are all allowed, or (mode 1) none is
@@ -105,7 +108,19 @@ def _allowed_in(st: RandomState, layer: int, el: Allowed, skip: int) -> tuple[in
     return n, found
 
 
-@nb.njit(cache=True)
+@hook
+def _draw(rng: np.random.Generator, n: int) -> int:
+    """``rng.integers(0, n)`` for 1 <= n <= 2**32, the steps of numba's (numpy's) own ``integers``
+    without the one-element array it allocates (the kernel runs without reference counting)."""
+    high = n - 1
+    if high == 0:
+        return 0
+    if high == 0xFFFFFFFF:
+        return nb.int64(next_uint32(rng.bit_generator))
+    return nb.int64(buffered_bounded_lemire_uint32(rng.bit_generator, high))
+
+
+@hook
 def _victim(st: RandomState, el: Allowed, for_prefetch: bool) -> int:
     lo, hi = (el.part, el.part + 1) if st.per_layer else (0, st.count.shape[0])
     total = 0
@@ -113,7 +128,7 @@ def _victim(st: RandomState, el: Allowed, for_prefetch: bool) -> int:
         total += _allowed_in(st, layer, el, -1)[0]
     if total == 0:
         return -1
-    i = st.rng.integers(0, total)
+    i = _draw(st.rng, total)
     for layer in range(lo, hi):
         n, k = _allowed_in(st, layer, el, i)
         if k >= 0:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import numba as nb
 import numpy as np
 
 from offload.policies.base import Eligible, EvictionPolicy, Key
@@ -22,6 +21,7 @@ from offload.policies.compiled import (
     heap_push,
     heap_update,
     heap_victim,
+    hook,
     key_heap,
 )
 
@@ -50,14 +50,14 @@ class ScoreState(NamedTuple):
     total: np.ndarray
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _insert(st: ScoreState, k: int, prefetch: bool, hint: int, clock: int) -> None:
     st.heap.prio[k] = st.total[k]
     st.heap.stamp[k] = clock
     heap_push(st.heap, k)
 
 
-@nb.njit(cache=True, _nrt=False)
+@hook
 def _access(st: ScoreState, k: int, score: float, hint: int, clock: int) -> None:
     st.total[k] += score
     st.heap.prio[k] = st.total[k]
