@@ -277,9 +277,12 @@ def _sift_down(h: Heap, q: int, i: int) -> None:
         c = 2 * i + 1
         if c >= n:
             break
-        if c + 1 < n and _before(h, items[q, c + 1], items[q, c]):
-            c += 1
         kc = items[q, c]
+        if c + 1 < n:
+            kd = items[q, c + 1]
+            right = _before(h, kd, kc)  # a select, not a branch: which child is a coin toss
+            c += right
+            kc = kd if right else kc
         if not _before(h, kc, k):
             break
         items[q, i] = kc
@@ -305,6 +308,13 @@ def heap_update(h: Heap, k: int) -> None:
     q = h.part[k]
     _sift_up(h, q, h.pos[k])
     _sift_down(h, q, h.pos[k])
+
+
+@hook
+def heap_sink(h: Heap, k: int) -> None:
+    """``k``'s (``prio``, ``stamp``) grew (a use: a count, a summed weight, and the touch stamp only
+    grow): it can only move down."""
+    _sift_down(h, h.part[k], h.pos[k])
 
 
 @hook

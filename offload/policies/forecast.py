@@ -284,7 +284,8 @@ class Forecast(EvictionPolicy):
             hist=history_state(L, E, _bins), model=model_state(self.forecaster, E),
             expected=self.expected.reshape(-1).copy(), this_pass=np.zeros(N), fc_pass=np.full(L, -2, dtype=i64),
             pred_pass=np.full(N, -2, dtype=i64), touch_clock=np.zeros(N, dtype=i64), touch_pass=np.full(N, -1, dtype=i64),
-            members=np.zeros(N, dtype=i64), slot=np.full(N, -1, dtype=i64), pending_e=np.zeros((L, E), dtype=i64),
+            members=np.zeros(N, dtype=i64), slot=np.full(N, -1, dtype=i64),
+            key_layer=np.arange(N, dtype=i64) // E, pending_e=np.zeros((L, E), dtype=i64),
             pending_w=np.zeros((L, E)), pending_n=np.zeros(L, dtype=i64), label=np.zeros(E, dtype=i64),
             scratch_e=np.zeros(E, dtype=i64), scratch_n=np.zeros(E), pos=np.array([-1, 0, 1, 0, 0, 0], dtype=i64),
             num_layers=L, num_experts=E,
@@ -349,6 +350,7 @@ class ForecastState(NamedTuple):
     touch_pass: np.ndarray
     members: np.ndarray  # the resident keys are ``members[:pos[N_MEMBERS]]``, ``slot[k]`` is k's place (-1: absent)
     slot: np.ndarray
+    key_layer: np.ndarray  # k // E
     pending_e: np.ndarray  # (L, E) experts used by the layer in this pass, in access order (``pending``)
     pending_w: np.ndarray  # (L, E) their summed router weights
     pending_n: np.ndarray  # (L,)
@@ -433,7 +435,7 @@ def _insert(st: ForecastState, k: int, prefetch: bool, hint: int, clock: int) ->
     st.pos[N_MEMBERS] = n + 1
     if prefetch:
         E = st.num_experts
-        layer = k // E
+        layer = st.key_layer[k]
         p = max(st.pos[PASS], 0)
         st.scratch_e[0] = k - layer * E
         expected_passes(st.model, st.hist, layer, p if layer > st.pos[HERE] else p + 1, st.scratch_e, 1,
@@ -444,9 +446,8 @@ def _insert(st: ForecastState, k: int, prefetch: bool, hint: int, clock: int) ->
 @hook
 def _access(st: ForecastState, k: int, score: float, hint: int, clock: int) -> None:
     _touch(st, k, clock)
-    E = st.num_experts
-    layer = k // E
-    e = k - layer * E
+    layer = st.key_layer[k]
+    e = k - layer * st.num_experts
     n = st.pending_n[layer]
     for i in range(n):
         if st.pending_e[layer, i] == e:
@@ -486,17 +487,17 @@ def _evict(st: ForecastState, k: int) -> None:
 
 
 @hook
-def _next_use(st: ForecastState, k: int, layer: int) -> float:
-    """``Forecast.next_use`` of one key."""
+def _next_use(st: ForecastState, k: int, layer: int, here: int, p: int) -> float:
+    """``Forecast.next_use`` of one key (``here``: the execution point, ``p``: the pass)."""
     L = st.num_layers
-    here = st.pos[HERE]
     ahead = layer > here
     d0 = layer - here if ahead else layer - here + L
     n = st.expected[k]
-    if st.use_forecasts and ahead and st.fc_pass[layer] == st.pos[PASS]:
-        n = 1.0 + (1.0 - st.this_pass[k]) * n
-    if st.predicted_reuse > 0 and ahead and st.pred_pass[k] == st.pos[PASS]:
-        n = min(n, 1.0 / st.predicted_reuse)
+    if ahead:
+        if st.use_forecasts and st.fc_pass[layer] == p:
+            n = 1.0 + (1.0 - st.this_pass[k]) * n
+        if st.predicted_reuse > 0 and st.pred_pass[k] == p:
+            n = min(n, 1.0 / st.predicted_reuse)
     return d0 + L * (n - 1.0)
 
 
@@ -505,21 +506,22 @@ def _first(st: ForecastState, el: Allowed, stale: int, left: int) -> int:
     """``Forecast._first_eligible``: the allowed key with the latest forecast next use (ties: least
     recently touched) among the resident keys, or those that are stale (``stale`` 1) or current (0),
     and left of the execution point (``left`` 1) or not (0); -1 means any."""
-    E = st.num_experts
+    here = st.pos[HERE]
+    p = st.pos[PASS]
     best = -1
     best_score = 0.0
     for i in range(st.pos[N_MEMBERS]):
         k = st.members[i]
-        layer = k // E
+        layer = st.key_layer[k]
         if st.per_layer and layer != el.part:
             continue
-        if stale >= 0 and (st.touch_pass[k] < st.pos[PASS]) != (stale == 1):
+        if stale >= 0 and (st.touch_pass[k] < p) != (stale == 1):
             continue
-        if left >= 0 and (layer < st.pos[HERE]) != (left == 1):
+        if left >= 0 and (layer < here) != (left == 1):
             continue
         if not allowed(el, k):
             continue
-        score = _next_use(st, k, layer)
+        score = _next_use(st, k, layer, here, p)
         if best < 0 or score > best_score or (score == best_score and st.touch_clock[k] < st.touch_clock[best]):
             best = k
             best_score = score

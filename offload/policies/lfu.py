@@ -24,7 +24,7 @@ from offload.policies.compiled import (
     PolicyKernel,
     heap_evict,
     heap_push,
-    heap_update,
+    heap_sink,
     heap_victim,
     hook,
     key_heap,
@@ -92,7 +92,7 @@ def _access(st: LFUState, k: int, score: float, hint: int, clock: int) -> None:
     st.count[k] += 1
     st.heap.prio[k] = st.count[k]
     st.heap.stamp[k] = clock
-    heap_update(st.heap, k)
+    heap_sink(st.heap, k)
 
 
 LFU.kernel = PolicyKernel(victim=heap_victim, on_insert=_insert, on_access=_access, on_evict=heap_evict)

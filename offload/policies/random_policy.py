@@ -86,29 +86,6 @@ def _evict(st: RandomState, k: int) -> None:
 
 
 @hook
-def _allowed_in(st: RandomState, layer: int, el: Allowed, skip: int) -> tuple[int, int]:
-    """(allowed keys of ``layer``, the ``skip``-th of them or -1)."""
-    if layer != st.here[0]:  # see Allowed: other layers are all allowed, or (mode 1) none is
-        n = 0 if el.mode == 1 else st.count[layer]
-        if skip < 0 or skip >= n:
-            return n, -1
-        k = st.touch.head[layer]
-        for _ in range(skip):
-            k = st.touch.nxt[k]
-        return n, k
-    n = 0
-    found = -1
-    k = st.touch.head[layer]
-    while k >= 0:
-        if allowed(el, k):
-            if n == skip:
-                found = k
-            n += 1
-        k = st.touch.nxt[k]
-    return n, found
-
-
-@hook
 def _draw(rng: np.random.Generator, n: int) -> int:
     """``rng.integers(0, n)`` for 1 <= n <= 2**32, the steps of numba's (numpy's) own ``integers``
     without the one-element array it allocates (the kernel runs without reference counting)."""
@@ -123,17 +100,41 @@ def _draw(rng: np.random.Generator, n: int) -> int:
 @hook
 def _victim(st: RandomState, el: Allowed, for_prefetch: bool) -> int:
     lo, hi = (el.part, el.part + 1) if st.per_layer else (0, st.count.shape[0])
-    total = 0
-    for layer in range(lo, hi):
-        total += _allowed_in(st, layer, el, -1)[0]
+    here = st.here[0]
+    t = st.touch
+    n_here = 0  # see Allowed: only the running layer can hold keys that may not go
+    if lo <= here < hi:
+        k = t.head[here]
+        while k >= 0:
+            n_here += allowed(el, k)
+            k = t.nxt[k]
+    others = el.mode != 1  # mode 1 allows nothing outside the running layer
+    total = n_here
+    if others:
+        for layer in range(lo, hi):
+            if layer != here:
+                total += st.count[layer]
     if total == 0:
         return -1
     i = _draw(st.rng, total)
-    for layer in range(lo, hi):
-        n, k = _allowed_in(st, layer, el, i)
-        if k >= 0:
-            return k
-        i -= n
+    for layer in range(lo, hi):  # the i-th allowed key in resident() order: layer by layer, touch order
+        if layer == here:
+            if i < n_here:
+                k = t.head[here]
+                while True:
+                    if allowed(el, k):
+                        if i == 0:
+                            return k
+                        i -= 1
+                    k = t.nxt[k]
+            i -= n_here
+        elif others:
+            if i < st.count[layer]:
+                k = t.head[layer]
+                for _ in range(i):
+                    k = t.nxt[k]
+                return k
+            i -= st.count[layer]
     return -1
 
 

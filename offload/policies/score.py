@@ -19,6 +19,7 @@ from offload.policies.compiled import (
     PolicyKernel,
     heap_evict,
     heap_push,
+    heap_sink,
     heap_update,
     heap_victim,
     hook,
@@ -62,7 +63,10 @@ def _access(st: ScoreState, k: int, score: float, hint: int, clock: int) -> None
     st.total[k] += score
     st.heap.prio[k] = st.total[k]
     st.heap.stamp[k] = clock
-    heap_update(st.heap, k)
+    if score >= 0.0:  # router weights: the sum only grows
+        heap_sink(st.heap, k)
+    else:
+        heap_update(st.heap, k)
 
 
 ScoreBased.kernel = PolicyKernel(victim=heap_victim, on_insert=_insert, on_access=_access, on_evict=heap_evict)
