@@ -1,222 +1,70 @@
-"""numba kernels of the simulator: the same replay as :func:`offload.simulator.simulate_reference`.
+"""numba replay of the simulator: the same decisions as :func:`offload.simulator.simulate_reference`.
 
-Covers the policies lru, fifo, lfu (and lhu, which is LFU without a precision cascade), fld,
-score, belady and least_stale, with fetch or drop miss handling, standard routing, any forecast
-(prefetch), global or per-layer caches and the timing model. Substitution, the lower-bit miss
-handlers, cache-aware routing and random eviction run on the reference loop.
+One kernel, :func:`_replay`, mirrors :class:`offload.step.LayerStep` with greedy admission, fetch or
+drop miss handling and standard routing (``supports``): the demand-first link with its lazy prefetch
+queue, cancellation of queued prefetches at their layer, promotion of a queued prefetch that a layer
+needs, runs (arrived experts first), per-pass counters for held-out counting and the predictor's
+cost on the clock. Where the step calls the eviction policy, the kernel calls the policy's compiled
+hooks (:mod:`offload.policies.compiled`): each policy file declares them next to its Python class,
+and :func:`specialise` compiles one kernel per declaration, with the hooks bound as the kernel's
+globals (numba inlines them; a policy that ignores an event costs nothing there).
 
-Data structures (keys are dense: k = layer*E + expert): one doubly linked list per layer holding the
-resident keys in touch order (oldest first). LRU/FIFO take the oldest eligible head over the layers
-(O(L)); Least-Stale walks the layers in its class order and, because a touch makes a key current,
-finds a layer's stale keys as a prefix of its list (O(L)); LFU/FLD/score/Belady scan the resident
-keys for the lowest (priority, touch stamp). Victim choices, tie rules and counters are exactly the
-reference's, which ``tests/test_simulator_fast.py`` checks.
+Caching: a specialised kernel is cached on disk by numba under a name that hashes the source files
+it is built from (this module and every module its hooks come from, transitively), because numba
+itself only watches the file of the cached function: an edited policy gets a fresh compile, never a
+stale kernel. Hooks are bound as globals rather than passed as arguments or closed over, which
+would key the cache on per-process dispatcher ids and miss it in every new process.
 
-The helpers are compiled without numba's reference counting (``_nrt=False``: they never allocate);
-with it every call increments and decrements each array argument atomically, which made an LRU
-list move cost ~80 ns instead of ~2 ns.
+Helpers are compiled without numba's reference counting (``_nrt=False``: they never allocate);
+with it every call increments and decrements each array argument atomically, which made a list
+move cost ~80 ns instead of ~2 ns.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import inspect
+import types
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numba as nb
 import numpy as np
+from numba.core.dispatcher import Dispatcher
 
 from offload.passes import NEVER
-
-POLICY_CODES = {"lru": 0, "fifo": 1, "lfu": 2, "lhu": 2, "belady": 3, "least_stale": 4, "fld": 5, "score": 6}
-LRU, FIFO, LFU, BELADY, LS, FLD, SCORE = 0, 1, 2, 3, 4, 5, 6
+from offload.policies import POLICIES, make_policy
+from offload.policies.base import EvictionPolicy
+from offload.policies.compiled import Allowed, KernelContext
 
 # indices into the int64 parameter vector
-(P_POLICY, P_CAPACITY, P_PER_LAYER, P_PROTECT, P_DROP, P_DROP_FROM, P_LFU_CACHE_SCOPE, P_LS_REVERSE,
- P_LS_LEFT_FIRST, P_LS_PREFILL_LEFT_STALE, P_LS_PREFETCH_CURRENT, P_FLD_CYCLIC, P_LOOKAHEAD,
- P_LS_AGE) = range(14)
-N_IPARAMS = 14
+P_CAPACITY, P_PER_LAYER, P_PROTECT, P_DROP, P_DROP_FROM, P_LOOKAHEAD, P_DEPTH, P_HAS_PROB = range(8)
+N_IPARAMS = 8
 # indices into the float64 parameter vector (timing)
 F_TFLOPS, F_HBM, F_LAYER_US, F_TOKEN_US, F_EXPERT_US, F_BPP = range(6)
 
+# integer counters (indices into C) and float counters (indices into F)
+(C_ACC, C_HIT, C_MISS, C_LATE, C_COLL, C_DROP, C_EVICT, C_PF_ISSUED, C_PF_USED, C_PF_CANCEL, C_FC_PRED,
+ C_FC_CORR, C_FC_REL, C_PRED_CALLS) = range(14)
+NC = 14
+F_STALL, F_PRED_S, F_DEMAND_B, F_PF_B, F_PF_USED_B = range(5)
+NF = 5
+
 
 def supports(cfg: Any) -> bool:
-    """Configurations this kernel replays; the lower-bit miss handlers (fetch-lowest-bit, fetch-priority,
-    precision-cascade) are left to the reference step on purpose: their per-precision bytes, dequantization
-    and upgrade queue are a second link tier that a port would have to keep equal to the step forever."""
-    return (cfg.policy in POLICY_CODES and cfg.miss in ("fetch", "drop") and cfg.routing == "standard"
-            and cfg.admission == "greedy")
+    """Whether the kernel covers a configuration (else the simulator runs the reference loop). The lower-bit
+    miss handlers (fetch-lowest-bit, fetch-priority, precision-cascade) stay on the reference step on
+    purpose: their per-precision bytes, dequantization and upgrade queue are a second link tier that a
+    port would have to keep equal to the step forever."""
+    if cfg.miss not in ("fetch", "drop") or cfg.routing != "standard" or cfg.admission != "greedy":
+        return False
+    cls = POLICIES.get(cfg.policy)
+    if cls is None or cls.kernel is None:
+        return False
+    return make_policy(cfg.policy, **cfg.policy_params).kernel_supported()
 
 
-@nb.njit(cache=True, _nrt=False)
-def _unlink(k, layer, prv, nxt, head, tail):
-    a, b = prv[k], nxt[k]
-    if a >= 0:
-        nxt[a] = b
-    else:
-        head[layer] = b
-    if b >= 0:
-        prv[b] = a
-    else:
-        tail[layer] = a
-    prv[k] = -1
-    nxt[k] = -1
-
-
-@nb.njit(cache=True, _nrt=False)
-def _drop(v, glob, L, E, p, prv, nxt, head, tail, resident, n_res_layer, evicted_pass, unused_pf):
-    """Take victim ``v`` out of its queue and the resident set; the caller counts the eviction."""
-    vl = v // E
-    _unlink(v, L if glob else vl, prv, nxt, head, tail)
-    resident[v] = False
-    n_res_layer[vl] -= 1
-    evicted_pass[v] = p
-    unused_pf[v] = False
-
-
-@nb.njit(cache=True, _nrt=False)
-def _append(k, layer, prv, nxt, head, tail):
-    t = tail[layer]
-    prv[k] = t
-    nxt[k] = -1
-    if t >= 0:
-        nxt[t] = k
-    else:
-        head[layer] = k
-    tail[layer] = k
-
-
-@nb.njit(cache=True, _nrt=False)
-def _eligible(k, mode, token, pin, served):
-    """mode 0: not pinned; 1: served at this layer; 2: anything; 3 (prefetch): neither pinned nor
-    still to run at this layer (``served`` then holds the layer's runs)."""
-    if mode == 0:
-        return pin[k] != token
-    if mode == 1:
-        return served[k] == token
-    if mode == 3:
-        return pin[k] != token and served[k] != token
-    return True
-
-
-@nb.njit(cache=True, _nrt=False)
-def _victim(mode, for_prefetch, ins_layer, cur_layer, cur_pass, is_prefill, token, ip, L, E,
-            head, nxt, stamp, last_pass, count, total, nextuse, pin, served):
-    """The key to evict, or -1. mode 0: not pinned; 1: served at this layer; 2: anything."""
-    policy = ip[P_POLICY]
-    per_layer = ip[P_PER_LAYER] != 0
-    glob = policy != LS and not per_layer
-    if glob and (policy == LRU or policy == FIFO):  # one global touch-ordered list: its first eligible key
-        k = head[L]
-        while k >= 0:
-            if _eligible(k, mode, token, pin, served):
-                return k
-            k = nxt[k]
-        return -1
-    if policy == LRU or policy == FIFO:
-        best = -1
-        best_stamp = 0
-        for layer in range(L):
-            if per_layer and layer != ins_layer:
-                continue
-            k = head[layer]
-            while k >= 0:
-                if _eligible(k, mode, token, pin, served):
-                    if best < 0 or stamp[k] < best_stamp:
-                        best = k
-                        best_stamp = stamp[k]
-                    break
-                k = nxt[k]
-        return best
-    if policy == LS:
-        reverse = ip[P_LS_REVERSE] != 0
-        left_first = ip[P_LS_LEFT_FIRST] != 0
-        prefill_left = ip[P_LS_PREFILL_LEFT_STALE] != 0 and is_prefill
-        nspans = 2 if left_first else 1
-        for want in range(2):
-            want_stale = want == 0
-            if not want_stale and for_prefetch and ip[P_LS_PREFETCH_CURRENT] == 0:
-                return -1
-            for s in range(nspans):
-                if left_first:
-                    lo = 0 if s == 0 else cur_layer
-                    hi = cur_layer if s == 0 else L
-                else:
-                    lo = 0
-                    hi = L
-                age = want_stale and ip[P_LS_AGE] != 0
-                best = -1
-                best_pass = 0
-                for idx in range(hi - lo):
-                    layer = hi - 1 - idx if reverse else lo + idx
-                    if per_layer and layer != ins_layer:
-                        continue
-                    found = -1
-                    k = head[layer]
-                    while k >= 0:
-                        stale = (prefill_left and layer < cur_layer) or last_pass[k] < cur_pass
-                        if want_stale and not stale:
-                            break
-                        if stale == want_stale and _eligible(k, mode, token, pin, served):
-                            found = k
-                            break
-                        k = nxt[k]
-                    if found < 0:
-                        continue
-                    if not age:
-                        return found
-                    if best < 0 or last_pass[found] < best_pass:
-                        best = found
-                        best_pass = last_pass[found]
-                if best >= 0:
-                    return best
-        return -1
-    # scan policies: lowest (priority, stamp)
-    best = -1
-    best_p = 0.0
-    best_stamp = 0
-    for li in range(L + 1):
-        if glob != (li == L) or (per_layer and li != ins_layer):
-            continue
-        k = head[li]
-        while k >= 0:
-            layer = k // E
-            if _eligible(k, mode, token, pin, served):
-                if policy == LFU:
-                    pr = float(count[k])
-                elif policy == BELADY:
-                    pr = -float(nextuse[k])
-                elif policy == SCORE:
-                    pr = total[k]
-                else:  # FLD
-                    if ip[P_FLD_CYCLIC] != 0:
-                        pr = -float((layer - cur_layer) % L)
-                    else:
-                        pr = -float(abs(layer - cur_layer))
-                if best < 0 or pr < best_p or (pr == best_p and stamp[k] < best_stamp):
-                    best = k
-                    best_p = pr
-                    best_stamp = stamp[k]
-            k = nxt[k]
-    return best
-
-
-@nb.njit(cache=True)
-def _next_after(sorted_keys, sorted_pos, key, pos):
-    lo = np.searchsorted(sorted_keys, key, side="left")
-    hi = np.searchsorted(sorted_keys, key, side="right")
-    j = lo + np.searchsorted(sorted_pos[lo:hi], pos, side="left")
-    if j < hi:
-        return sorted_pos[j]
-    return NEVER
-
-
-@nb.njit(cache=True, _nrt=False)
-def _expert_time(nbytes, ntok, fp):
-    flops = 2.0 * (nbytes / fp[F_BPP]) * ntok
-    a = flops / (fp[F_TFLOPS] * 1e12)
-    b = nbytes / (fp[F_HBM] * 1e9)
-    return (a if a > b else b) + fp[F_EXPERT_US] * 1e-6
-
-
+# ---------------------------------------------------------------------------------- the link
 @nb.njit(cache=True, _nrt=False)
 def _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state):
     """The link's queue up to ``now`` (offload.link.SimLink._advance): start, in order, every queued
@@ -237,105 +85,221 @@ def _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state
     return qh, free
 
 
-# integer counters (indices into C) and float counters (indices into F)
-(C_ACC, C_HIT, C_MISS, C_LATE, C_COLL, C_DROP, C_EVICT, C_PF_ISSUED, C_PF_USED, C_PF_CANCEL, C_FC_PRED,
- C_FC_CORR, C_FC_REL, C_PRED_CALLS) = range(14)
-NC = 14
-F_STALL, F_PRED_S, F_DEMAND_B, F_PF_B, F_PF_USED_B = range(5)
-NF = 5
+@nb.njit(cache=True, _nrt=False)
+def _next_after(sorted_keys, sorted_pos, key, pos):
+    lo = np.searchsorted(sorted_keys, key, side="left")
+    hi = np.searchsorted(sorted_keys, key, side="right")
+    j = lo + np.searchsorted(sorted_pos[lo:hi], pos, side="left")
+    if j < hi:
+        return sorted_pos[j]
+    return NEVER
 
 
-@nb.njit(cache=True)
-def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, next_use, sorted_keys, sorted_pos,
-                  fc_ptr, fc_expert, fc_selected, fc_covered, ip, layer_cap, copy_s, layer_bytes, link_bytes, fp,
-                  pcost, counted):
+@nb.njit(cache=True, _nrt=False)
+def _expert_time(nbytes, ntok, fp):
+    flops = 2.0 * (nbytes / fp[F_BPP]) * ntok
+    a = flops / (fp[F_TFLOPS] * 1e12)
+    b = nbytes / (fp[F_HBM] * 1e9)
+    return (a if a > b else b) + fp[F_EXPERT_US] * 1e-6
+
+
+# ---------------------------------------------------------------------------------- ignored events
+@nb.njit(cache=True, _nrt=False)
+def _ignore_pass_start(st, pass_index, phase):
+    return None
+
+
+@nb.njit(cache=True, _nrt=False)
+def _ignore_layer_start(st, layer):
+    return None
+
+
+@nb.njit(cache=True, _nrt=False)
+def _ignore_key(st, k, prefetch_or_score, hint, clock):
+    return None
+
+
+@nb.njit(cache=True, _nrt=False)
+def _ignore_evict(st, k):
+    return None
+
+
+@nb.njit(cache=True, _nrt=False)
+def _ignore_predicted(st, k, clock):
+    return None
+
+
+@nb.njit(cache=True, _nrt=False)
+def _ignore_forecast(st, layer, experts, p_use, rest):
+    return None
+
+
+_IGNORE = {"on_pass_start": _ignore_pass_start, "on_layer_start": _ignore_layer_start, "on_insert": _ignore_key,
+           "on_access": _ignore_key, "on_evict": _ignore_evict, "on_predicted": _ignore_predicted,
+           "on_forecast": _ignore_forecast}
+
+# The policy's hooks and flags: placeholders, bound per policy by ``specialise`` (compile-time constants).
+policy_victim: Any = None
+policy_on_insert: Any = _ignore_key
+policy_on_access: Any = _ignore_key
+policy_on_evict: Any = _ignore_evict
+policy_on_pass_start: Any = _ignore_pass_start
+policy_on_layer_start: Any = _ignore_layer_start
+policy_on_predicted: Any = _ignore_predicted
+policy_on_forecast: Any = _ignore_forecast
+NEEDS_FUTURE = False  # hint = next demand access (Belady)
+PREDICTED = False  # the policy wants on_predicted
+FORECASTS = False  # the policy wants on_forecast (then the kernel keeps the step's rank calibration)
+
+
+# ---------------------------------------------------------------------------------- the replay
+class Work(NamedTuple):
+    """Every array the replay writes, allocated here (the kernel runs without reference counting,
+    see the module doc), with its initial value."""
+
+    key_layer: np.ndarray
+    et1: np.ndarray
+    resident: np.ndarray
+    pin: np.ndarray
+    served: np.ndarray
+    in_run: np.ndarray
+    evicted_pass: np.ndarray
+    unused_pf: np.ndarray
+    n_res_layer: np.ndarray
+    used: np.ndarray
+    arrival: np.ndarray
+    copy_state: np.ndarray
+    qidx: np.ndarray
+    q_key: np.ndarray
+    q_sub: np.ndarray
+    q_dur: np.ndarray
+    q_live: np.ndarray
+    cal_used: np.ndarray
+    cal_seen: np.ndarray
+    p_use: np.ndarray
+    C: np.ndarray
+    F: np.ndarray
+    PL: np.ndarray
+    C_sink: np.ndarray
+    F_sink: np.ndarray
+    PL_sink: np.ndarray
+    pass_time: np.ndarray
+    pass_compute: np.ndarray
+    pass_bytes: np.ndarray
+    run_key: np.ndarray
+    run_tok: np.ndarray
+    run_copy: np.ndarray
+    run_block: np.ndarray
+    run_first: np.ndarray
+
+
+def work(L: int, E: int, P: int, queue: int, lookahead: int, depth: int) -> Work:
+    N = L * E
+    i64, f64 = np.int64, np.float64
+    cal = (2, max(lookahead, 1), depth + 1)
+    return Work(
+        key_layer=np.arange(N, dtype=i64) // E, et1=np.zeros(L), resident=np.zeros(N, dtype=np.bool_),
+        pin=np.full(N, -1, dtype=i64), served=np.full(N, -1, dtype=i64), in_run=np.full(N, -1, dtype=i64),
+        evicted_pass=np.full(N, -1, dtype=i64), unused_pf=np.zeros(N, dtype=np.bool_), n_res_layer=np.zeros(L, i64),
+        used=np.full(E, -1, dtype=i64), arrival=np.zeros(N), copy_state=np.zeros(N, dtype=np.int8),
+        qidx=np.full(N, -1, dtype=i64), q_key=np.zeros(queue, i64), q_sub=np.zeros(queue), q_dur=np.zeros(queue),
+        q_live=np.zeros(queue, dtype=np.bool_), cal_used=np.full(cal, 1.0), cal_seen=np.full(cal, 2.0),
+        p_use=np.zeros(E), C=np.zeros(NC, i64), F=np.zeros(NF, f64), PL=np.zeros((4, L), i64),
+        C_sink=np.zeros(NC, i64), F_sink=np.zeros(NF, f64), PL_sink=np.zeros((4, L), i64), pass_time=np.zeros(P),
+        pass_compute=np.zeros(P), pass_bytes=np.zeros(P), run_key=np.zeros(E + 1, i64), run_tok=np.zeros(E + 1, i64),
+        run_copy=np.zeros(E + 1, dtype=np.bool_), run_block=np.full(E + 1, -1, dtype=i64),
+        run_first=np.zeros(E + 1, dtype=np.bool_))
+
+
+def _replay(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, next_use, sorted_keys, sorted_pos,
+            fc_ptr, fc_expert, fc_selected, fc_covered, fc_prob, ip, layer_cap, copy_s, layer_bytes, link_bytes, fp,
+            pcost, counted, w, st):
     """Replay all passes; the same decisions as :class:`offload.step.LayerStep` with greedy admission.
 
-    Returns (int counters (NC,), per-layer counts (4, L): accesses, hits, misses, collisions, float
-    counters (NF,), per-pass time (P,), per-pass compute (P,), per-pass bytes moved (P,)); counters
-    cover the ``counted`` passes only.
+    The results land in ``w`` (:class:`Work`): int counters ``C`` (NC,), per-layer counts ``PL`` (4, L):
+    accesses, hits, misses, collisions, float counters ``F`` (NF,), per-pass time, compute and bytes
+    moved; counters cover the ``counted`` passes only. ``st``: the policy's compiled state.
     """
-    N = L * E
     P = len(phase)
-    policy = ip[P_POLICY]
     capacity = ip[P_CAPACITY]
     per_layer = ip[P_PER_LAYER] != 0
     protect = ip[P_PROTECT] != 0
     drop = ip[P_DROP] != 0
     drop_from = ip[P_DROP_FROM]
     D = ip[P_LOOKAHEAD]
-    lfu_cache_scope = ip[P_LFU_CACHE_SCOPE] != 0
+    depth = ip[P_DEPTH]
+    has_prob = ip[P_HAS_PROB] != 0
 
-    resident = np.zeros(N, dtype=np.bool_)
-    prv = np.full(N, -1, dtype=np.int64)
-    nxt = np.full(N, -1, dtype=np.int64)
-    # lists 0..L-1: per layer; list L: one global list (LRU/FIFO/scan policies with a global cache)
-    head = np.full(L + 1, -1, dtype=np.int64)
-    tail = np.full(L + 1, -1, dtype=np.int64)
-    glob = policy != LS and not per_layer
-    et1 = np.empty(L, dtype=np.float64)  # expert time of one token, per layer (decode)
+    key_layer = w.key_layer
+    et1 = w.et1  # expert time of one token, per layer (decode)
     for layer in range(L):
         et1[layer] = _expert_time(layer_bytes[layer], 1, fp)
-    stamp = np.zeros(N, dtype=np.int64)
-    last_pass = np.zeros(N, dtype=np.int64)
-    count = np.zeros(N, dtype=np.int64)
-    total = np.zeros(N, dtype=np.float64)
-    nextuse = np.zeros(N, dtype=np.int64)
-    pin = np.full(N, -1, dtype=np.int64)
-    served = np.full(N, -1, dtype=np.int64)
-    in_run = np.full(N, -1, dtype=np.int64)  # token of the layer whose runs include the key
-    evicted_pass = np.full(N, -1, dtype=np.int64)
-    unused_pf = np.zeros(N, dtype=np.bool_)
-    n_res_layer = np.zeros(L, dtype=np.int64)
+    resident = w.resident
+    pin = w.pin
+    served = w.served
+    in_run = w.in_run  # token of the layer whose runs include the key
+    evicted_pass = w.evicted_pass
+    unused_pf = w.unused_pf
+    n_res_layer = w.n_res_layer
     n_res = 0
-    used = np.full(E, -1, dtype=np.int64)
+    used = w.used
 
     # the link: started copies end at ``free``; queued prefetches in admission order
-    arrival = np.zeros(N, dtype=np.float64)
-    copy_state = np.zeros(N, dtype=np.int8)  # 0: no copy to wait for, 1: queued, 2: started
-    qidx = np.full(N, -1, dtype=np.int64)
-    QN = len(fc_expert) + 1
-    q_key = np.zeros(QN, dtype=np.int64)
-    q_sub = np.zeros(QN, dtype=np.float64)
-    q_dur = np.zeros(QN, dtype=np.float64)
-    q_live = np.zeros(QN, dtype=np.bool_)
+    arrival = w.arrival
+    copy_state = w.copy_state  # 0: no copy to wait for, 1: queued, 2: started
+    qidx = w.qidx
+    q_key = w.q_key
+    q_sub = w.q_sub
+    q_dur = w.q_dur
+    q_live = w.q_live
     qh = 0
     qt = 0
     free = 0.0
 
-    C = np.zeros(NC, dtype=np.int64)
-    F = np.zeros(NF, dtype=np.float64)
-    PL = np.zeros((4, L), dtype=np.int64)
-    CT = np.zeros(NC, dtype=np.int64)
-    FT = np.zeros(NF, dtype=np.float64)
-    PLT = np.zeros((4, L), dtype=np.int64)
-    pass_time = np.zeros(P, dtype=np.float64)
-    pass_compute = np.zeros(P, dtype=np.float64)
-    pass_bytes = np.zeros(P, dtype=np.float64)
+    # offload.admission.Calibration: P(use) per phase, distance and rank (policies that weigh forecasts)
+    cal_used = w.cal_used
+    cal_seen = w.cal_seen
+    p_use = w.p_use
+
+    # counters of counted passes, and a sink for the others
+    CT = w.C
+    FT = w.F
+    PLT = w.PL
+    CJ = w.C_sink
+    FJ = w.F_sink
+    PLJ = w.PL_sink
+    pass_time = w.pass_time
+    pass_compute = w.pass_compute
+    pass_bytes = w.pass_bytes
     clock = 0
     token = 0
     t = 0.0
     comp = 0.0
-    run_key = np.zeros(N + 1, dtype=np.int64)
-    run_tok = np.zeros(N + 1, dtype=np.int64)
-    run_copy = np.zeros(N + 1, dtype=np.bool_)
-    run_block = np.full(N + 1, -1, dtype=np.int64)
-    run_first = np.zeros(N + 1, dtype=np.bool_)
+    run_key = w.run_key
+    run_tok = w.run_tok
+    run_copy = w.run_copy
+    run_block = w.run_block
+    run_first = w.run_first
 
     for p in range(P):
-        is_prefill = phase[p] == 0
+        if counted[p]:
+            C, F, PL = CT, FT, PLT
+        else:
+            C, F, PL = CJ, FJ, PLJ
+        ph = phase[p]
         t0 = t
         c0 = comp
-        C0 = C.copy()
-        F0 = F.copy()
-        PL0 = PL.copy()
+        moved = 0.0
+        policy_on_pass_start(st, p, ph)
         for layer in range(L):
             token += 1
             a = layer_ptr[p * L + layer]
             b = layer_ptr[p * L + layer + 1]
+            base = layer * E
             if protect:
                 for i in range(a, b):
-                    pin[layer * E + expert[i]] = token
+                    pin[base + expert[i]] = token
+            policy_on_layer_start(st, layer)
             dt = (fp[F_LAYER_US] + fp[F_TOKEN_US] * ptok[p]) * 1e-6
             t += dt
             comp += dt
@@ -344,64 +308,66 @@ def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, 
                 for i in range(a, b):
                     used[expert[i]] = token
             # ---------------- 1. queued prefetches this layer does not use are cancelled
-            qh, free = _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state)
-            for qi in range(qh, qt):  # the queue holds only prefetches not started yet
-                if not q_live[qi]:
-                    continue
-                k = q_key[qi]
-                e = k - layer * E
-                if 0 <= e < E and used[e] != token and unused_pf[k]:
-                    q_live[qidx[k]] = False
-                    qidx[k] = -1
-                    copy_state[k] = 0
-                    _unlink(k, L if glob else layer, prv, nxt, head, tail)
-                    resident[k] = False
-                    n_res_layer[layer] -= 1
-                    n_res -= 1
-                    unused_pf[k] = False
-                    F[F_PF_B] -= link_bytes[layer]
-                    C[C_PF_CANCEL] += 1
-            # ---------------- forecasts made for this layer: precision / recall
+            if qh < qt:
+                qh, free = _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state)
+                for qi in range(qh, qt):  # the queue holds only prefetches not started yet
+                    if not q_live[qi]:
+                        continue
+                    k = q_key[qi]
+                    e = k - base
+                    if 0 <= e < E and used[e] != token and unused_pf[k]:
+                        q_live[qidx[k]] = False
+                        qidx[k] = -1
+                        copy_state[k] = 0
+                        resident[k] = False
+                        n_res_layer[layer] -= 1
+                        n_res -= 1
+                        unused_pf[k] = False
+                        policy_on_evict(st, k)
+                        F[F_PF_B] -= link_bytes[layer]
+                        moved -= link_bytes[layer]
+                        C[C_PF_CANCEL] += 1
+            # ---------------- forecasts made for this layer: precision / recall (and the calibration)
             for d in range(1, D + 1):
                 src = layer - d
                 if src < 0:
                     break
                 if fc_covered[src, d - 1]:
                     fi = (p * L + src) * D + d - 1
+                    lo = fc_ptr[fi]
                     n = fc_selected[fi]
                     C[C_FC_PRED] += n
-                    for j in range(fc_ptr[fi], fc_ptr[fi] + n):
+                    for j in range(lo, lo + n):
                         if used[fc_expert[j]] == token:
                             C[C_FC_CORR] += 1
                     C[C_FC_REL] += b - a
-            nrun = 0
+                    if FORECASTS:  # Calibration.observe
+                        listed = min(fc_ptr[fi + 1] - lo, depth)
+                        hits = 0
+                        for r in range(listed):
+                            if used[fc_expert[lo + r]] == token:
+                                cal_used[ph, d - 1, r] += 1.0
+                                hits += 1
+                            cal_seen[ph, d - 1, r] += 1.0
+                        if E - listed > 0:
+                            cal_used[ph, d - 1, depth] += (b - a) - hits
+                            cal_seen[ph, d - 1, depth] += E - listed
             # ---------------- 2. demand accesses, rank order
+            PL[0, layer] += b - a
+            C[C_ACC] += b - a
+            nrun = 0
+            nblocked = 0
             for i in range(a, b):
-                k = layer * E + expert[i]
-                PL[0, layer] += 1
-                C[C_ACC] += 1
+                k = base + expert[i]
                 served[k] = token
+                hint = next_use[i] if NEEDS_FUTURE else 0
                 if resident[k]:
-                    PL[1, layer] += 1
-                    C[C_HIT] += 1
                     if unused_pf[k]:
                         unused_pf[k] = False
                         C[C_PF_USED] += 1
                         F[F_PF_USED_B] += link_bytes[layer]
-                    if policy != FIFO:
-                        clock += 1
-                        stamp[k] = clock
-                        last_pass[k] = p
-                        lk = L if glob else layer
-                        if tail[lk] != k:
-                            _unlink(k, lk, prv, nxt, head, tail)
-                            _append(k, lk, prv, nxt, head, tail)
-                    if policy == LFU:
-                        count[k] += 1
-                    elif policy == SCORE:
-                        total[k] += score[i]
-                    elif policy == BELADY:
-                        nextuse[k] = next_use[i]
+                    clock += 1
+                    policy_on_access(st, k, score[i], hint, clock)
                     has = copy_state[k] != 0
                     if has and not (copy_state[k] == 2 and arrival[k] <= now):
                         C[C_LATE] += 1
@@ -434,42 +400,44 @@ def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, 
                 blocked = -1
                 if full:
                     v = -1
+                    part = layer if per_layer else 0
                     for mode in range(3):
-                        v = _victim(mode, False, layer, layer, p, is_prefill, token, ip, L, E,
-                                    head, nxt, stamp, last_pass, count, total, nextuse, pin, served)
+                        v = policy_victim(st, Allowed(mode, token, pin, served, part), False)
                         if v >= 0:
                             break
-                    _drop(v, glob, L, E, p, prv, nxt, head, tail, resident, n_res_layer, evicted_pass, unused_pf)
+                    vl = key_layer[v]
+                    resident[v] = False
+                    n_res_layer[vl] -= 1
                     n_res -= 1
+                    evicted_pass[v] = p
+                    unused_pf[v] = False
+                    policy_on_evict(st, v)
                     C[C_EVICT] += 1
                     if in_run[v] == token:
                         blocked = v  # its run still reads the slot: the copy starts after it
+                        nblocked += 1
                     else:
-                        qh, free = _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state)
                         if copy_state[v] == 1:  # a queued prefetch: it never reaches the link
-                            q_live[qidx[v]] = False
-                            F[F_PF_B] -= link_bytes[v // E]
-                            C[C_PF_CANCEL] += 1
+                            qh, free = _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state)
+                            if copy_state[v] == 1:
+                                q_live[qidx[v]] = False
+                                F[F_PF_B] -= link_bytes[vl]
+                                moved -= link_bytes[vl]
+                                C[C_PF_CANCEL] += 1
                         qidx[v] = -1
                         copy_state[v] = 0
                 resident[k] = True
                 n_res += 1
                 n_res_layer[layer] += 1
                 clock += 1
-                stamp[k] = clock
-                last_pass[k] = p
-                _append(k, L if glob else layer, prv, nxt, head, tail)
-                if policy == LFU:
-                    if lfu_cache_scope:
-                        count[k] = 0
-                    count[k] += 1
-                elif policy == SCORE:
-                    total[k] += score[i]
-                elif policy == BELADY:
-                    nextuse[k] = next_use[i]
+                policy_on_insert(st, k, False, hint, clock)
+                clock += 1
+                policy_on_access(st, k, score[i], hint, clock)
                 F[F_DEMAND_B] += link_bytes[layer]
+                moved += link_bytes[layer]
                 if blocked < 0:
-                    qh, free = _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state)
+                    if qh < qt:
+                        qh, free = _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state)
                     start = now if now > free else free
                     free = start + copy_s[layer]
                     arrival[k] = free
@@ -487,7 +455,7 @@ def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, 
                 C[C_PRED_CALLS] += 1
                 now = t
                 nxt_pos = layer_ptr[p * L + layer + 1]
-                if policy == LS:  # the selected experts become current (all distances first)
+                if PREDICTED or FORECASTS:  # all distances first: marks, then the ranked forecast
                     for d in range(1, D + 1):
                         target = layer + d
                         if target >= L:
@@ -495,14 +463,25 @@ def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, 
                         if not fc_covered[layer, d - 1]:
                             continue
                         fi = (p * L + layer) * D + d - 1
-                        for j in range(fc_ptr[fi], fc_ptr[fi] + fc_selected[fi]):
-                            k2 = target * E + fc_expert[j]
-                            if resident[k2]:
-                                clock += 1
-                                stamp[k2] = clock
-                                last_pass[k2] = p
-                                _unlink(k2, target, prv, nxt, head, tail)
-                                _append(k2, target, prv, nxt, head, tail)
+                        lo = fc_ptr[fi]
+                        if PREDICTED:
+                            for j in range(lo, lo + fc_selected[fi]):
+                                k2 = target * E + fc_expert[j]
+                                if resident[k2]:
+                                    clock += 1
+                                    policy_on_predicted(st, k2, clock)
+                        if FORECASTS:
+                            n = fc_ptr[fi + 1] - lo
+                            if has_prob:
+                                for r in range(n):
+                                    p_use[r] = fc_prob[lo + r]
+                                rest = 0.0
+                            else:  # Calibration.probs / rest
+                                for r in range(n):
+                                    rr = min(r, depth)
+                                    p_use[r] = cal_used[ph, d - 1, rr] / cal_seen[ph, d - 1, rr]
+                                rest = cal_used[ph, d - 1, depth] / cal_seen[ph, d - 1, depth]
+                            policy_on_forecast(st, target, fc_expert[lo:lo + n], p_use[:n], rest)
                 for d in range(1, D + 1):
                     target = layer + d
                     if target >= L:
@@ -516,37 +495,40 @@ def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, 
                             continue
                         full = n_res_layer[target] >= layer_cap[target] if per_layer else n_res >= capacity
                         if full:
-                            v = _victim(3, True, target, layer, p, is_prefill, token, ip, L, E,
-                                        head, nxt, stamp, last_pass, count, total, nextuse, pin, in_run)
+                            part = target if per_layer else 0
+                            v = policy_victim(st, Allowed(3, token, pin, in_run, part), True)
                             if v < 0:
                                 continue
-                            _drop(v, glob, L, E, p, prv, nxt, head, tail, resident, n_res_layer, evicted_pass,
-                                  unused_pf)
+                            vl = key_layer[v]
+                            resident[v] = False
+                            n_res_layer[vl] -= 1
                             n_res -= 1
+                            evicted_pass[v] = p
+                            unused_pf[v] = False
+                            policy_on_evict(st, v)
                             C[C_EVICT] += 1
-                            qh, free = _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival,
-                                                copy_state)
                             if copy_state[v] == 1:
-                                q_live[qidx[v]] = False
-                                F[F_PF_B] -= link_bytes[v // E]
-                                C[C_PF_CANCEL] += 1
+                                qh, free = _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival,
+                                                    copy_state)
+                                if copy_state[v] == 1:
+                                    q_live[qidx[v]] = False
+                                    F[F_PF_B] -= link_bytes[vl]
+                                    moved -= link_bytes[vl]
+                                    C[C_PF_CANCEL] += 1
                             qidx[v] = -1
                             copy_state[v] = 0
                         resident[k2] = True
                         n_res += 1
                         n_res_layer[target] += 1
                         clock += 1
-                        stamp[k2] = clock
-                        last_pass[k2] = p
-                        _append(k2, L if glob else target, prv, nxt, head, tail)
-                        if lfu_cache_scope:
-                            count[k2] = 0
-                        if policy == BELADY:
-                            nextuse[k2] = _next_after(sorted_keys, sorted_pos, k2, nxt_pos)
+                        hint2 = _next_after(sorted_keys, sorted_pos, k2, nxt_pos) if NEEDS_FUTURE else 0
+                        policy_on_insert(st, k2, True, hint2, clock)
                         C[C_PF_ISSUED] += 1
                         unused_pf[k2] = True
                         F[F_PF_B] += link_bytes[target]
-                        qh, free = _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state)
+                        moved += link_bytes[target]
+                        if qh < qt:
+                            qh, free = _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state)
                         q_key[qt] = k2
                         q_sub[qt] = now
                         q_dur[qt] = copy_s[target]
@@ -570,7 +552,7 @@ def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, 
                             if copy_state[k] == 1:
                                 q_live[qidx[k]] = False
                                 start = t if t > free else free
-                                free = start + copy_s[k // E]
+                                free = start + copy_s[layer]
                                 arrival[k] = free
                         qidx[k] = -1
                         copy_state[k] = 0
@@ -578,52 +560,93 @@ def replay_kernel(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, 
                             F[F_STALL] += arrival[k] - t
                             t = arrival[k]
                     if run_tok[r] == 1:
-                        dt = et1[k // E]
+                        dt = et1[layer]
                     else:
-                        dt = _expert_time(layer_bytes[k // E], run_tok[r], fp)
+                        dt = _expert_time(layer_bytes[layer], run_tok[r], fp)
                     t += dt
                     comp += dt
-                    for r2 in range(nrun):  # copies waiting for this expert's slot start now
-                        if run_block[r2] == k:
-                            k2 = run_key[r2]
-                            qh, free = _advance(t, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state)
-                            start = t if t > free else free
-                            free = start + copy_s[k2 // E]
-                            arrival[k2] = free
-                            copy_state[k2] = 2
-                            run_copy[r2] = True
-                            run_block[r2] = -1
+                    if nblocked > 0:
+                        for r2 in range(nrun):  # copies waiting for this expert's slot start now
+                            if run_block[r2] == k:
+                                k2 = run_key[r2]
+                                qh, free = _advance(t, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival,
+                                                    copy_state)
+                                start = t if t > free else free
+                                free = start + copy_s[layer]
+                                arrival[k2] = free
+                                copy_state[k2] = 2
+                                run_copy[r2] = True
+                                run_block[r2] = -1
+                                nblocked -= 1
         pass_time[p] = t - t0
         pass_compute[p] = comp - c0
-        pass_bytes[p] = (F[F_DEMAND_B] - F0[F_DEMAND_B]) + (F[F_PF_B] - F0[F_PF_B])
-        if counted[p]:
-            CT += C - C0
-            FT += F - F0
-            PLT += PL - PL0
-    return CT, PLT, FT, pass_time, pass_compute, pass_bytes
+        pass_bytes[p] = moved
+    CT[C_HIT] = CT[C_ACC] - CT[C_MISS]
+    for layer in range(L):
+        PLT[1, layer] = PLT[0, layer] - PLT[2, layer]
 
 
+# ---------------------------------------------------------------------------------- specialisation
+_KERNELS: dict[str, Dispatcher] = {}
+
+
+def _source_files(functions: list[Any]) -> list[Path]:
+    """The files of ``functions`` and of every numba function they call by name, transitively."""
+    files = {Path(__file__).resolve(), Path(inspect.getfile(Allowed)).resolve()}
+    seen: set[int] = set()
+    stack = list(functions)
+    while stack:
+        fn = stack.pop()
+        py = getattr(fn, "py_func", None)
+        if py is None or id(py) in seen:
+            continue
+        seen.add(id(py))
+        files.add(Path(inspect.getfile(py)).resolve())
+        stack.extend(v for name in py.__code__.co_names if isinstance(v := py.__globals__.get(name), Dispatcher))
+    return sorted(files)
+
+
+def specialise(cls: type[EvictionPolicy]) -> Dispatcher:
+    """The replay kernel compiled for ``cls``'s compiled hooks (memoised; cached on disk by numba)."""
+    kernel = cls.kernel
+    if kernel is None:
+        raise ValueError(f"{cls.name} declares no compiled twin")
+    hooks = {name: fn if fn is not None else _IGNORE[name] for name, fn in kernel.hooks().items()}
+    flags = {"NEEDS_FUTURE": cls.needs_future, "PREDICTED": kernel.on_predicted is not None,
+             "FORECASTS": kernel.on_forecast is not None}
+    h = hashlib.sha256()
+    for path in _source_files(list(hooks.values())):
+        h.update(path.read_bytes())
+    for name, fn in sorted(hooks.items()):
+        h.update(f"{name}={fn.py_func.__module__}.{fn.py_func.__qualname__};".encode())
+    h.update(repr(sorted(flags.items())).encode())
+    digest = h.hexdigest()[:16]
+    if digest not in _KERNELS:
+        glb = dict(_replay.__globals__)
+        glb.update({f"policy_{name}": fn for name, fn in hooks.items()}, **flags)
+        py = types.FunctionType(_replay.__code__, glb, f"replay_{kernel.name}_{digest}")
+        py.__qualname__ = py.__name__  # numba names its cache files after it
+        py.__doc__ = _replay.__doc__
+        _KERNELS[digest] = nb.njit(cache=True, _nrt=False)(py)
+    return _KERNELS[digest]
+
+
+# ---------------------------------------------------------------------------------- arguments
 def _params(replay: Any, cfg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from offload.cache import split_capacity
-    from offload.policies import make_policy
+    from offload.prefetch import forecast_depth
 
     ps = replay.passes
-    pol = make_policy(cfg.policy, **cfg.policy_params)
+    fc = replay.forecast
     ip = np.zeros(N_IPARAMS, dtype=np.int64)
-    ip[P_POLICY] = POLICY_CODES[cfg.policy]
     ip[P_CAPACITY] = replay.capacity_slots
     ip[P_PER_LAYER] = cfg.cache == "per-layer"
     ip[P_PROTECT] = cfg.protect_layer
     ip[P_DROP] = cfg.miss == "drop"
     ip[P_DROP_FROM] = cfg.drop_from_rank
-    ip[P_LFU_CACHE_SCOPE] = getattr(pol, "scope", "run") == "cache"
-    ip[P_LS_REVERSE] = getattr(pol, "layer_order", "fifo") == "reverse"
-    ip[P_LS_LEFT_FIRST] = getattr(pol, "left_first", True)
-    ip[P_LS_PREFILL_LEFT_STALE] = getattr(pol, "prefill_left_is_stale", False)
-    ip[P_LS_PREFETCH_CURRENT] = getattr(pol, "prefetch_evicts_current", False)
-    ip[P_FLD_CYCLIC] = getattr(pol, "cyclic", True)
-    ip[P_LS_AGE] = getattr(pol, "stale_order", "age") == "age"
-    ip[P_LOOKAHEAD] = replay.forecast.lookahead if replay.forecast is not None else 0
+    ip[P_LOOKAHEAD] = fc.lookahead if fc is not None else 0
+    ip[P_DEPTH] = forecast_depth(ps.num_experts, ps.top_k)
+    ip[P_HAS_PROB] = fc is not None and fc.prob is not None
     if cfg.cache == "per-layer":
         layer_cap = np.asarray(split_capacity(replay.capacity_slots, ps.num_layers), dtype=np.int64)
     else:
@@ -633,11 +656,16 @@ def _params(replay: Any, cfg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ip, layer_cap, fp
 
 
-def kernel_args(replay: Any, cfg: Any, counted: np.ndarray | None = None) -> tuple:
-    """The positional arguments of :func:`replay_kernel` for one configuration."""
+def kernel_args(replay: Any, cfg: Any, counted: np.ndarray | None = None) -> tuple[Dispatcher, tuple]:
+    """The kernel for ``cfg.policy`` and its positional arguments (a fresh policy state and
+    :class:`Work` each call; the results land in the ``Work``, the second argument from the end)."""
     ps = replay.passes
+    policy = make_policy(cfg.policy, **cfg.policy_params)
+    kernel = specialise(type(policy))
+    ctx = KernelContext(ps.num_layers, ps.num_experts, ps.top_k, replay.capacity_slots, cfg.cache == "per-layer")
+    state = policy.kernel_state(ctx)
     ip, layer_cap, fp = _params(replay, cfg)
-    if cfg.policy == "belady":
+    if policy.needs_future:
         keys = ps.keys()
         next_use = ps.next_use()
         order = np.argsort(keys, kind="stable").astype(np.int64)
@@ -649,17 +677,21 @@ def kernel_args(replay: Any, cfg: Any, counted: np.ndarray | None = None) -> tup
     if fc is not None:
         fc_ptr, fc_expert, fc_selected = fc.ptr, fc.expert.astype(np.int64), fc.selected.astype(np.int64)
         fc_covered = fc.covered
+        fc_prob = fc.prob.astype(np.float32) if fc.prob is not None else np.zeros(0, dtype=np.float32)
     else:
         fc_ptr, fc_expert = np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64)
         fc_selected, fc_covered = np.zeros(0, dtype=np.int64), np.zeros((ps.num_layers, 1), dtype=np.bool_)
+        fc_prob = np.zeros(0, dtype=np.float32)
     link_bytes = np.asarray(replay.link_bytes, dtype=np.float64)
     copy_s = link_bytes / replay.hardware.link_bytes_per_s
     pcost = np.array([replay.predictor_cost(int(n)) if fc is not None else 0.0 for n in ps.pass_tokens])
     if counted is None:
         counted = np.ones(ps.num_passes, dtype=np.bool_)
-    return (ps.num_layers, ps.num_experts, ps.phase, ps.pass_tokens, ps.layer_ptr, ps.expert, ps.score,
-            ps.best_rank, ps.tokens, next_use, sorted_keys, order, fc_ptr, fc_expert, fc_selected, fc_covered, ip,
-            layer_cap, copy_s, replay.layer_bytes.astype(np.float64), link_bytes, fp, pcost, counted)
+    w = work(ps.num_layers, ps.num_experts, ps.num_passes, len(fc_expert) + 1, int(ip[P_LOOKAHEAD]), int(ip[P_DEPTH]))
+    return kernel, (ps.num_layers, ps.num_experts, ps.phase, ps.pass_tokens, ps.layer_ptr, ps.expert, ps.score,
+                    ps.best_rank, ps.tokens, next_use, sorted_keys, order, fc_ptr, fc_expert, fc_selected, fc_covered,
+                    fc_prob, ip, layer_cap, copy_s, replay.layer_bytes.astype(np.float64), link_bytes, fp, pcost,
+                    counted, w, state)
 
 
 def simulate_fast(replay: Any, cfg: Any) -> dict[str, Any]:
@@ -668,7 +700,10 @@ def simulate_fast(replay: Any, cfg: Any) -> dict[str, Any]:
 
     ps = replay.passes
     counted = _counted_passes(replay, cfg)
-    C, plc, F, pass_time, pass_compute, pass_bytes = replay_kernel(*kernel_args(replay, cfg, counted))
+    kernel, args = kernel_args(replay, cfg, counted)
+    kernel(*args)
+    w = args[-2]
+    C, plc, F, pass_time, pass_compute, pass_bytes = w.C, w.PL, w.F, w.pass_time, w.pass_compute, w.pass_bytes
     c = Counters(
         passes=int(counted.sum()), accesses=int(C[C_ACC]), hits=int(C[C_HIT]), misses=int(C[C_MISS]),
         late_prefetch=int(C[C_LATE]), collision_misses=int(C[C_COLL]), dropped=int(C[C_DROP]),

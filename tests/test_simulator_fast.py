@@ -71,11 +71,12 @@ def test_fast_equals_reference_on_random_traces(seed):
             assert_same(*both(None, cfg, passes=ps))
 
 
-@pytest.mark.parametrize("policy", ["lru", "least_stale", "belady"])
+@pytest.mark.parametrize("policy", ["lru", "least_stale", "belady", "forecast", "least_stale_forecast"])
 def test_fast_equals_reference_with_a_ranked_forecast_held_out_and_predictor_cost(gemma_store, tmp_path_factory,
                                                                                   policy):
     """A predictor's ranked candidates (more listed than selected), only the held-out passes counted,
-    and the forecast's device time on the clock: both paths take the same decisions and times."""
+    and the forecast's device time on the clock: both paths take the same decisions and times (the
+    forecast policies also weigh the calibrated P(use) of every candidate)."""
     from predictors.checkpoint import save_predictor
     from predictors.frequency import ConditionalFrequency
 

@@ -26,8 +26,13 @@ never changes the cache interface. Belady uses exactly this channel: the simulat
 global index of the key's next demand access as ``hint``.
 
 Every policy breaks ties by *least recently touched* (touch = insert or demand access), so the
-readable Python policies and the numba kernels of :mod:`offload.simulator_fast` choose the same
-victim on every eviction.
+readable Python policies and their compiled twins choose the same victim on every eviction.
+
+**Compiled twin**: below its class, a policy file declares the same policy as numba functions
+(``Cls.kernel = PolicyKernel(...)``, :mod:`offload.policies.compiled`) and the class builds their
+state from its parameters in :meth:`EvictionPolicy.kernel_state`. The simulator's fast path
+(:mod:`offload.simulator_fast`) compiles one replay per declaration; a test replays every registered
+policy through both and asserts identical results.
 """
 
 from __future__ import annotations
@@ -35,7 +40,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from offload.policies.compiled import KernelContext, PolicyKernel
 
 Key = tuple[int, int]  # (layer, expert)
 Eligible = Callable[[Key], bool]
@@ -50,6 +58,8 @@ class EvictionPolicy(ABC):
     name: ClassVar[str]
     #: True when the policy needs ``hint`` = next-use index on every insert/access (simulator only)
     needs_future: ClassVar[bool] = False
+    #: the compiled twin, declared below the class in its file (None: the simulator replays it in Python)
+    kernel: ClassVar[PolicyKernel | None] = None
 
     def __init__(self) -> None:
         self.num_layers = 0
@@ -156,3 +166,12 @@ class EvictionPolicy(ABC):
     def describe(self) -> dict[str, Any]:
         """Parameters recorded in results."""
         return {"policy": self.name}
+
+    # ------------------------------------------------------------------ compiled twin
+    def kernel_state(self, ctx: KernelContext) -> Any:
+        """The state of the compiled hooks (a NamedTuple), built from this instance's parameters."""
+        raise NotImplementedError(f"{self.name} declares no compiled twin")
+
+    def kernel_supported(self) -> bool:
+        """Whether the compiled twin covers this instance's parameters (e.g. its forecaster)."""
+        return self.kernel is not None

@@ -3,14 +3,28 @@
 It needs the future, so it exists in the simulator only: the simulator passes the global index of
 the key's next demand access as ``hint`` on every insert and access (``math.inf`` = never again).
 Ties (several never used again) go to the least recently used.
+
+Compiled twin: the resident keys in a heap on (minus the next use, touch stamp); "never" is the
+replay's ``NEVER`` index, larger than every real one.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from offload.policies.base import Eligible, EvictionPolicy, Key
+from offload.policies.compiled import (
+    Heap,
+    KernelContext,
+    PolicyKernel,
+    heap_evict,
+    heap_push,
+    heap_update,
+    heap_victim,
+    hook,
+    key_heap,
+)
 
 
 class Belady(EvictionPolicy):
@@ -39,3 +53,28 @@ class Belady(EvictionPolicy):
 
     def victim(self, eligible: Eligible, *, for_prefetch: bool = False) -> Key | None:
         return self._min_by(lambda k: -self.next_use.get(k, math.inf), eligible)
+
+    def kernel_state(self, ctx: KernelContext) -> BeladyState:
+        return BeladyState(key_heap(ctx))
+
+
+# ---------------------------------------------------------------------------------- compiled twin
+class BeladyState(NamedTuple):
+    heap: Heap  # priority: minus the next use
+
+
+@hook
+def _insert(st: BeladyState, k: int, prefetch: bool, hint: int, clock: int) -> None:
+    st.heap.prio[k] = -float(hint)
+    st.heap.stamp[k] = clock
+    heap_push(st.heap, k)
+
+
+@hook
+def _access(st: BeladyState, k: int, score: float, hint: int, clock: int) -> None:
+    st.heap.prio[k] = -float(hint)
+    st.heap.stamp[k] = clock
+    heap_update(st.heap, k)
+
+
+Belady.kernel = PolicyKernel(victim=heap_victim, on_insert=_insert, on_access=_access, on_evict=heap_evict)

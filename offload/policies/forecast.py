@@ -37,17 +37,34 @@ Parameters:
   opportunity: ``N = 1 + (1 - q) * N_history``. A key just prefetched for a layer ahead (q high) is
   then among the last to go, and an expert of a layer ahead that the forecast rules out is among
   the first.
+
+Compiled twin (below the classes): the same bookkeeping on arrays, with the forecaster's serving
+math from :mod:`predictors.reuse_compiled` (the counted and the online logistic families; a
+checkpoint of another family replays in Python). Per layer it costs what the Python policy's costs
+in arithmetic -- features and one AdaGrad step over every expert the layer ever used -- without the
+interpreter; a victim is a scan of the resident keys.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
+import numba as nb
 import numpy as np
 
 from offload.policies.base import Eligible, EvictionPolicy, Key
+from offload.policies.compiled import Allowed, KernelContext, PolicyKernel, allowed, hook
+from predictors.reuse_compiled import (
+    History,
+    Model,
+    expected_passes,
+    history_state,
+    learn,
+    model_state,
+    observe,
+)
 
 
 class Forecast(EvictionPolicy):
@@ -245,6 +262,38 @@ class Forecast(EvictionPolicy):
                 "prefetch_may_evict": self.prefetch_may_evict, "use_forecasts": self.use_forecasts}
 
 
+    def kernel_supported(self) -> bool:
+        from predictors.reuse_compiled import supported
+
+        spec = self.forecaster_spec
+        if spec is None:
+            return True  # the default, LogisticReuse learning online
+        if isinstance(spec, (str, os.PathLike)):
+            from predictors.reuse import load_reuse_forecaster
+
+            spec = self.forecaster_spec = load_reuse_forecaster(spec)
+        return supported(spec)
+
+    def kernel_state(self, ctx: KernelContext) -> ForecastState:
+        from predictors.reuse import _bins
+
+        self.bind(ctx.num_layers, ctx.num_experts)  # a fresh forecaster and its first forecasts, as a cache binds
+        L, E, N = ctx.num_layers, ctx.num_experts, ctx.num_keys
+        i64 = np.int64
+        return ForecastState(
+            hist=history_state(L, E, _bins), model=model_state(self.forecaster, E),
+            expected=self.expected.reshape(-1).copy(), this_pass=np.zeros(N), fc_pass=np.full(L, -2, dtype=i64),
+            pred_pass=np.full(N, -2, dtype=i64), touch_clock=np.zeros(N, dtype=i64), touch_pass=np.full(N, -1, dtype=i64),
+            members=np.zeros(N, dtype=i64), slot=np.full(N, -1, dtype=i64),
+            key_layer=np.arange(N, dtype=i64) // E, pending_e=np.zeros((L, E), dtype=i64),
+            pending_w=np.zeros((L, E)), pending_n=np.zeros(L, dtype=i64), label=np.zeros(E, dtype=i64),
+            scratch_e=np.zeros(E, dtype=i64), scratch_n=np.zeros(E), pos=np.array([-1, 0, 1, 0, 0, 0], dtype=i64),
+            num_layers=L, num_experts=E,
+            predicted_reuse=-1.0 if self.predicted_reuse is None else float(self.predicted_reuse),
+            use_forecasts=self.use_forecasts, prefetch_may_evict=self.prefetch_may_evict, least_stale=False,
+            left_first=False, prefetch_evicts_current=True, per_layer=ctx.per_layer)
+
+
 class LeastStaleForecast(Forecast):
     """Least-Stale whose queues are ordered by forecast next use instead of layer position.
 
@@ -281,3 +330,225 @@ class LeastStaleForecast(Forecast):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "prefetch_evicts_current": self.prefetch_evicts_current,
                 "left_first": self.left_first}
+
+    def kernel_state(self, ctx: KernelContext) -> ForecastState:
+        return super().kernel_state(ctx)._replace(least_stale=True, left_first=self.left_first,
+                                                  prefetch_evicts_current=self.prefetch_evicts_current)
+
+
+# ---------------------------------------------------------------------------------- compiled twin
+class ForecastState(NamedTuple):
+    """The policies' arrays over dense keys ``k = layer * E + expert``."""
+
+    hist: History
+    model: Model
+    expected: np.ndarray  # forecast N of each key for its next opportunity
+    this_pass: np.ndarray  # P(used at the coming opportunity) from this pass's forecast of the key's layer
+    fc_pass: np.ndarray  # (L,) the pass whose forecast ``this_pass`` holds for the layer (``this_pass`` is nan otherwise)
+    pred_pass: np.ndarray  # the pass in which the key was marked (``predicted``)
+    touch_clock: np.ndarray
+    touch_pass: np.ndarray
+    members: np.ndarray  # the resident keys are ``members[:pos[N_MEMBERS]]``, ``slot[k]`` is k's place (-1: absent)
+    slot: np.ndarray
+    key_layer: np.ndarray  # k // E
+    pending_e: np.ndarray  # (L, E) experts used by the layer in this pass, in access order (``pending``)
+    pending_w: np.ndarray  # (L, E) their summed router weights
+    pending_n: np.ndarray  # (L,)
+    label: np.ndarray  # (E,) scratch: experts the layer just used carry the label token
+    scratch_e: np.ndarray
+    scratch_n: np.ndarray
+    pos: np.ndarray  # [pass index, execution point, phase, layers folded, resident keys, label token]
+    num_layers: int
+    num_experts: int
+    predicted_reuse: float  # <= 0: None
+    use_forecasts: bool
+    prefetch_may_evict: bool
+    least_stale: bool  # LeastStaleForecast's queues
+    left_first: bool
+    prefetch_evicts_current: bool
+    per_layer: bool
+
+
+PASS, HERE, PHASE, FOLDED, N_MEMBERS, LABEL = range(6)
+
+
+@nb.njit(cache=True, _nrt=False)
+def _reforecast(st: ForecastState, layer: int, next_pass: int) -> None:
+    """``Forecast._reforecast`` of the resident experts of ``layer``."""
+    E = st.num_experts
+    n = 0
+    for e in range(E):
+        if st.slot[layer * E + e] >= 0:
+            st.scratch_e[n] = e
+            n += 1
+    if n:
+        expected_passes(st.model, st.hist, layer, next_pass, st.scratch_e, n, st.scratch_n)
+        for i in range(n):
+            st.expected[layer * E + st.scratch_e[i]] = st.scratch_n[i]
+
+
+@nb.njit(cache=True, _nrt=False)
+def _finish_layers(st: ForecastState, upto: int) -> None:
+    """``Forecast._finish_layers``: fold layers ``FOLDED .. upto-1`` of the running pass into the history."""
+    p = max(st.pos[PASS], 0)
+    for layer in range(st.pos[FOLDED], upto):
+        n = st.pending_n[layer]
+        st.pos[LABEL] += 1
+        for i in range(n):
+            st.label[st.pending_e[layer, i]] = st.pos[LABEL]
+        learn(st.model, st.hist, layer, p, st.label, st.pos[LABEL])
+        observe(st.hist, layer, p, st.pending_e[layer], st.pending_w[layer], n)
+        _reforecast(st, layer, p + 1)
+        st.pending_n[layer] = 0
+    st.pos[FOLDED] = max(st.pos[FOLDED], upto)
+
+
+@hook
+def _pass_start(st: ForecastState, pass_index: int, phase: int) -> None:
+    if st.pos[PASS] >= 0:
+        _finish_layers(st, st.num_layers)
+    st.pos[PASS] = pass_index
+    st.pos[HERE] = 0
+    st.pos[PHASE] = phase
+    st.pos[FOLDED] = 0
+
+
+@hook
+def _layer_start(st: ForecastState, layer: int) -> None:
+    _finish_layers(st, layer)
+    st.pos[HERE] = layer
+    _reforecast(st, layer, max(st.pos[PASS], 0) + 1)
+
+
+@hook
+def _touch(st: ForecastState, k: int, clock: int) -> None:
+    st.touch_clock[k] = clock
+    st.touch_pass[k] = st.pos[PASS]
+
+
+@hook
+def _insert(st: ForecastState, k: int, prefetch: bool, hint: int, clock: int) -> None:
+    _touch(st, k, clock)
+    n = st.pos[N_MEMBERS]
+    st.members[n] = k
+    st.slot[k] = n
+    st.pos[N_MEMBERS] = n + 1
+    if prefetch:
+        E = st.num_experts
+        layer = st.key_layer[k]
+        p = max(st.pos[PASS], 0)
+        st.scratch_e[0] = k - layer * E
+        expected_passes(st.model, st.hist, layer, p if layer > st.pos[HERE] else p + 1, st.scratch_e, 1,
+                        st.scratch_n)
+        st.expected[k] = st.scratch_n[0]
+
+
+@hook
+def _access(st: ForecastState, k: int, score: float, hint: int, clock: int) -> None:
+    _touch(st, k, clock)
+    layer = st.key_layer[k]
+    e = k - layer * st.num_experts
+    n = st.pending_n[layer]
+    for i in range(n):
+        if st.pending_e[layer, i] == e:
+            st.pending_w[layer, i] += score
+            return
+    st.pending_e[layer, n] = e
+    st.pending_w[layer, n] = score
+    st.pending_n[layer] = n + 1
+
+
+@hook
+def _predicted(st: ForecastState, k: int, clock: int) -> None:
+    st.pred_pass[k] = st.pos[PASS]
+    st.touch_pass[k] = st.pos[PASS]
+
+
+@hook
+def _forecast(st: ForecastState, layer: int, experts: np.ndarray, p_use: np.ndarray, rest: float) -> None:
+    if not st.use_forecasts or layer <= st.pos[HERE]:
+        return
+    base = layer * st.num_experts
+    for e in range(st.num_experts):
+        st.this_pass[base + e] = rest
+    for i in range(len(experts)):
+        st.this_pass[base + experts[i]] = p_use[i]
+    st.fc_pass[layer] = st.pos[PASS]
+
+
+@hook
+def _evict(st: ForecastState, k: int) -> None:
+    i = st.slot[k]
+    last = st.members[st.pos[N_MEMBERS] - 1]
+    st.members[i] = last
+    st.slot[last] = i
+    st.slot[k] = -1
+    st.pos[N_MEMBERS] -= 1
+
+
+@hook
+def _next_use(st: ForecastState, k: int, layer: int, here: int, p: int) -> float:
+    """``Forecast.next_use`` of one key (``here``: the execution point, ``p``: the pass)."""
+    L = st.num_layers
+    ahead = layer > here
+    d0 = layer - here if ahead else layer - here + L
+    n = st.expected[k]
+    if ahead:
+        if st.use_forecasts and st.fc_pass[layer] == p:
+            n = 1.0 + (1.0 - st.this_pass[k]) * n
+        if st.predicted_reuse > 0 and st.pred_pass[k] == p:
+            n = min(n, 1.0 / st.predicted_reuse)
+    return d0 + L * (n - 1.0)
+
+
+@hook
+def _first(st: ForecastState, el: Allowed, stale: int, left: int) -> int:
+    """``Forecast._first_eligible``: the allowed key with the latest forecast next use (ties: least
+    recently touched) among the resident keys, or those that are stale (``stale`` 1) or current (0),
+    and left of the execution point (``left`` 1) or not (0); -1 means any."""
+    here = st.pos[HERE]
+    p = st.pos[PASS]
+    best = -1
+    best_score = 0.0
+    for i in range(st.pos[N_MEMBERS]):
+        k = st.members[i]
+        layer = st.key_layer[k]
+        if st.per_layer and layer != el.part:
+            continue
+        if stale >= 0 and (st.touch_pass[k] < p) != (stale == 1):
+            continue
+        if left >= 0 and (layer < here) != (left == 1):
+            continue
+        if not allowed(el, k):
+            continue
+        score = _next_use(st, k, layer, here, p)
+        if best < 0 or score > best_score or (score == best_score and st.touch_clock[k] < st.touch_clock[best]):
+            best = k
+            best_score = score
+    return best
+
+
+@hook
+def _victim(st: ForecastState, el: Allowed, for_prefetch: bool) -> int:
+    if not st.least_stale:
+        if for_prefetch and not st.prefetch_may_evict:
+            return -1
+        return _first(st, el, -1, -1)
+    for current in range(2):  # LeastStaleForecast: stale experts first, then current ones
+        if current and for_prefetch and not st.prefetch_evicts_current:
+            return -1
+        if st.left_first:
+            for left in (1, 0):
+                k = _first(st, el, 1 - current, left)
+                if k >= 0:
+                    return k
+        else:
+            k = _first(st, el, 1 - current, -1)
+            if k >= 0:
+                return k
+    return -1
+
+
+Forecast.kernel = PolicyKernel(victim=_victim, on_insert=_insert, on_access=_access, on_evict=_evict,
+                               on_pass_start=_pass_start, on_layer_start=_layer_start, on_predicted=_predicted,
+                               on_forecast=_forecast)

@@ -5,14 +5,30 @@ evicted and fetched again keeps its count. ``scope="cache"`` forgets the count o
 LFU, as libCacheSim's ``LFU`` does: a new object starts at 1, each hit adds 1, ties evict the object
 that reached its count first, i.e. the least recently used). The libCacheSim comparison test uses
 ``scope="cache"``. A prefetch insertion does not count as a use.
+
+Compiled twin: the resident keys in a heap on (count, touch stamp); the count array outlives
+evictions (run scope) or is reset on insertion (cache scope).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from data_pipeline.errors import UserError
 from offload.policies.base import Eligible, EvictionPolicy, Key
+from offload.policies.compiled import (
+    Heap,
+    KernelContext,
+    PolicyKernel,
+    heap_evict,
+    heap_push,
+    heap_sink,
+    heap_victim,
+    hook,
+    key_heap,
+)
 
 SCOPES = ("run", "cache")
 
@@ -46,3 +62,33 @@ class LFU(EvictionPolicy):
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.name, "scope": self.scope}
+
+    def kernel_state(self, ctx: KernelContext) -> LFUState:
+        return LFUState(key_heap(ctx), np.zeros(ctx.num_keys, dtype=np.int64), self.scope == "cache")
+
+
+# ---------------------------------------------------------------------------------- compiled twin
+class LFUState(NamedTuple):
+    heap: Heap  # priority: the count
+    count: np.ndarray
+    cache_scope: bool
+
+
+@hook
+def _insert(st: LFUState, k: int, prefetch: bool, hint: int, clock: int) -> None:
+    if st.cache_scope:
+        st.count[k] = 0
+    st.heap.prio[k] = st.count[k]
+    st.heap.stamp[k] = clock
+    heap_push(st.heap, k)
+
+
+@hook
+def _access(st: LFUState, k: int, score: float, hint: int, clock: int) -> None:
+    st.count[k] += 1
+    st.heap.prio[k] = st.count[k]
+    st.heap.stamp[k] = clock
+    heap_sink(st.heap, k)
+
+
+LFU.kernel = PolicyKernel(victim=heap_victim, on_insert=_insert, on_access=_access, on_evict=heap_evict)
