@@ -56,6 +56,9 @@ def make_logger(cfg: WandbConfig, run_name: str, config: dict[str, Any]):
     save_dir.mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(project=cfg.project, name=cfg.name or run_name, tags=list(cfg.tags), mode=mode,
                          save_dir=str(save_dir), log_model=False)
+    # Lightning always passes ``anonymous`` (None by default) to wandb.init, and wandb >= 0.2x warns on
+    # stderr that the setting has no effect: drop the key so a run prints only its own messages
+    getattr(logger, "_wandb_init", {}).pop("anonymous", None)
     logger.log_hyperparams(config)  # rank-zero only: DDP workers hold a dummy experiment
     return logger
 

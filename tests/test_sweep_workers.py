@@ -52,7 +52,7 @@ def same(a, b) -> bool:
 
 
 SWEEP = ["--policy", "lru,least_stale,lfu,belady,forecast,random", "--capacity", "15%,40%", "--prefetch",
-         "none,oracle,gate,topk", "--phase", "both"]
+         "none,oracle,gate,topk", "--phase", "both", "--admission", "greedy,value"]
 
 
 @pytest.mark.slow
@@ -67,7 +67,7 @@ def test_two_workers_equal_serial_field_by_field(store, tmp_path, capsys):
     assert table() == rows and len(rows) >= 6 * 2 * 4  # the same table, row for row
     a, b = json.loads(serial.read_text())["results"], json.loads(parallel.read_text())["results"]
     assert len(a) == len(b) >= 6 * 2 * 4
-    assert {r["backend"] for r in a} == {"fast", "reference"}  # both simulators ran in the workers
+    assert {r["backend"] for r in a} == {"fast", "reference"}  # both simulators ran in the workers (value admission: the step)
     for i, (x, y) in enumerate(zip(a, b, strict=True)):
         assert x.keys() == y.keys(), i
         for key in x:
