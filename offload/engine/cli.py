@@ -419,12 +419,13 @@ def _prompts(args: argparse.Namespace, dataset: str, predictor: Any) -> tuple[li
         if store_path is None:
             note = f"could not tell which texts {source} trained on: prompts are the first of {dataset}"
         else:
+            from data_pipeline.demo_text import same_documents
             from data_pipeline.text_sources import load_texts
             from data_pipeline.trace_store import TraceStore
 
             held = TraceStore(store_path)
             name = (held.manifest.get("dataset") or {}).get("name")
-            if name == load_texts(dataset, limit=1).spec.get("name"):
+            if same_documents(name, load_texts(dataset, limit=1).spec.get("name")):
                 skip = int(held.seq_ids.max()) + 1 if held.num_tokens else 0
                 note = (f"held out: texts {skip}-{skip + args.prompts - 1} of {dataset}; the predictor trained on "
                         f"{store_path}, which holds texts 0-{skip - 1}")
