@@ -17,7 +17,7 @@ from offload.hardware import get_hardware, hardware_names
 from offload.miss_handling import MISS_MODES
 from offload.passes import PHASES
 from offload.policies import POLICIES
-from offload.prefetch import PREFETCHERS
+from offload.prefetch import PREFETCHERS, refuse_renamed_prefetcher
 from offload.routing import ROUTINGS
 from offload.simulator import SimConfig, simulate_configs
 
@@ -89,6 +89,7 @@ def build_configs(args: argparse.Namespace) -> list[SimConfig]:
             raise UserError(f"unknown eviction policy {pol!r}; valid: {', '.join(POLICIES)}, all")
     prefetchers = _split(args.prefetch)
     for pf in prefetchers:
+        refuse_renamed_prefetcher(pf)
         if pf not in PREFETCHERS and not pf.startswith("ckpt:"):
             raise UserError(f"unknown prefetcher {pf!r}; valid: {', '.join(PREFETCHERS)}, ckpt:PATH")
     hardware = _split_hardware(args.hardware)
@@ -105,7 +106,7 @@ def build_configs(args: argparse.Namespace) -> list[SimConfig]:
     if any(d < 1 for d in lookaheads):
         raise UserError("--lookahead must be at least 1")
     for pf in prefetchers:
-        if pf in ("topk", "score") and any(d != 1 for d in lookaheads):
+        if pf in ("topk", "percentile") and any(d != 1 for d in lookaheads):
             raise UserError(f"--prefetch {pf} forecasts the next layer only (the paper's prefetcher); use gate, oracle "
                             f"or ckpt:PATH for --lookahead {','.join(map(str, lookaheads))}")
     for m in _split(args.miss):

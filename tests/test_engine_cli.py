@@ -55,6 +55,7 @@ def test_bad_input_is_one_line(capsys, tmp_path):
     # refused before any model loads (issue 11): an unknown policy, a lookahead the prefetcher cannot make
     _fails(capsys, ["--policy", "nope", *FAST], "valid: least_stale")
     _fails(capsys, ["--prefetch", "topk", "--lookahead", "3", *FAST], "next layer only")
+    _fails(capsys, ["--prefetch", "score", *FAST], "is now called 'percentile'")  # the eviction policy keeps 'score'
     _fails(capsys, ["--checkpoint", str(tmp_path), *FAST], "without a finished train.py run")
     for bad in ("nan", "", "150%"):
         _fails(capsys, ["--prefetch", "none", "--capacity", bad, *FAST], "capacity")

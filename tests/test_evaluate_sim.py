@@ -50,6 +50,7 @@ def test_sweep_writes_json_table_and_plots(gemma_store, tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--policy", "nope"], "valid: least_stale"),
     (["--prefetch", "nope"], "valid: none"),
+    (["--prefetch", "none,score"], "is now called 'percentile'"),  # 'score' is the eviction policy's name
     (["--hardware", "nope"], "valid: a100-5gbs"),
     (["--capacity", "0"], "positive"),
     (["--capacity", "3"], "below one layer"),

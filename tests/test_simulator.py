@@ -130,13 +130,13 @@ def test_gate_prefetch_is_exact_when_hidden_states_do_not_change(synth_store):
     assert deeper["late_prefetch_hits"] < topk["late_prefetch_hits"]
 
 
-def test_score_prefetch_takes_the_top_fifth():
+def test_percentile_prefetch_takes_the_top_fifth():
     probs = np.array([[0.5, 0.2, 0.1, 0.1, 0.05, 0.03, 0.01, 0.01, 0.0, 0.0]])
     assert PercentileSelection(0.8).counts(probs, 2).tolist() == [2]
 
 
-def test_score_prefetch_runs_with_precision_and_recall(synth_store):
-    r = simulate_configs(synth_store, [SimConfig(policy="least_stale", capacity="50%", prefetch="score")])[0]
+def test_percentile_prefetch_runs_with_precision_and_recall(synth_store):
+    r = simulate_configs(synth_store, [SimConfig(policy="least_stale", capacity="50%", prefetch="percentile")])[0]
     assert r["prefetch_issued"] > 0 and 0 < r["precision"] <= 1 and 0 < r["recall"] <= 1
 
 

@@ -45,6 +45,7 @@ import torch
 from data_pipeline.errors import UserError, run_cli
 from offload.miss_handling import LOWER_BIT_MODES, MISS_MODES
 from offload.precision import PRECISIONS, precision_ladder
+from offload.prefetch import refuse_renamed_prefetcher
 
 TINY = "tiny-olmoe"
 MINI = "olmoe-mini"  # the demo model: trained, committed under models/
@@ -52,7 +53,7 @@ MINI = "olmoe-mini"  # the demo model: trained, committed under models/
 #: The paper's four reproduced systems (SpecMD section 5), as engine settings.
 SYSTEMS: dict[str, dict[str, Any]] = {
     "eliseev_mazur": dict(policy="lru", prefetch="topk", miss="fetch", routing="standard"),
-    "zhu": dict(policy="score", prefetch="score", miss="substitute", routing="standard"),
+    "zhu": dict(policy="score", prefetch="percentile", miss="substitute", routing="standard"),
     "mixturecache": dict(policy="lru", prefetch="none", miss="fetch", routing="cache-aware"),
     "hobbit": dict(policy="lhu", prefetch="topk", miss="precision-cascade", routing="standard"),
 }
@@ -120,14 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", choices=sorted(SYSTEMS), default=None,
                    help="one of the paper's systems (its prefetch/eviction/miss/routing); compared with LS drop-in")
     p.add_argument("--policy", default="least_stale", help="eviction policy (offload.policies)")
-    p.add_argument("--prefetch", default="learned", choices=("learned", "gate", "topk", "score", "none"),
-                   help="learned: the checkpoint's predictor; gate: router of l+d on h_l; topk/score: the "
+    p.add_argument("--prefetch", default="learned", type=refuse_renamed_prefetcher,
+                   choices=("learned", "gate", "topk", "percentile", "none"),
+                   help="learned: the checkpoint's predictor; gate: router of l+d on h_l; topk/percentile: the "
                         "paper's next-layer prefetchers; none")
     p.add_argument("--checkpoint", default=None, help="predictor file (default: newest in --checkpoints)")
     p.add_argument("--checkpoints", default="checkpoints", help="folder train.py writes to")
     p.add_argument("--lookahead", type=int, default=None, help="layers ahead to prefetch (default: the predictor's)")
     p.add_argument("--overfetch", type=float, default=1.0, help="top-k prefetch takes ceil(k * overfetch) experts")
-    p.add_argument("--percentile", type=float, default=0.8, help="score prefetch threshold quantile")
+    p.add_argument("--percentile", type=float, default=0.8, help="percentile prefetch threshold quantile")
     p.add_argument("--admission", default="value", choices=("value", "greedy"),
                    help="value: prefetch only what arrives in time and is worth its copy; greedy: every selected "
                         "expert (the paper's); --system presets use greedy")
@@ -239,7 +241,7 @@ def _predictor(args: argparse.Namespace, loaded: Any, prefetch: str):
     a = loaded.adapter
     weights = torch.stack([a.router_weight(i).detach().float().cpu() for i in range(a.num_layers)])
     weights = weights.to(args.device)  # the engine calls it on device-resident hidden states
-    lookahead = 1 if prefetch in ("topk", "score") else (args.lookahead or 1)
+    lookahead = 1 if prefetch in ("topk", "percentile") else (args.lookahead or 1)
     return GateLookahead(weights, a.top_k, lookahead)
 
 
@@ -296,7 +298,7 @@ def _check_inputs(args: argparse.Namespace) -> float | None:
     make_policy(args.policy)  # unknown policy names list the valid ones
     if args.lookahead is not None and args.lookahead < 1:
         raise UserError(f"--lookahead must be at least 1, got {args.lookahead}")
-    if args.lookahead not in (None, 1) and args.prefetch in ("topk", "score"):
+    if args.lookahead not in (None, 1) and args.prefetch in ("topk", "percentile"):
         raise UserError(f"--prefetch {args.prefetch} forecasts the next layer only (the paper's prefetcher); use "
                         f"--prefetch gate or learned for --lookahead {args.lookahead}")
     if args.prompts < 1:
@@ -357,7 +359,7 @@ def _engine_row(args, row: RowSpec, loaded, prompts, predictor, lookahead: int, 
     config = EngineConfig(
         capacity_slots=slots, policy=row.policy, bandwidth=bandwidth, routing=row.routing,
         routing_lambda=args.routing_lambda, miss=row.miss,
-        prefetch="score" if row.prefetch == "score" else "topk",
+        prefetch="percentile" if row.prefetch == "percentile" else "topk",
         prefetch_params={"overfetch": args.overfetch, "percentile": args.percentile, "lookahead": lookahead},
         admission=row.admission, expert_bytes=expert_bytes, expert_dtype=_expert_dtype(args),
         precisions=precision_ladder(args.precisions), device=str(args.device),

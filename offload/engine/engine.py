@@ -71,7 +71,7 @@ class EngineConfig:
     miss: str = "fetch"  # fetch | drop | substitute (offload.miss_handling)
     drop_from_rank: int = 2
     substitute_tolerance: float = 0.05
-    prefetch: str = "topk"  # how forecast scores become prefetches: topk (x overfetch) or score (percentile)
+    prefetch: str = "topk"  # how forecast scores become prefetches: topk (x overfetch) or percentile
     prefetch_params: dict[str, Any] = field(default_factory=dict)
     admission: str = "greedy"  # greedy | value (offload.admission)
     expert_bytes: int | None = None  # bytes a copy holds the link for (emulate a bigger model); None: real
@@ -458,6 +458,6 @@ class EngineBackend:
 def _make_selection(config: EngineConfig) -> Selection:
     if config.prefetch == "topk":
         return TopKSelection(float(config.prefetch_params.get("overfetch", 1.0)))
-    if config.prefetch == "score":
+    if config.prefetch == "percentile":
         return PercentileSelection(float(config.prefetch_params.get("percentile", 0.8)))
-    raise UserError(f"unknown prefetch selection {config.prefetch!r}; valid: topk, score")
+    raise UserError(f"unknown prefetch selection {config.prefetch!r}; valid: topk, percentile")
