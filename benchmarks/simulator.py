@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from offload.passes import passes_from_lists  # noqa: E402
 from offload.policies import policy_names  # noqa: E402
-from offload.simulator import ReplayCache, SimConfig  # noqa: E402
+from offload.simulator import Replays, SimConfig  # noqa: E402
 from offload.simulator_fast import kernel_args  # noqa: E402
 
 
@@ -84,9 +84,9 @@ def libcachesim_lru(keys: np.ndarray, slots: int, repeats: int) -> tuple[float, 
     return best, int(round(miss_ratio * len(keys)))
 
 
-def time_kernel(rc: ReplayCache, cfg: SimConfig, repeats: int) -> tuple[float, int, int, float]:
+def time_kernel(replays: Replays, cfg: SimConfig, repeats: int) -> tuple[float, int, int, float]:
     """(best CPU seconds, misses, collision misses, TPOT in seconds) of one configuration."""
-    replay = rc.replay(cfg)
+    replay = replays.replay(cfg)
     kernel, args = kernel_args(replay, cfg)
     kernel(*args)  # compile / warm up
     best = float("inf")
@@ -112,9 +112,9 @@ def main() -> None:
     ps = synthetic_passes(args.accesses)
     n = ps.num_accesses
     print(f"stream: {n:,} accesses, {ps.num_passes:,} passes, built in {time.perf_counter() - t:.1f}s")
-    rc = ReplayCache(None, ps)
+    replays = Replays(None, ps)
     load = os.getloadavg()[0]
-    lcs_s, lcs_miss = libcachesim_lru(ps.keys(), rc.replay(SimConfig(capacity=args.capacity)).capacity_slots,
+    lcs_s, lcs_miss = libcachesim_lru(ps.keys(), replays.replay(SimConfig(capacity=args.capacity)).capacity_slots,
                                       args.repeats)
     lcs_rate = n / lcs_s
     rows = [("lru (plain, as libCacheSim)", SimConfig(policy="lru", capacity=args.capacity, protect_layer=False))]
@@ -124,7 +124,7 @@ def main() -> None:
                  SimConfig(policy="least_stale", capacity=args.capacity, prefetch="oracle", lookahead=2)))
     measured = []
     for name, cfg in rows:
-        sec, miss, coll, tpot = time_kernel(rc, cfg, args.repeats)
+        sec, miss, coll, tpot = time_kernel(replays, cfg, args.repeats)
         if name.startswith("lru (plain"):
             assert miss == lcs_miss, f"LRU misses differ from libCacheSim: {miss} vs {lcs_miss}"
         measured.append((name, sec, miss, coll, tpot))

@@ -434,8 +434,11 @@ def predictor_cost(prefetcher: Prefetcher, hardware: Hardware, override_us: floa
     return cost
 
 
-class ReplayCache:
-    """Builds passes/forecasts once per (phase) and (phase, prefetcher, lookahead, overfetch)."""
+class Replays:
+    """The :class:`Replay` of each configuration over one store (or hand-built passes).
+
+    What configurations share is built once: the passes per phase, the forecasts per (phase,
+    prefetcher, lookahead, overfetch) and the split parts per (phase, split, seed)."""
 
     def __init__(self, store: TraceStore | None, passes: Passes | None = None):
         if store is None and passes is None:
@@ -562,10 +565,10 @@ def simulate_configs(store: TraceStore | None, configs: list[SimConfig], *, pass
     """
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
-    rc = ReplayCache(store, passes)
-    replays = [rc.replay(cfg) for cfg in configs]  # every configuration is checked before any runs
+    of_store = Replays(store, passes)
+    replays = [of_store.replay(cfg) for cfg in configs]  # every configuration is checked before any runs
     if workers > 1 and len(configs) > 1:
-        del replays, rc  # each worker builds its own from the store's path: nothing big is pickled
+        del replays, of_store  # each worker builds its own from the store's path: nothing big is pickled
         return _simulate_in_workers(store, passes, configs, min(workers, len(configs)), progress)
     it: Any = zip(replays, configs, strict=True)
     if progress:
@@ -575,16 +578,16 @@ def simulate_configs(store: TraceStore | None, configs: list[SimConfig], *, pass
     return [simulate(replay, cfg) for replay, cfg in it]
 
 
-_WORKER: dict[str, ReplayCache] = {}  # a sweep worker's own replay cache (passes and forecasts, built once)
+_WORKER: dict[str, Replays] = {}  # a sweep worker's own Replays (passes and forecasts, built once)
 
 
 def _worker_start(store_path: str | None, passes: Passes | None) -> None:
     """Open the store by its path: its shards are memory-mapped, so all workers share the page cache."""
-    _WORKER["rc"] = ReplayCache(TraceStore(store_path) if store_path is not None else None, passes)
+    _WORKER["replays"] = Replays(TraceStore(store_path) if store_path is not None else None, passes)
 
 
 def _worker_simulate(cfg: SimConfig) -> dict[str, Any]:
-    return simulate(_WORKER["rc"].replay(cfg), cfg)
+    return simulate(_WORKER["replays"].replay(cfg), cfg)
 
 
 def _simulate_in_workers(store: TraceStore | None, passes: Passes | None, configs: list[SimConfig], workers: int,
