@@ -33,7 +33,7 @@ every node shares) hands the units that are not stored yet round-robin to the ra
 unit's texts and batches never depend on N, its forward passes and its bytes do not either: 1, 2
 or 4 ranks write byte-identical shards, listed in the same order (same device type, dtype and
 intra-op thread count; torchrun sets ``OMP_NUM_THREADS=1`` unless told otherwise, so compare with
-a single process run with the same). ``python -m data_pipeline.inspect STORE --verify`` prints a
+a single process run with the same). ``python -m data_pipeline.inspect_store STORE --verify`` prints a
 content digest that does not depend on the shard layout at all.
 
 **Who writes what.** Rank 0 holds the store's writer lock and is its only committer: it alone

@@ -1,7 +1,7 @@
 """Token-aware forecasts: which experts a token needs at every layer, known before layer 0 runs.
 
 Real routers are strongly token-driven (the same token id tends to go to the same experts at a
-layer whatever its context; ``python -m data_pipeline.inspect`` measures how much), and the token
+layer whatever its context; ``python -m data_pipeline.inspect_store`` measures how much), and the token
 is the one input an engine has before the pass starts. Two pieces:
 
 - :class:`TokenPrior` (shared): P(expert e at layer t | token), **counted** on the training rows

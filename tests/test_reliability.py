@@ -31,7 +31,7 @@ from reliability_helpers import (
 
 import evaluate
 import train
-from data_pipeline import collect, import_routes, inspect
+from data_pipeline import collect, import_routes, inspect_store
 from data_pipeline.errors import run_cli
 from data_pipeline.models import load_model
 from data_pipeline.trace_store import MANIFEST_NAME, TraceStore, TraceStoreError
@@ -129,7 +129,7 @@ def test_leftover_shards_of_another_writer_are_not_adopted_on_rerun(store, model
     err = capsys.readouterr().err
     assert err.count("dropped unlisted shard") == len(shards)
     assert_same(snapshot(store), before)
-    run_cli(inspect.main, [str(store), "--verify", "--json"])  # passes, and holds every sequence once
+    run_cli(inspect_store.main, [str(store), "--verify", "--json"])  # passes, and holds every sequence once
     assert sorted((store / "shards").glob("shard-*.arrow")) == shards
 
 
@@ -299,7 +299,7 @@ def test_llama_cpp_output_layer_pruning_is_imported_as_not_run(gemma_csv, gemma_
     assert (s.topk_weights()[skipped] == 0).all()
     assert np.array_equal(s.topk_weights()[~skipped], full.topk_weights()[~skipped])
     assert s.manifest["skipped_routes"]["layers"] == [29] and s.manifest["skipped_routes"]["rows"] == 28
-    run_cli(inspect.main, [str(tmp_path / "p"), "--json"])  # reads it (usage counts only routes that ran)
+    run_cli(inspect_store.main, [str(tmp_path / "p"), "--json"])  # reads it (usage counts only routes that ran)
     assert json.loads(capsys.readouterr().out)["per_layer"][29]["experts_used"] > 0
     # the predictors train and score on it (a skipped route is no target, never expert -1)
     assert train.main(["--data.store", str(tmp_path / "p"), "--checkpoints", str(tmp_path / "ck"), "--run", "p",
@@ -328,7 +328,7 @@ def test_bytes_changed_inside_a_shard_one_line_everywhere(store, tmp_path, capsy
     poke(shard, "topk_ids", 5, 32767)
     before = _files(store)
     for main, argv in (
-        (inspect.main, [str(store)]),
+        (inspect_store.main, [str(store)]),
         (train.main, ["--data.store", str(store), "--checkpoints", str(tmp_path / "ck"),
                       "--families", "[frequency]", *QUIET]),
         (reuse.main, ["--trace", str(store), "--out", str(tmp_path / "reuse"), "--family", "reuse_counted"]),
@@ -383,7 +383,7 @@ def test_changed_ids_caught_even_without_checksums(store, damage, needle):
 ])
 def test_manifest_of_the_wrong_shape_one_line(store, tmp_path, capsys, text, needle):
     (store / MANIFEST_NAME).write_bytes(text.encode("utf-8", "surrogateescape"))
-    for main, argv in ((inspect.main, [str(store)]),
+    for main, argv in ((inspect_store.main, [str(store)]),
                        (train.main, ["--data.store", str(store), "--checkpoints", str(tmp_path / "ck"), *QUIET]),
                        (collect.main, ["--out", str(store), *COLLECT])):
         assert needle in cli_error(main, argv, capsys)
@@ -393,7 +393,7 @@ def test_manifest_of_the_wrong_shape_one_line(store, tmp_path, capsys, text, nee
 def test_a_manifest_edited_or_flipped_is_refused_not_misread(store, capsys):
     text = (store / MANIFEST_NAME).read_text()
     (store / MANIFEST_NAME).write_text(text.replace('"num_experts": 32', '"num_experts": 33'))
-    assert "manifest.json does not match its checksum" in cli_error(inspect.main, [str(store)], capsys)
+    assert "manifest.json does not match its checksum" in cli_error(inspect_store.main, [str(store)], capsys)
 
 
 # ---------------------------------------------------------------------------------- disk full, read-only

@@ -153,10 +153,10 @@ def test_token_explained_on_the_rule(token_store) -> None:
 def test_inspect_reports_the_token_share(token_store, bare_store, capsys) -> None:
     import json
 
-    from data_pipeline import inspect
+    from data_pipeline import inspect_store
 
-    inspect.main([str(token_store.path), "--json"])
+    inspect_store.main([str(token_store.path), "--json"])
     tok = json.loads(capsys.readouterr().out)["token"]
     assert [r["token_recall"] for r in tok["per_layer"]] == [1.0] * L
-    inspect.main([str(bare_store.path)])
+    inspect_store.main([str(bare_store.path)])
     assert "no token ids in this store" in capsys.readouterr().out

@@ -1,6 +1,6 @@
 """Inspect a trace store: the numbers a researcher asks first, and an expert-usage heatmap.
 
-``python -m data_pipeline.inspect traces/NAME [--png usage.png] [--json]`` prints tokens,
+``python -m data_pipeline.inspect_store traces/NAME [--png usage.png] [--json]`` prints tokens,
 sequences, layers, experts, top-k, and per MoE layer:
 
 - **usage entropy**: entropy (bits) of the distribution of top-k selections over the layer's
@@ -214,7 +214,7 @@ def write_heatmap(counts: np.ndarray, path: str | Path, *, title: str = "") -> P
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m data_pipeline.inspect", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m data_pipeline.inspect_store", description=__doc__.split("\n")[0])
     ap.add_argument("store", type=Path, help="trace store folder")
     ap.add_argument("--png", type=Path, default=None, help="write a per-layer expert-usage heatmap here")
     ap.add_argument("--json", action="store_true", help="print the numbers as JSON instead of tables")
