@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_pipeline.errors import UserError, run_cli
+from core.errors import UserError, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.errors import UserError, run_cli
+from core.errors import UserError, run_cli
 from predictors.training import (
     ALL_FAMILIES,
     DataConfig,

@@ -31,7 +31,7 @@ from rich.progress import track
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.errors import UserError, run_cli  # noqa: E402
+from core.errors import UserError, run_cli  # noqa: E402
 from data_pipeline.import_routes import import_routes  # noqa: E402
 from data_pipeline.trace_store import TraceStore  # noqa: E402
 from offload.capacity import parse_capacity  # noqa: E402

@@ -27,7 +27,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_pipeline.errors import UserError, run_cli  # noqa: E402
+from core.errors import UserError, run_cli  # noqa: E402
 from offload.latency import annotate, physical_limit  # noqa: E402
 from offload.simulator import SimConfig, simulate_configs  # noqa: E402
 

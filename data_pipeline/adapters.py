@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from data_pipeline.trace_store import ModelInfo
 
 _DTYPE_NAMES = {

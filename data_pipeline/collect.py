@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from data_pipeline.errors import EXIT_BAD_INPUT, UserError, run_cli
+from core.errors import EXIT_BAD_INPUT, UserError, run_cli
 from data_pipeline.ranks import Ranks, from_env
 from data_pipeline.store_lock import StoreLock
 from data_pipeline.trace_store import (

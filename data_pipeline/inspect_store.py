@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.errors import UserError, run_cli
+from core.errors import UserError, run_cli
 from data_pipeline.token_routing import token_explained
 from data_pipeline.trace_store import TraceStore
 

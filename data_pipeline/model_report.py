@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.errors import UserError, run_cli
+from core.errors import UserError, run_cli
 
 
 @torch.no_grad()

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.errors import UserError
 from data_pipeline.adapters import MoEAdapter, as_torch_dtype, dtype_name, get_adapter
-from data_pipeline.errors import UserError
 from data_pipeline.trace_store import ModelInfo
 
 TINY_OLMOE = "tiny-olmoe"

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.errors import UserError, run_cli
+from core.errors import UserError, run_cli
 
 RUN_ROOT = "runs"  # Lightning checkpoints and W&B files (ignored by git)
 

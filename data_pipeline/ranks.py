@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from data_pipeline.errors import EXIT_BAD_INPUT, UserError, one_line
+from core.errors import EXIT_BAD_INPUT, UserError, one_line
 
 T = TypeVar("T")
 TIMEOUT = datetime.timedelta(hours=1)  # a rank may load a large model long after another finished

@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from data_pipeline.errors import UserError, one_line
+from core.errors import UserError, one_line
 from data_pipeline.store_lock import LOCK_NAME, StoreLock
 
 FORMAT_VERSION = 1

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from data_pipeline.trace_store import DECODE, PREFILL, TraceStore
 
 PHASES = ("prefill", "decode", "both")

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from data_pipeline.trace_store import TraceStore
 from offload.passes import Passes
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from data_pipeline.trace_store import PREFILL, TraceStore
 from offload.cache import ExpertCache
 from offload.capacity import layer_expert_bytes, parse_capacity

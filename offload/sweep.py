@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from data_pipeline.trace_store import TraceStore
 from offload.hardware import get_hardware, hardware_names
 from offload.miss_handling import MISS_MODES

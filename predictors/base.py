@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 
 
 def check_lookahead(lookahead: int, num_layers: int) -> None:

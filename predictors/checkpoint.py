@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from data_pipeline.trace_store import ModelInfo
 from predictors.base import Predictor
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from predictors.base import PredictContext, Predictor, check_lookahead
 
 

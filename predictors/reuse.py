@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data_pipeline.errors import UserError, run_cli
+from core.errors import UserError, run_cli
 from data_pipeline.trace_store import ModelInfo, TraceStore
 from predictors.reuse_features import FEATURE_NAMES, NUM_FEATURES, ReuseHistory, replay_rows
 

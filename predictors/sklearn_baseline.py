@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from predictors.base import PredictContext, Predictor, check_lookahead
 
 NEVER = -30.0  # logit of an expert never chosen at l+d in training (sigmoid ~ 1e-13)

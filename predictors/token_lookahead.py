@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from data_pipeline.token_routing import has_tokens, token_expert_counts, token_vocab
 from predictors.base import PredictContext
 from predictors.learned import LearnedPredictor

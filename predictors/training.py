@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.errors import UserError, one_line
+from core.errors import UserError, one_line
 from data_pipeline.token_routing import has_tokens
 from data_pipeline.trace_store import TraceStore
 from predictors.base import Predictor, check_lookahead

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from data_pipeline.errors import run_cli
+from core.errors import run_cli
 from data_pipeline.trace_store import TraceStore
 
 _PROGRESS = re.compile(r"\d+%\|.*\| \d+/\d+ \[")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.errors import UserError
 from data_pipeline.adapters import ADAPTERS, get_adapter
-from data_pipeline.errors import UserError
 
 
 def tiny_mixtral(seed: int = 0):

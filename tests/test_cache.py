@@ -88,7 +88,7 @@ def test_least_stale_refuses_to_evict_current_for_a_prefetch():
 
 
 def test_unknown_policy_lists_valid_names():
-    from data_pipeline.errors import UserError
+    from core.errors import UserError
 
     with pytest.raises(UserError, match="least_stale.*lru"):
         make_policy("nope")

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import UserError
 from data_pipeline.collect import collect_traces, encode_batch, parse_hidden_layers
-from data_pipeline.errors import UserError
 from data_pipeline.models import load_model
 from data_pipeline.trace_store import TraceStore, TraceStoreError, TraceStoreWriter
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_predictor_synthetic import make_synthetic_store
 
+from core.errors import UserError
 from data_pipeline.datamodule import TokenDataset, TraceDataModule, previous_rows, split_rows
-from data_pipeline.errors import UserError
 from data_pipeline.trace_store import ModelInfo, TraceStoreWriter
 
 

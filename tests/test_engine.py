@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from offload.engine.engine import EngineConfig, OffloadEngine, clone_loaded, layer_accesses
 from offload.engine.generate import greedy_generate
 from offload.engine.prompts import load_prompts

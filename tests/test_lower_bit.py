@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from offload.cache import ExpertCache
 from offload.hardware import get_hardware
 from offload.link import DEMAND, PREFETCH, UPGRADE, SimLink

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from data_pipeline.models import TINY_OLMOE_CONFIG, build_tiny_olmoe, load_model
 
 

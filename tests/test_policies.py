@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from offload.cache import ExpertCache
 from offload.policies import FIFO, FLD, LFU, LHU, LRU, Belady, LeastStale, RandomEviction, ScoreBased
 from tests.cache_replay import replay

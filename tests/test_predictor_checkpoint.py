@@ -11,8 +11,8 @@ import pytest
 import torch
 from test_predictor_synthetic import make_synthetic_store
 
+from core.errors import UserError
 from data_pipeline.datamodule import TokenDataset
-from data_pipeline.errors import UserError
 from predictors.base import PredictContext
 from predictors.checkpoint import latest_checkpoint, load_predictor, read_checkpoint, save_predictor
 from predictors.frequency import ConditionalFrequency, FrequencyPredictor

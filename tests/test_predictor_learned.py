@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_predictor_synthetic import make_synthetic_store
 
+from core.errors import UserError
 from data_pipeline.datamodule import TokenDataset, split_rows
-from data_pipeline.errors import UserError
 from predictors.base import PredictContext
 from predictors.evaluation import evaluate_predictor
 from predictors.frequency import ConditionalFrequency

@@ -31,8 +31,8 @@ from reliability_helpers import (
 
 import evaluate
 import train
+from core.errors import run_cli
 from data_pipeline import collect, import_routes, inspect_store
-from data_pipeline.errors import run_cli
 from data_pipeline.models import load_model
 from data_pipeline.trace_store import MANIFEST_NAME, TraceStore, TraceStoreError
 from predictors import reuse

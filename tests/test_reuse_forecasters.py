@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from data_pipeline.trace_store import ModelInfo, TraceStoreWriter
 from offload.forecast_eval import replay_split
 from offload.passes import build_passes, passes_from_lists

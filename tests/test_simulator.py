@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from data_pipeline.trace_store import ModelInfo, TraceStoreWriter
 from offload.capacity import parse_capacity
 from offload.hardware import get_hardware

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import evaluate
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from data_pipeline.trace_store import ModelInfo, TraceStoreWriter
 from offload import simulator
 from offload.simulator import SimConfig, simulate_configs

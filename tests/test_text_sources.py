@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from core.errors import UserError
 from data_pipeline import text_sources
-from data_pipeline.errors import UserError
 from data_pipeline.text_sources import load_texts
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import train
+from core.errors import UserError
 from data_pipeline.datamodule import TokenDataset
-from data_pipeline.errors import UserError
 from data_pipeline.token_routing import token_explained
 from data_pipeline.trace_store import DECODE, ModelInfo, TraceStoreWriter
 from predictors.base import PredictContext
@@ -109,7 +109,7 @@ def test_no_tokens_fall_back(bare_store, tmp_path: Path, capsys) -> None:
     assert traj.tokens is None and traj.needs == {"chosen", "previous"} and traj.mix.shape[-1] == traj.window + 1
     assert not any("tok" in k for k in [*mlp.state(), *traj.state()])  # the same tensors as before tokens
     with pytest.raises(SystemExit):
-        from data_pipeline.errors import run_cli
+        from core.errors import run_cli
 
         run_cli(train.main, ["--data.store", str(bare_store.path), "--families", "[token]", "--checkpoints",
                              str(tmp_path), *QUIET])

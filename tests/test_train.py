@@ -11,7 +11,7 @@ from browser import check_report
 from test_predictor_synthetic import make_synthetic_store
 
 import train
-from data_pipeline.errors import run_cli
+from core.errors import run_cli
 from predictors.checkpoint import latest_checkpoint, load_predictor, read_checkpoint
 
 QUIET = ["--wandb.mode", "disabled", "--trainer.enable_progress_bar", "false", "--threads", "1"]

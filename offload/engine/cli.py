@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.errors import UserError, run_cli
+from core.errors import UserError, run_cli
 from offload.miss_handling import LOWER_BIT_MODES, MISS_MODES
 from offload.precision import PRECISIONS, precision_ladder
 from offload.prefetch import refuse_renamed_prefetcher

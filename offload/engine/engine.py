@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.errors import UserError
 from data_pipeline.adapters import get_adapter
-from data_pipeline.errors import UserError
 from offload.cache import ExpertCache
 from offload.engine.copier import CopierLink, ThrottledCopier
 from offload.engine.device_pool import DevicePool

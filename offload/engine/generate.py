@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 
 PREFILL, DECODE = 0, 1
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 
 _FINAL = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)")
 _NUMBER = re.compile(r"[-+]?\d[\d,]*\.?\d*")

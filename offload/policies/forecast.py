@@ -95,7 +95,7 @@ class Forecast(EvictionPolicy):
         if not isinstance(spec, ReuseForecaster):
             raise TypeError(f"forecaster must be a ReuseForecaster, a checkpoint path or None, got {type(spec)}")
         if (spec.num_layers, spec.num_experts) != (num_layers, num_experts):
-            from data_pipeline.errors import UserError
+            from core.errors import UserError
 
             raise UserError(f"the reuse forecaster was trained for {spec.num_layers} layers x {spec.num_experts} "
                             f"experts, the cache holds {num_layers} x {num_experts}")
