@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.errors import UserError
-from data_pipeline.trace_store import ModelInfo
+from core.model_info import ModelInfo
 
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,

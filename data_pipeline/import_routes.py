@@ -67,11 +67,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from core.errors import UserError, run_cli
+from core.model_info import ModelInfo
 from data_pipeline.store_lock import StoreLock
 from data_pipeline.trace_store import (
     MAX_EXPERTS,
     SKIPPED,
-    ModelInfo,
     StagedShard,
     TraceStore,
     TraceStoreWriter,

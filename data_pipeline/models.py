@@ -1,7 +1,7 @@
 """Model loading with one call: ``tiny-olmoe``, a local ``save_pretrained`` folder, or a hub id.
 
 ``load_model(name)`` returns a :class:`LoadedModel`: the HF model in eval mode, its tokenizer (pad
-token set), the family adapter and the :class:`~data_pipeline.trace_store.ModelInfo` that trace
+token set), the family adapter and the :class:`~core.model_info.ModelInfo` that trace
 stores and checkpoints record.
 
 - ``tiny-olmoe``: a seeded random OLMoE built from ``OlmoeConfig`` (6 layers x 32 experts, top-4,
@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from core.errors import UserError
+from core.model_info import ModelInfo
 from data_pipeline.adapters import MoEAdapter, as_torch_dtype, dtype_name, get_adapter
-from data_pipeline.trace_store import ModelInfo
 
 TINY_OLMOE = "tiny-olmoe"
 OLMOE_MINI = "olmoe-mini"

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.errors import UserError
-from data_pipeline.trace_store import DECODE, TraceStore
+from core.model_info import DECODE
+from data_pipeline.trace_store import TraceStore
 
 SPLITS = ("auto", "sequence", "position")
 

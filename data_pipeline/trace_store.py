@@ -57,6 +57,7 @@ import numpy as np
 import pyarrow as pa
 
 from core.errors import UserError, one_line
+from core.model_info import DECODE, PREFILL, ModelInfo
 from data_pipeline.store_lock import LOCK_NAME, StoreLock
 
 FORMAT_VERSION = 1
@@ -64,7 +65,6 @@ MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 ROUTER_WEIGHTS_NAME = "router_weights.safetensors"
 VOCAB_NAME = "vocab.json"
-PREFILL, DECODE = 0, 1
 MAX_EXPERTS = int(np.iinfo(np.int16).max)  # expert ids are stored as int16
 SKIPPED = -1  # topk id of a (token, layer) that did not run
 _SHARD_FILE = re.compile(rf"{SHARD_DIR}/shard-\d+\.arrow")
@@ -73,39 +73,6 @@ SPILL_SUFFIX = ".spill"  # a folder of temporary files a writer keeps inside sha
 
 class TraceStoreError(UserError):
     """A problem with a trace store, phrased as one line for the user (it names the file)."""
-
-
-@dataclass
-class ModelInfo:
-    """The numbers of the model a store was collected from; everything downstream checks them."""
-
-    model_id: str
-    family: str
-    num_layers: int
-    num_experts: int
-    top_k: int
-    hidden_size: int | None = None
-    expert_bytes: int | None = None  # bytes of one expert in ``dtype``
-    dtype: str | None = None
-    revision: str | None = None
-    moe_intermediate_size: int | None = None
-    norm_topk_prob: bool | None = None
-    layer_expert_bytes: list[int] | None = None  # per-layer sizes where they differ (imported traces)
-
-    def key(self) -> dict[str, Any]:
-        """The identity that decides whether two stores/checkpoints talk about the same model."""
-        return {
-            "model_id": self.model_id,
-            "num_layers": self.num_layers,
-            "num_experts": self.num_experts,
-            "top_k": self.top_k,
-            "hidden_size": self.hidden_size,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.errors import UserError
-from data_pipeline.trace_store import DECODE, PREFILL, TraceStore
+from core.model_info import DECODE, PREFILL
+from data_pipeline.trace_store import TraceStore
 
 PHASES = ("prefill", "decode", "both")
 

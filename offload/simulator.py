@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from core.errors import UserError
-from data_pipeline.trace_store import PREFILL, TraceStore
+from core.model_info import PREFILL
+from data_pipeline.trace_store import TraceStore
 from offload.cache import ExpertCache
 from offload.capacity import layer_expert_bytes, parse_capacity
 from offload.counters import Counters
@@ -501,7 +502,7 @@ class Replays:
             slots = parse_capacity(cfg.capacity, self.store.model, cfg.cache)
             bpp = bytes_per_param(self.store.model.dtype)
         else:
-            from data_pipeline.trace_store import ModelInfo
+            from core.model_info import ModelInfo
 
             info = ModelInfo("passes", "none", ps.num_layers, ps.num_experts, ps.top_k)
             slots = parse_capacity(cfg.capacity, info, cfg.cache)

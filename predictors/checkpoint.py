@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from core.errors import UserError
-from data_pipeline.trace_store import ModelInfo
+from core.model_info import ModelInfo
 from predictors.base import Predictor
 
 FORMAT_VERSION = 1

@@ -47,7 +47,8 @@ import torch
 from torch import nn
 
 from core.errors import UserError, run_cli
-from data_pipeline.trace_store import ModelInfo, TraceStore
+from core.model_info import ModelInfo
+from data_pipeline.trace_store import TraceStore
 from predictors.reuse_features import FEATURE_NAMES, NUM_FEATURES, ReuseHistory, replay_rows
 
 if TYPE_CHECKING:

@@ -11,8 +11,9 @@ import torch
 from test_predictor_synthetic import make_synthetic_store
 
 from core.errors import UserError
+from core.model_info import ModelInfo
 from data_pipeline.datamodule import TokenDataset, TraceDataModule, previous_rows, split_rows
-from data_pipeline.trace_store import ModelInfo, TraceStoreWriter
+from data_pipeline.trace_store import TraceStoreWriter
 
 
 @pytest.fixture(scope="module")

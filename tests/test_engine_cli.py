@@ -68,7 +68,7 @@ def test_bad_input_is_one_line(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_refusals_that_need_the_model(capsys, tmp_path):
-    from data_pipeline.trace_store import ModelInfo
+    from core.model_info import ModelInfo
 
     _fails(capsys, ["--prefetch", "none", "--capacity", "3", *FAST], "capacity")  # top-k is 4
     other = ModelInfo("another-moe", "olmoe", 6, 32, 4, hidden_size=128)

@@ -9,7 +9,7 @@ import sys
 import pytest
 from test_reuse_forecasters import _sticky_store
 
-from data_pipeline.trace_store import ModelInfo
+from core.model_info import ModelInfo
 from predictors.reuse import CountedReuse, load_reuse_forecaster, save_reuse_forecaster
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from core.errors import UserError
-from data_pipeline.trace_store import ModelInfo, TraceStoreWriter
+from core.model_info import ModelInfo
+from data_pipeline.trace_store import TraceStoreWriter
 from offload.forecast_eval import replay_split
 from offload.passes import build_passes, passes_from_lists
 from offload.policies import make_policy

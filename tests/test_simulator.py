@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from core.errors import UserError
-from data_pipeline.trace_store import ModelInfo, TraceStoreWriter
+from core.model_info import ModelInfo
+from data_pipeline.trace_store import TraceStoreWriter
 from offload.capacity import parse_capacity
 from offload.hardware import get_hardware
 from offload.passes import build_passes, passes_from_lists

@@ -11,7 +11,8 @@ import pytest
 
 import evaluate
 from core.errors import UserError
-from data_pipeline.trace_store import ModelInfo, TraceStoreWriter
+from core.model_info import ModelInfo
+from data_pipeline.trace_store import TraceStoreWriter
 from offload import simulator
 from offload.simulator import SimConfig, simulate_configs
 

@@ -11,9 +11,10 @@ import torch
 
 import train
 from core.errors import UserError
+from core.model_info import DECODE, ModelInfo
 from data_pipeline.datamodule import TokenDataset
 from data_pipeline.token_routing import token_explained
-from data_pipeline.trace_store import DECODE, ModelInfo, TraceStoreWriter
+from data_pipeline.trace_store import TraceStoreWriter
 from predictors.base import PredictContext
 from predictors.checkpoint import load_predictor, read_checkpoint, save_predictor
 from predictors.mlp_lookahead import MLPLookahead

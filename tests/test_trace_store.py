@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.model_info import ModelInfo
 from data_pipeline.trace_store import (
     MANIFEST_NAME,
-    ModelInfo,
     ShardFormat,
     TraceStore,
     TraceStoreError,

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.trace_store import PREFILL, TraceStore, TraceStoreWriter
+from core.model_info import PREFILL
+from data_pipeline.trace_store import TraceStore, TraceStoreWriter
 
 
 class TraceRecorder:
