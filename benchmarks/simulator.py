@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from offload.passes import passes_from_lists  # noqa: E402
+from core.passes import passes_from_lists  # noqa: E402
 from offload.policies import policy_names  # noqa: E402
 from offload.simulator import Replays, SimConfig  # noqa: E402
 from offload.simulator_fast import kernel_args  # noqa: E402

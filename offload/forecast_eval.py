@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from core.passes import Passes
 from offload.cache import ExpertCache
-from offload.passes import Passes
 from offload.policies.base import EvictionPolicy
 from offload.step import LayerStep
 

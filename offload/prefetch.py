@@ -1,6 +1,6 @@
 """Prefetchers: which experts of layers l+1..l+D to copy in while layer l runs.
 
-A prefetcher turns a replay (:class:`offload.passes.Passes`) into an :class:`ExpertForecast`: for every
+A prefetcher turns a replay (:class:`core.passes.Passes`) into an :class:`ExpertForecast`: for every
 pass ``p``, layer ``l`` and distance ``d`` the ranked candidate experts of layer ``l+d``, best first, and how
 many of them the selection rule picks. Forecasts
 are computed for the whole store before the replay (one ``predict`` call per layer over all tokens),
@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from core.errors import UserError
+from core.passes import Passes
 from data_pipeline.trace_store import TraceStore
-from offload.passes import Passes
 
 #: ranked candidates kept per forecast: ``DEPTH_FACTOR * top_k`` (at least what the selection picks).
 #: Admission by value may go past the selected ones; eviction weighs every listed candidate.

@@ -39,6 +39,7 @@ import numpy as np
 
 from core.errors import UserError
 from core.model_info import PREFILL
+from core.passes import NEVER, Passes, build_passes, prefill_layer
 from data_pipeline.trace_store import TraceStore
 from offload.cache import ExpertCache
 from offload.capacity import layer_expert_bytes, parse_capacity
@@ -46,7 +47,6 @@ from offload.counters import Counters
 from offload.hardware import Hardware, bytes_per_param, get_hardware
 from offload.link import SimCopy, SimLink
 from offload.miss_handling import MissHandling
-from offload.passes import NEVER, Passes, _prefill_layer, build_passes
 from offload.policies import make_policy
 from offload.precision import (
     PRECISIONS,
@@ -296,7 +296,7 @@ def simulate_reference(replay: Replay, cfg: SimConfig) -> dict[str, Any]:
             if aware:
                 ids, w = router.route(layer, np.asarray(logits[rows, layer], dtype=np.float32),  # type: ignore[union-attr,index]
                                       step.cached_mask(layer))
-                ex, sc, br, nt = _prefill_layer(ids, w, E)
+                ex, sc, br, nt = prefill_layer(ids, w, E)
                 accesses = [Access(int(e), float(s), int(r), int(n)) for e, s, r, n in zip(ex, sc, br, nt, strict=True)]
             else:
                 accesses = layer_accesses(ps, p, layer, future)

@@ -32,7 +32,7 @@ import numba as nb
 import numpy as np
 from numba.core.dispatcher import Dispatcher
 
-from offload.passes import NEVER
+from core.passes import NEVER
 from offload.policies import POLICIES, make_policy
 from offload.policies.base import EvictionPolicy
 from offload.policies.compiled import Allowed, KernelContext

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
+from core.passes import PHASES
 from data_pipeline.trace_store import TraceStore
 from offload.hardware import get_hardware, hardware_names
 from offload.miss_handling import MISS_MODES
-from offload.passes import PHASES
 from offload.policies import POLICIES
 from offload.prefetch import PREFETCHERS, refuse_renamed_prefetcher
 from offload.routing import ROUTINGS

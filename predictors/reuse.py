@@ -40,7 +40,7 @@ import argparse
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -48,11 +48,9 @@ from torch import nn
 
 from core.errors import UserError, run_cli
 from core.model_info import ModelInfo
+from core.passes import Passes, build_passes, take_passes
 from data_pipeline.trace_store import TraceStore
 from predictors.reuse_features import FEATURE_NAMES, NUM_FEATURES, ReuseHistory, replay_rows
-
-if TYPE_CHECKING:
-    from offload.passes import Passes
 
 P_MIN = 1e-3  # floor of a reuse probability: N = 1/p stays finite
 AGE_EDGES = np.array([1, 2, 3, 4, 5, 7, 10, 16, 32, 64, 128])  # passes; bucket i = [edge_i, edge_{i+1})
@@ -377,8 +375,6 @@ def reuse_rows(passes: Passes, pass_part: np.ndarray) -> dict[int, tuple[np.ndar
     Validation and test rows come from a replay of every pass in order, as the policy sees them
     at run time (a held-out pass is forecast from everything before it).
     """
-    from predictors.reuse_features import take_passes
-
     def collect(ps: Passes, part_of: np.ndarray, want: set[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         feats: dict[int, list[np.ndarray]] = {k: [] for k in want}
         labels: dict[int, list[np.ndarray]] = {k: [] for k in want}
@@ -472,8 +468,6 @@ def fit_reuse(store: TraceStore, family: str, *, seed: int = 0, val_fraction: fl
     The MLP sees at most ``max_train_rows`` training rows (a seeded sample): a long store yields
     millions of near-duplicate rows and a 1.5k-parameter model stops improving long before.
     """
-    from offload.passes import build_passes
-
     if family not in FAMILIES:
         raise UserError(f"unknown reuse family {family!r}; valid: {', '.join(FAMILIES)}")
     passes = passes if passes is not None else build_passes(store)
@@ -601,7 +595,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     families = [f.strip() for f in args.family.split(",") if f.strip()]
     check_reuse_arguments(families, args.val_fraction, args.test_fraction, args.epochs)
-    from offload.passes import build_passes
 
     store = TraceStore(args.trace)
     passes = build_passes(store, args.phase)

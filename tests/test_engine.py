@@ -102,7 +102,7 @@ def test_prefetching_predictor_raises_the_hit_rate(tiny, prompt_ids):
 def test_layer_accesses_order_and_scores():
     ids = torch.tensor([[3, 1], [1, 0]])
     w = torch.tensor([[0.5, 0.25], [0.5, 0.5]])
-    # score desc; 3 and 0 tie at 0.5 and 3 wins on its best rank (0 < 1), as in offload.passes
+    # score desc; 3 and 0 tie at 0.5 and 3 wins on its best rank (0 < 1), as in core.passes
     assert layer_accesses(ids, w) == [(1, 0.75, 0), (3, 0.5, 0), (0, 0.5, 1)]
     assert layer_accesses(torch.tensor([[2, -1]]), torch.tensor([[0.7, 0.3]])) == [(2, pytest.approx(0.7), 0)]
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from core.passes import build_passes, passes_from_lists
 from offload.cache import ExpertCache
 from offload.forecast_eval import replay_split
-from offload.passes import build_passes, passes_from_lists
 from offload.policies import Belady, Forecast, LeastStaleForecast, make_policy
 from offload.simulator import SimConfig, simulate_configs
 from predictors.reuse import ReuseForecaster

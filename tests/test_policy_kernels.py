@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from offload.passes import passes_from_lists
+from core.passes import passes_from_lists
 from offload.policies import POLICIES, policy_names
 from offload.simulator import SimConfig
 from offload.simulator_fast import _source_files, supports

@@ -9,9 +9,9 @@ import pytest
 
 from core.errors import UserError
 from core.model_info import ModelInfo
+from core.passes import build_passes, passes_from_lists, take_passes
 from data_pipeline.trace_store import TraceStoreWriter
 from offload.forecast_eval import replay_split
-from offload.passes import build_passes, passes_from_lists
 from offload.policies import make_policy
 from predictors.reuse import (
     CountedReuse,
@@ -24,7 +24,7 @@ from predictors.reuse import (
     save_reuse_forecaster,
     split_of_passes,
 )
-from predictors.reuse_features import AGE_CAP, FEATURE_NAMES, ReuseHistory, replay_rows, take_passes
+from predictors.reuse_features import AGE_CAP, FEATURE_NAMES, ReuseHistory, replay_rows
 
 F = {name: i for i, name in enumerate(FEATURE_NAMES)}
 

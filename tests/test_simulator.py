@@ -8,10 +8,10 @@ import torch
 
 from core.errors import UserError
 from core.model_info import ModelInfo
+from core.passes import build_passes, passes_from_lists
 from data_pipeline.trace_store import TraceStoreWriter
 from offload.capacity import parse_capacity
 from offload.hardware import get_hardware
-from offload.passes import build_passes, passes_from_lists
 from offload.prefetch import OraclePrefetch, PercentileSelection, forecast_quality
 from offload.simulator import Replay, SimConfig, simulate_configs, simulate_reference
 from offload.simulator_fast import simulate_fast

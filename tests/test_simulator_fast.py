@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from offload.passes import passes_from_lists
+from core.passes import passes_from_lists
 from offload.simulator import SimConfig, simulate_configs
 
 COMPARED = ("accesses", "hits", "misses", "collision_misses", "collision_misses_per_layer", "evictions",

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from core.passes import passes_from_lists
 from offload.cache import ExpertCache
 from offload.hardware import get_hardware
 from offload.link import DEMAND, PREFETCH, SimLink
-from offload.passes import passes_from_lists
 from offload.policies import make_policy
 from offload.prefetch import OraclePrefetch
 from offload.simulator import Replay, SimBackend, SimConfig, simulate_reference

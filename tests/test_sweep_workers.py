@@ -77,7 +77,7 @@ def test_two_workers_equal_serial_field_by_field(store, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_hand_built_passes_and_more_workers_than_configurations(store):
-    from offload.passes import build_passes
+    from core.passes import build_passes
 
     configs = [SimConfig(policy=p, capacity="25%", phase="decode") for p in ("lru", "belady")]
     passes = build_passes(store, "decode")

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from offload.passes import build_passes
+from core.passes import build_passes
 
 
 def fit_compute_profile(store: Any, pass_times: np.ndarray, *, link_bytes_per_s: float | None,

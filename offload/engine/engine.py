@@ -86,7 +86,7 @@ def layer_accesses(ids: torch.Tensor, weights: torch.Tensor) -> list[tuple[int, 
 
     One access per distinct expert; score = its routing weight summed over the tokens. Order: score
     descending, ties by best rank then expert id, so a decode step (one token) is plain rank order.
-    This is exactly :func:`offload.passes.build_passes`' order, which is what makes the engine's
+    This is exactly :func:`core.passes.build_passes`' order, which is what makes the engine's
     hits and misses replayable by the simulator. Negative ids mark dropped slots and are skipped.
     """
     K = ids.shape[-1]
