@@ -19,9 +19,8 @@ import numpy as np
 from core.passes import Passes
 from offload.cache import ExpertCache
 from offload.policies.base import EvictionPolicy
+from offload.sim_result import PARTS
 from offload.step import LayerStep
-
-PARTS = ("train", "val", "test")
 
 
 @dataclass

@@ -41,9 +41,9 @@ from core.errors import UserError
 from core.model_info import PREFILL
 from core.passes import NEVER, Passes, build_passes, prefill_layer
 from data_pipeline.trace_store import TraceStore
+from offload import simulator_fast
 from offload.cache import ExpertCache
 from offload.capacity import layer_expert_bytes, parse_capacity
-from offload.counters import Counters
 from offload.hardware import Hardware, bytes_per_param, get_hardware
 from offload.link import SimCopy, SimLink
 from offload.miss_handling import MissHandling
@@ -59,9 +59,9 @@ from offload.precision import (
 )
 from offload.prefetch import ExpertForecast, Prefetcher, forecast_depth, make_prefetcher
 from offload.routing import ROUTINGS, CacheAwareRouter
+from offload.sim_result import Tally, counted_passes, result
 from offload.step import Access, Candidates, LayerStep, Run
 
-PARTS = ("train", "val", "test")
 PASS_SETS = ("all", "train", "val", "test", "held-out")
 
 
@@ -246,20 +246,6 @@ def table_forecaster(fc: ExpertForecast, p: int, num_layers: int) -> Callable[[i
     return forecast
 
 
-@dataclass
-class _Tally:
-    """What the counted passes of one replay add up to."""
-
-    counters: Counters = field(default_factory=Counters)
-    collisions: np.ndarray | None = None
-    prefill_times: list[float] = field(default_factory=list)
-    decode_times: list[float] = field(default_factory=list)
-    prefill_compute: list[float] = field(default_factory=list)
-    decode_compute: list[float] = field(default_factory=list)
-    prefill_bytes: float = 0.0
-    decode_bytes: float = 0.0
-
-
 def simulate_reference(replay: Replay, cfg: SimConfig) -> dict[str, Any]:
     """The replay through :class:`offload.step.LayerStep` and the real cache and policy classes."""
     ps, fc = replay.passes, replay.forecast
@@ -283,8 +269,8 @@ def simulate_reference(replay: Replay, cfg: SimConfig) -> dict[str, Any]:
                      admission=cfg.admission, lookahead=fc.lookahead if fc is not None else 1,
                      depth=forecast_depth(E, ps.top_k), protect_layer=cfg.protect_layer,
                      prefetch_hint=future.prefetch_hint if future is not None else None)
-    counted = _counted_passes(replay, cfg)
-    tally = _Tally(collisions=np.zeros(L, dtype=np.int64))
+    counted = counted_passes(replay, cfg)
+    tally = Tally(collisions=np.zeros(L, dtype=np.int64))
     ptok = ps.pass_tokens
     for p in range(ps.num_passes):
         before, coll_before = step.counters.snapshot(), cache.stats.collision_misses.copy()
@@ -320,86 +306,7 @@ def simulate_reference(replay: Replay, cfg: SimConfig) -> dict[str, Any]:
             tally.decode_times.append(backend.now() - t0)
             tally.decode_compute.append(backend.compute_s - c0)
             tally.decode_bytes += delta.bytes_moved
-    return _result(replay, cfg, tally, counted)
-
-
-def _counted_passes(replay: Replay, cfg: SimConfig) -> np.ndarray:
-    P = replay.passes.num_passes
-    if cfg.passes == "all":
-        return np.ones(P, dtype=bool)
-    if replay.pass_part is None:
-        raise UserError(f"--passes {cfg.passes} needs a trace store to split")
-    counted = replay.pass_part == PARTS.index(cfg.counted_part)
-    if not counted.any():
-        raise UserError(f"the {cfg.counted_part} part of the split holds none of the replayed ({cfg.phase}) passes")
-    return counted
-
-
-def _mean(xs: list[float]) -> float | None:
-    return float(np.mean(xs)) if xs else None
-
-
-def _result(replay: Replay, cfg: SimConfig, tally: _Tally, counted: np.ndarray) -> dict[str, Any]:
-    c = tally.counters
-    collisions = tally.collisions if tally.collisions is not None else np.zeros(replay.passes.num_layers)
-    out: dict[str, Any] = cfg.settings()
-    out.pop("policy_params")
-    tokens = int(replay.passes.pass_tokens[counted].sum())
-    out.update(
-        policy_params=dict(cfg.policy_params),
-        capacity_slots=replay.capacity_slots,
-        capacity_fraction=replay.capacity_slots / (replay.passes.num_layers * replay.passes.num_experts),
-        passes_replayed=replay.passes.num_passes,
-        passes_counted=int(counted.sum()),
-        tokens_counted=tokens,
-        accesses=c.accesses,
-        hits=c.hits,
-        misses=c.misses,
-        hit_rate=c.hits / c.accesses if c.accesses else 0.0,
-        hits_by_precision=c.by_precision("hits"),
-        hit_rate_by_precision={p: n / c.accesses if c.accesses else 0.0 for p, n in c.by_precision("hits").items()},
-        served_by_precision=c.by_precision("served"),
-        dequantized=c.dequantized,
-        upgrades_issued=c.upgrades_issued,
-        upgrades=c.upgrades,
-        upgrades_cancelled=c.upgrades_cancelled,
-        upgrade_bytes=c.upgrade_bytes,
-        collision_misses=c.collision_misses,
-        collision_misses_per_layer=[int(x) for x in collisions],
-        collision_rate=c.collision_misses / c.accesses if c.accesses else 0.0,
-        evictions=c.evictions,
-        dropped=c.dropped,
-        substituted=c.substituted,
-        prefetch_issued=c.prefetch_issued,
-        prefetch_used=c.prefetch_used,
-        prefetch_wasted=c.prefetch_wasted,
-        prefetch_cancelled=c.prefetch_cancelled,
-        prefetch_late_refused=c.prefetch_late_refused,
-        prefetch_bytes=c.prefetch_bytes,
-        demand_bytes=c.demand_bytes,
-        bytes_moved=c.bytes_moved,
-        wasted_bytes=c.wasted_bytes,
-        bytes_per_token=c.bytes_moved / tokens if tokens else 0.0,
-        wasted_bytes_per_token=c.wasted_bytes / tokens if tokens else 0.0,
-        late_prefetch_hits=c.late_prefetch,
-        stall_time_s=c.stall_s,
-        predictor_time_s=c.predictor_s,
-        ttft_s=_mean(tally.prefill_times),
-        tpot_s=_mean(tally.decode_times),
-        compute_ttft_s=_mean(tally.prefill_compute),
-        compute_tpot_s=_mean(tally.decode_compute),
-        prefill_bytes=tally.prefill_bytes,
-        decode_bytes=tally.decode_bytes,
-        prefill_passes=len(tally.prefill_times),
-        decode_passes=len(tally.decode_times),
-        total_time_s=float(np.sum(tally.prefill_times) + np.sum(tally.decode_times)),
-        precision=c.forecast_correct / c.forecast_predicted if c.forecast_predicted else None,
-        recall=c.forecast_correct / c.forecast_relevant if c.forecast_relevant else None,
-        hardware_profile=replay.hardware.describe(),
-    )
-    if replay.forecast is None:
-        out["precision"] = out["recall"] = None
-    return out
+    return result(replay, cfg, tally, counted)
 
 
 def _layer_bytes(store: TraceStore | None, passes: Passes, given: float | None = None) -> np.ndarray:
@@ -540,8 +447,6 @@ def _precision_sizes(store: TraceStore | None, cfg: SimConfig,
 
 def simulate(replay: Replay, cfg: SimConfig) -> dict[str, Any]:
     """One configuration, on the fast kernel when it covers it (``cfg.backend``: auto|fast|reference)."""
-    from offload import simulator_fast
-
     if cfg.backend not in ("auto", "fast", "reference"):
         raise UserError(f"unknown simulator backend {cfg.backend!r}; valid: auto, fast, reference")
     fast_ok = simulator_fast.supports(cfg)
@@ -602,8 +507,6 @@ def _simulate_in_workers(store: TraceStore | None, passes: Passes | None, config
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from tqdm import tqdm
-
-    from offload import simulator_fast
 
     path = str(store.path) if store is not None else None
     slow_first = sorted(range(len(configs)),
