@@ -38,8 +38,9 @@ from data_pipeline.trace_store import TraceStore  # noqa: E402
 from offload.capacity import parse_capacity  # noqa: E402
 from offload.forecast_eval import gap_closed, replay_split  # noqa: E402
 from offload.policies import Forecast, LeastStaleForecast, make_policy  # noqa: E402
-from predictors.reuse import CountedReuse, ReuseForecaster, fit_reuse, split_of_passes  # noqa: E402
+from predictors.reuse import CountedReuse, ReuseForecaster  # noqa: E402
 from predictors.reuse_features import ReuseHistory  # noqa: E402
+from predictors.reuse_training import fit_reuse, split_of_passes
 
 console = Console()
 

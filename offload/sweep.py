@@ -49,7 +49,7 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "fast", "reference"], help="simulator implementation")
     p.add_argument("--workers", type=int, default=1,
                    help="processes to spread the configurations over (each opens the store by path, memory-mapped)")
-    p.add_argument("--predictor", help="reuse-forecaster checkpoint (python -m predictors.reuse) for the forecast "
+    p.add_argument("--predictor", help="reuse-forecaster checkpoint (python -m predictors.reuse_training) for the forecast "
                    "policies (forecast, least_stale_forecast); without it they count reuse online from the run")
     p.add_argument("--copy-bytes", type=float, default=None,
                    help="bytes one expert copy moves over the link (default: the store's expert size)")

@@ -35,7 +35,7 @@ from core.errors import run_cli
 from data_pipeline import collect, import_routes, inspect_store
 from data_pipeline.models import load_model
 from data_pipeline.trace_store import MANIFEST_NAME, TraceStore, TraceStoreError
-from predictors import reuse
+from predictors import reuse_training
 from predictors.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -331,7 +331,7 @@ def test_bytes_changed_inside_a_shard_one_line_everywhere(store, tmp_path, capsy
         (inspect_store.main, [str(store)]),
         (train.main, ["--data.store", str(store), "--checkpoints", str(tmp_path / "ck"),
                       "--families", "[frequency]", *QUIET]),
-        (reuse.main, ["--trace", str(store), "--out", str(tmp_path / "reuse"), "--family", "reuse_counted"]),
+        (reuse_training.main, ["--trace", str(store), "--out", str(tmp_path / "reuse"), "--family", "reuse_counted"]),
         (evaluate.main, ["--trace", str(store), "--policy", "lru", "--capacity", "10%"]),
     ):
         line = cli_error(main, argv, capsys)
@@ -445,7 +445,7 @@ def test_train_and_reuse_disk_full_and_read_only(store, tmp_path, monkeypatch, c
         disk_full_on_save_file(mp)
         assert "no space left" in cli_error(train.main, train_argv, capsys)
         assert not (ck / "r").exists() and latest_checkpoint(ck) is None
-        assert "no space left" in cli_error(reuse.main, reuse_argv, capsys)
+        assert "no space left" in cli_error(reuse_training.main, reuse_argv, capsys)
         no_partial_files(tmp_path)
     ck.mkdir(exist_ok=True)  # the run folder went; its parent may stay
     (tmp_path / "reuse").mkdir(exist_ok=True)
@@ -453,7 +453,7 @@ def test_train_and_reuse_disk_full_and_read_only(store, tmp_path, monkeypatch, c
         read_only(mp, ck)
         read_only(mp, tmp_path / "reuse")
         assert "read-only file system" in cli_error(train.main, train_argv, capsys)
-        assert "read-only file system" in cli_error(reuse.main, reuse_argv, capsys)
+        assert "read-only file system" in cli_error(reuse_training.main, reuse_argv, capsys)
     assert list(ck.iterdir()) == [] and list((tmp_path / "reuse").iterdir()) == []
     assert_same(snapshot(store), before)
 
@@ -555,7 +555,7 @@ def test_collect_and_reuse_arguments_refused_before_any_work(tmp_path, capsys, m
     for args, needle in ((["--family", "nope"], "unknown reuse family 'nope'"),
                          (["--epochs", "0"], "--epochs 0 would save an untrained reuse_mlp"),
                          (["--val-fraction", "1.5"], "must be in (0, 1)")):
-        assert needle in cli_error(reuse.main, ["--trace", str(tmp_path / "none"), *args], capsys)
+        assert needle in cli_error(reuse_training.main, ["--trace", str(tmp_path / "none"), *args], capsys)
 
 
 def test_run_cli_os_errors_and_misconfiguration_are_one_line(capsys):

@@ -17,14 +17,12 @@ from predictors.reuse import (
     CountedReuse,
     LogisticReuse,
     MLPReuse,
-    fit_reuse,
     is_reuse_checkpoint,
     load_reuse_forecaster,
-    reuse_rows,
     save_reuse_forecaster,
-    split_of_passes,
 )
 from predictors.reuse_features import AGE_CAP, FEATURE_NAMES, ReuseHistory, replay_rows
+from predictors.reuse_training import fit_reuse, reuse_rows, split_of_passes
 
 F = {name: i for i, name in enumerate(FEATURE_NAMES)}
 
