@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from core.errors import UserError
-from data_pipeline.splits import SPLITS, TraceSplit, split_rows  # noqa: F401  (re-exported)
+from data_pipeline.splits import split_rows
 from data_pipeline.trace_store import TraceStore
 
 

@@ -20,6 +20,7 @@ import torch
 
 from core.errors import UserError, run_cli
 from core.passes import Passes, build_passes, take_passes
+from data_pipeline.splits import split_rows
 from data_pipeline.trace_store import TraceStore
 from predictors.checkpoint import checkpoint_meta
 from predictors.reuse import (
@@ -38,13 +39,11 @@ def split_of_passes(store: TraceStore, passes: Passes, *, seed: int = 0, val_fra
                     test_fraction: float = 0.35) -> tuple[np.ndarray, str]:
     """(P,) 0/1/2 = train/val/test of every pass, and the split's description.
 
-    Uses the lookahead predictors' split (:func:`data_pipeline.datamodule.split_rows`): by
+    Uses the lookahead predictors' split (:func:`data_pipeline.splits.split_rows`): by
     sequence when the store has at least 3, else by position in the decode (a single-prompt
     trace: the prefill and the first part of the decode train, the rest evaluates). A pass
     belongs to the part holding its first row.
     """
-    from data_pipeline.datamodule import split_rows
-
     split = split_rows(store, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
     part = np.full(store.num_tokens, -1, dtype=np.int64)
     for i, rows in enumerate((split.train, split.val, split.test)):

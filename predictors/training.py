@@ -5,7 +5,7 @@ The flow behind ``python train.py`` (the CLI only parses arguments and prints):
 1. check the request against the store before anything is written (families that need hidden
    states or router weights on a store without them, a distance past the last layer, a store
    too small to split);
-2. split the store (:func:`data_pipeline.datamodule.split_rows`), fit the counting families and
+2. split the store (:func:`data_pipeline.splits.split_rows`), fit the counting families and
    the scikit-learn baseline on the training tokens, train each learned family with Lightning
    (``ModelCheckpoint`` on ``val/recall@k``, early stopping on it), and load its best weights;
 3. score every family on the test tokens with the same metric and write the predictor files and
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from core.errors import UserError, one_line
+from data_pipeline.splits import SPLITS
 from data_pipeline.token_routing import has_tokens
 from data_pipeline.trace_store import TraceStore
 from predictors.base import Predictor, check_lookahead
@@ -136,8 +137,6 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from data_pipeline.datamodule import SPLITS
-
         _require(self.batch_size >= 1, f"--data.batch_size must be >= 1, got {self.batch_size}")
         _require(self.num_workers >= 0, f"--data.num_workers must be >= 0, got {self.num_workers}")
         _require(self.split in SPLITS, f"--data.split must be one of {', '.join(SPLITS)}, got {self.split!r}")

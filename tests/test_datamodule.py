@@ -12,7 +12,8 @@ from test_predictor_synthetic import make_synthetic_store
 
 from core.errors import UserError
 from core.model_info import ModelInfo
-from data_pipeline.datamodule import TokenDataset, TraceDataModule, previous_rows, split_rows
+from data_pipeline.datamodule import TokenDataset, TraceDataModule, previous_rows
+from data_pipeline.splits import split_rows
 from data_pipeline.trace_store import TraceStoreWriter
 
 

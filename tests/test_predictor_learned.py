@@ -10,7 +10,8 @@ import torch
 from test_predictor_synthetic import make_synthetic_store
 
 from core.errors import UserError
-from data_pipeline.datamodule import TokenDataset, split_rows
+from data_pipeline.datamodule import TokenDataset
+from data_pipeline.splits import split_rows
 from predictors.base import PredictContext
 from predictors.evaluation import evaluate_predictor
 from predictors.frequency import ConditionalFrequency
