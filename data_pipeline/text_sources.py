@@ -95,7 +95,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _load_hf(path: str, config: str | None, split: str, *, data_files: Any = None, label: str):
-    import datasets
+    import datasets  # datasets: ~1 s to import; only for hub datasets and local data files
 
     if data_files is not None:  # a local file: no download, so no progress bars on stderr
         datasets.disable_progress_bars()
@@ -166,7 +166,7 @@ def demo_texts(which: str = "gsm8k") -> list[str]:
     if which == "gsm8k":
         return list(gsm8k_texts())
     if which == "nq_open":
-        from datasets import load_from_disk
+        from datasets import load_from_disk  # datasets: ~1 s to import; only for demo:nq_open
 
         ds = load_from_disk(str(nq_open_dir()))
         return [str(q) for q in ds["question"]]

@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import safetensors.numpy  # called through the module: the reliability tests patch its save_file
 
 from core.errors import UserError, one_line
 from core.model_info import DECODE, PREFILL, ModelInfo
@@ -622,8 +623,6 @@ class TraceStore:
 
     def router_weights(self) -> dict[int, np.ndarray]:
         """layer -> (E, H) float32 router matrix, saved beside the shards at collection time."""
-        from safetensors.numpy import load_file
-
         p = self.path / ROUTER_WEIGHTS_NAME
         if not p.exists():
             raise TraceStoreError(f"{p} is missing: the store has no router weights (imported trace?)")
@@ -631,7 +630,7 @@ class TraceStore:
         if want is not None and _sha256(p) != want:
             raise TraceStoreError(f"{p} does not match its checksum in the manifest: it is damaged")
         try:
-            tensors = load_file(str(p))
+            tensors = safetensors.numpy.load_file(str(p))
             out = {int(k.removeprefix("layer_")): v for k, v in tensors.items()}
         except Exception as e:  # safetensors raises several types for a bad header
             raise TraceStoreError(f"{p} is corrupt ({one_line(str(e))})") from None
@@ -1081,13 +1080,13 @@ class TraceStoreWriter:
         self.manifest["skipped_routes"] = old
 
     def save_router_weights(self, weights: dict[int, np.ndarray]) -> None:
-        from safetensors.numpy import save_file
         self._require_lock()
 
         final = self.path / ROUTER_WEIGHTS_NAME
         tmp = _tmp_name(final)
         try:
-            save_file({f"layer_{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}, str(tmp))
+            tensors = {f"layer_{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
+            safetensors.numpy.save_file(tensors, str(tmp))
             digest = _sha256(tmp)
             os.replace(tmp, final)
         finally:
