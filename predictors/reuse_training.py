@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from core.errors import UserError, run_cli
 from core.passes import Passes, build_passes, take_passes
@@ -83,8 +85,8 @@ def _reuse_module(forecaster: MLPReuse, lr: float, weight_decay: float, meta: di
     expert sets of layers ``l+d`` from token batches; a reuse forecast is one binary label per
     (pass, layer, expert) row built from a sequential replay, so the batch format differs.
     """
+    # lightning + torchmetrics: ~3 s to import; only when reuse_mlp trains
     import lightning.pytorch as pl
-    import torch.nn.functional as F
     from torchmetrics.classification import BinaryAUROC
 
     class ReuseModule(pl.LightningModule):
@@ -124,9 +126,7 @@ def _reuse_module(forecaster: MLPReuse, lr: float, weight_decay: float, meta: di
 def _reuse_datamodule(parts: dict[int, tuple[np.ndarray, np.ndarray]], batch_size: int, seed: int):
     """Whole batches are sliced out of two tensors at once (BatchSampler + ``batch_size=None``):
     per-row fetching and collation would cost more than the tiny MLP's forward."""
-    import lightning.pytorch as pl
-    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
-
+    import lightning.pytorch as pl  # lightning: ~3 s to import; only when reuse_mlp trains
     def loader(part: int, shuffle: bool) -> DataLoader:
         x, y = parts[part]
         ds = TensorDataset(torch.from_numpy(x), torch.from_numpy(y.astype(np.float32)))
@@ -170,7 +170,7 @@ def fit_reuse(store: TraceStore, family: str, *, seed: int = 0, val_fraction: fl
     elif family == LogisticReuse.family:
         forecaster = LogisticReuse(L, E, K).fit(x_train, y_train, seed=seed)
     else:
-        import lightning.pytorch as pl
+        import lightning.pytorch as pl  # lightning: ~3 s to import; only when reuse_mlp trains
 
         pl.seed_everything(seed, workers=True, verbose=False)
         if len(x_train) > max_train_rows:
@@ -194,6 +194,7 @@ def fit_reuse(store: TraceStore, family: str, *, seed: int = 0, val_fraction: fl
 
 def evaluate_rows(forecaster: ReuseForecaster, parts: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
     """AUROC and BCE of the reuse probability on the validation and test rows."""
+    # sklearn: ~1 s to import; bad arguments are refused before it loads
     from sklearn.metrics import log_loss, roc_auc_score
 
     out: dict[str, float] = {}
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     for family in families:
         logger: Any = False
         if args.wandb and family == MLPReuse.family:
-            from lightning.pytorch.loggers import WandbLogger
+            from lightning.pytorch.loggers import WandbLogger  # lightning: ~3 s to import; only with --wandb
 
             logger = WandbLogger(project="moe-lookahead", name=f"{family}-{store.path.name}")
         forecaster, info = fit_reuse(store, family, seed=args.seed, val_fraction=args.val_fraction,

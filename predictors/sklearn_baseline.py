@@ -40,6 +40,7 @@ class SklearnLogReg(Predictor):
     def fit(cls, hidden: dict[int, np.ndarray], topk_ids: np.ndarray, pairs: Sequence[tuple[int, int]], *,
             num_experts: int, lookahead: int, n_components: int = 32, C: float = 1.0, seed: int = 0) -> SklearnLogReg:
         """hidden: layer -> (N, H) MoE inputs of the training tokens; topk_ids: (N, L, K) their routes."""
+        # sklearn: ~1 s to import; only when the sklearn baseline is fitted
         from sklearn.decomposition import PCA
         from sklearn.linear_model import LogisticRegression
 
