@@ -2,13 +2,17 @@
 
 A trace store records them (:mod:`data_pipeline.trace_store`), a predictor or reuse-forecaster
 file carries them (:mod:`predictors.checkpoint`), and the cache is sized from them
-(:mod:`offload.capacity`): one definition here, below all of them.
+(:mod:`offload.capacity`): one definition here, below all of them. So is
+:func:`check_lookahead`, the refusal of a forecast distance the model's layers cannot hold, which
+the predictors and the simulator both apply.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from core.errors import UserError
 
 #: phase of a token (the store's ``phase`` column, a pass's phase): the prompt, then one token at a time
 PREFILL, DECODE = 0, 1
@@ -45,3 +49,14 @@ class ModelInfo:
     def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def check_lookahead(lookahead: int, num_layers: int) -> None:
+    """Refuse a distance D that no layer can use: from layer 0 the farthest target is L-1."""
+    if lookahead < 1:
+        raise UserError(f"lookahead distance D must be at least 1 (got {lookahead})")
+    if lookahead > num_layers - 1:
+        raise UserError(
+            f"lookahead distance D={lookahead} runs past the last layer: the model has {num_layers} "
+            f"MoE layers, so D can be at most {num_layers - 1}"
+        )

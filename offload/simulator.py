@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import UserError
-from core.model_info import PREFILL
+from core.model_info import PREFILL, check_lookahead
 from core.passes import NEVER, Passes, build_passes, prefill_layer
 from data_pipeline.trace_store import TraceStore
 from offload import simulator_fast
@@ -367,8 +367,6 @@ class Replays:
         key = (cfg.phase, cfg.prefetch, cfg.lookahead, cfg.overfetch)
         if key not in self._forecasts:
             if cfg.prefetch != "none":
-                from predictors.base import check_lookahead
-
                 check_lookahead(cfg.lookahead, self.passes(cfg.phase).num_layers)
             pf = make_prefetcher(cfg.prefetch, self.store, lookahead=cfg.lookahead, overfetch=cfg.overfetch)
             self._forecasts[key] = (pf, pf.forecast(self.passes(cfg.phase), self.store))

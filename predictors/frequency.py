@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from core.errors import UserError
-from predictors.base import PredictContext, Predictor, check_lookahead
+from core.model_info import check_lookahead
+from predictors.base import PredictContext, Predictor
 
 
 def multi_hot(ids: np.ndarray, num_experts: int) -> np.ndarray:

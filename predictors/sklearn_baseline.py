@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from core.errors import UserError
-from predictors.base import PredictContext, Predictor, check_lookahead
+from core.model_info import check_lookahead
+from predictors.base import PredictContext, Predictor
 
 NEVER = -30.0  # logit of an expert never chosen at l+d in training (sigmoid ~ 1e-13)
 

@@ -31,10 +31,11 @@ import numpy as np
 import torch
 
 from core.errors import UserError, one_line
+from core.model_info import check_lookahead
 from data_pipeline.splits import SPLITS
 from data_pipeline.token_routing import has_tokens
 from data_pipeline.trace_store import TraceStore
-from predictors.base import Predictor, check_lookahead
+from predictors.base import Predictor
 from predictors.checkpoint import RUN_FILE, save_predictor
 from predictors.evaluation import evaluate_predictor
 from predictors.frequency import ConditionalFrequency, FrequencyPredictor
