@@ -246,6 +246,7 @@ class PredictorPrefetch(Prefetcher):
         return {**super().describe(), **self.selection.describe(), "predictor": self.predictor.describe()}
 
     def _context(self, store: TraceStore, layer: int, rows: np.ndarray, ids: np.ndarray, prev_row: np.ndarray):
+        # torch: ~1 s to import; only the predictor-backed prefetchers run it
         import torch
 
         from predictors.base import PredictContext
@@ -346,6 +347,7 @@ def make_prefetcher(spec: str, store: TraceStore | None, *, lookahead: int = 1, 
                             f"(collect with hidden states, or use --prefetch oracle/none)")
         if not store.has_router_weights:
             raise UserError(f"prefetch {spec} needs the router weights saved beside {store.path}")
+        # predictors.gate_lookahead imports torch (~1 s): only for these prefetchers
         from predictors.gate_lookahead import GateLookahead
 
         d = 1 if spec in ("topk", "percentile") else lookahead
@@ -356,6 +358,7 @@ def make_prefetcher(spec: str, store: TraceStore | None, *, lookahead: int = 1, 
         if store is None:
             raise UserError("a checkpoint prefetcher needs a trace store")
         try:
+            # predictors.checkpoint imports torch (~1 s): only for ckpt:PATH
             from predictors.checkpoint import load_predictor
         except ImportError:
             raise UserError("learned predictor checkpoints are not available in this build") from None

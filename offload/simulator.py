@@ -31,17 +31,22 @@ only the passes of the test part of the store's train/val/test split (the split 
 from __future__ import annotations
 
 import math
+import multiprocessing
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from core.errors import UserError
-from core.model_info import PREFILL, check_lookahead
+from core.model_info import PREFILL, ModelInfo, check_lookahead
 from core.passes import NEVER, Passes, build_passes, prefill_layer
+from data_pipeline.splits import split_rows
 from data_pipeline.trace_store import TraceStore
 from offload import simulator_fast
+from offload.admission import check_admission
 from offload.cache import ExpertCache
 from offload.capacity import layer_expert_bytes, parse_capacity
 from offload.hardware import Hardware, bytes_per_param, get_hardware
@@ -378,8 +383,6 @@ class Replays:
             return None
         key = (cfg.phase, cfg.split, cfg.split_seed)
         if key not in self._parts:
-            from data_pipeline.splits import split_rows
-
             split = split_rows(self.store, seed=cfg.split_seed, split=cfg.split)
             row_part = np.full(self.store.num_tokens, -1, dtype=np.int8)
             for i, rows in enumerate((split.train, split.val, split.test)):
@@ -394,7 +397,6 @@ class Replays:
             raise UserError(f"unknown cache layout {cfg.cache!r}; valid: global, per-layer")
         if cfg.passes not in PASS_SETS:
             raise UserError(f"unknown pass set {cfg.passes!r}; valid: {', '.join(PASS_SETS)}")
-        from offload.admission import check_admission
 
         check_admission(cfg.admission)
         miss = MissHandling(cfg.miss, cfg.drop_from_rank, cfg.substitute_tolerance, cfg.precisions)
@@ -407,8 +409,6 @@ class Replays:
             slots = parse_capacity(cfg.capacity, self.store.model, cfg.cache)
             bpp = bytes_per_param(self.store.model.dtype)
         else:
-            from core.model_info import ModelInfo
-
             info = ModelInfo("passes", "none", ps.num_layers, ps.num_experts, ps.top_k)
             slots = parse_capacity(cfg.capacity, info, cfg.cache)
             bpp = 2.0
@@ -476,8 +476,6 @@ def simulate_configs(store: TraceStore | None, configs: list[SimConfig], *, pass
         return _simulate_in_workers(store, passes, configs, min(workers, len(configs)), progress)
     it: Any = zip(replays, configs, strict=True)
     if progress:
-        from tqdm import tqdm
-
         it = tqdm(it, total=len(configs), desc="simulating", unit="config")
     return [simulate(replay, cfg) for replay, cfg in it]
 
@@ -501,11 +499,6 @@ def _simulate_in_workers(store: TraceStore | None, passes: Passes | None, config
     Configurations the numba kernel does not cover run on the reference simulator, orders of
     magnitude slower: they are handed out first, so the workers finish together.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    from tqdm import tqdm
-
     path = str(store.path) if store is not None else None
     slow_first = sorted(range(len(configs)),
                         key=lambda i: configs[i].backend != "reference" and simulator_fast.supports(configs[i]))

@@ -15,11 +15,13 @@ from core.errors import UserError
 from core.passes import PHASES
 from data_pipeline.trace_store import TraceStore
 from offload.hardware import get_hardware, hardware_names
+from offload.latency import annotate, reference_configs
 from offload.miss_handling import MISS_MODES
 from offload.policies import POLICIES
 from offload.prefetch import PREFETCHERS, refuse_renamed_prefetcher
 from offload.routing import ROUTINGS
 from offload.simulator import SimConfig, simulate_configs
+from reporting.provenance import command_line
 
 ALL_POLICIES = [p for p in POLICIES if p != "random"] + ["random"]
 FORECAST_POLICIES = ("forecast", "least_stale_forecast")  # take --predictor as their reuse forecaster
@@ -137,14 +139,13 @@ def build_configs(args: argparse.Namespace) -> list[SimConfig]:
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the sweep, print the table, write what was asked (JSON, PNG, HTML); ``argv`` is the command
     line the HTML report records."""
-    from offload import report
-    from offload.latency import annotate, reference_configs
-    from reporting import html
-    from reporting.figures import notes, save_pngs
-    from reporting.provenance import command_line
-
     store = TraceStore(args.trace)
     configs = build_configs(args)
+    # matplotlib (the reports): ~0.5 s to import; bad arguments are refused before it loads
+    from offload import report
+    from reporting import html
+    from reporting.figures import notes, save_pngs
+
     references = reference_configs(configs) if not args.no_references else []
     configs = configs + references
     if "belady" in [c.policy for c in configs] and "cache-aware" in [c.routing for c in configs]:
