@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -222,8 +223,6 @@ def main(argv: list[str] | None = None) -> None:
     for i, trace in enumerate(args.trace):
         path = Path(trace)
         if path.is_file():
-            import tempfile
-
             store = import_routes(path, Path(tempfile.mkdtemp()) / "store")
         else:
             store = TraceStore(path)

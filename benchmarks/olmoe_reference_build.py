@@ -53,7 +53,7 @@ class _CountersOnly(pickle.Unpickler):
         if (module, name) == ("numpy", "dtype"):
             return np.dtype
         if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "scalar":
-            from numpy._core.multiarray import scalar
+            from numpy._core.multiarray import scalar  # numpy 2's private module: only when a pickle names it
 
             return scalar
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")

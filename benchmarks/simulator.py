@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -64,7 +66,7 @@ def synthetic_passes(n_access: int, L: int = 16, E: int = 64, K: int = 8, seed: 
 
 
 def libcachesim_lru(keys: np.ndarray, slots: int, repeats: int) -> tuple[float, int]:
-    import libcachesim as lcs
+    import libcachesim as lcs  # libcachesim: an optional dev dependency, only for the LRU cross-check
 
     rec = np.zeros(len(keys), dtype=[("t", "<u4"), ("id", "<u8"), ("sz", "<u4"), ("nv", "<i8")])
     rec["t"] = np.arange(len(keys))
@@ -105,9 +107,6 @@ def main() -> None:
     ap.add_argument("--capacity", default="5%")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    from rich.console import Console
-    from rich.table import Table
-
     t = time.perf_counter()
     ps = synthetic_passes(args.accesses)
     n = ps.num_accesses

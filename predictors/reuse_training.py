@@ -127,6 +127,7 @@ def _reuse_datamodule(parts: dict[int, tuple[np.ndarray, np.ndarray]], batch_siz
     """Whole batches are sliced out of two tensors at once (BatchSampler + ``batch_size=None``):
     per-row fetching and collation would cost more than the tiny MLP's forward."""
     import lightning.pytorch as pl  # lightning: ~3 s to import; only when reuse_mlp trains
+
     def loader(part: int, shuffle: bool) -> DataLoader:
         x, y = parts[part]
         ds = TensorDataset(torch.from_numpy(x), torch.from_numpy(y.astype(np.float32)))
