@@ -205,6 +205,7 @@ def test_forecast_policy_runs_in_the_reference_simulator_with_the_same_counts(ge
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_forecast_policies_run_unchanged_in_the_engine(tmp_path, policy, prefetch):
     """Same outputs as the plain model (fetch mode), with and without gate-lookahead prefetch."""
+    # the engine (hqq, ~2 s to import): only this test runs it
     from data_pipeline.models import load_model
     from offload.engine.engine import EngineConfig, OffloadEngine
     from offload.engine.generate import greedy_generate

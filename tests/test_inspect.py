@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.import_routes import import_routes
 from data_pipeline.inspect_store import (
     cross_layer_repeat,
     expert_usage,
@@ -45,8 +46,6 @@ def test_gemma_summary_and_cli_png(gemma_store, tmp_path):
 
 
 def test_corrupt_shard_cli_names_file(gemma_csv, tmp_path):
-    from data_pipeline.import_routes import import_routes
-
     import_routes(gemma_csv, tmp_path / "s")
     shard = next((tmp_path / "s" / "shards").glob("*.arrow"))
     shard.write_bytes(shard.read_bytes()[:200])

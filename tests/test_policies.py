@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -68,8 +69,6 @@ def test_least_stale_prefers_stale_left_over_stale_right():
 
 
 def test_least_stale_never_evicts_current_while_stale_is_cached():
-    import random
-
     rng = random.Random(3)
     policy = LeastStale()
     cache = ExpertCache(4, 8, 6, policy)

@@ -63,6 +63,7 @@ def test_every_registered_policy_takes_the_same_decisions_on_both_paths(policy):
 
 
 def _params(spec: dict) -> dict:
+    # predictors.reuse imports torch (~1 s): only the forecast policies' cases
     from predictors.reuse import CountedReuse, LogisticReuse
 
     forecasters = {"counted": CountedReuse(L, E, K), "logistic-warm": LogisticReuse(L, E, K, warmup=50),

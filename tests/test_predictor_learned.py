@@ -16,6 +16,7 @@ from predictors.base import PredictContext
 from predictors.evaluation import evaluate_predictor
 from predictors.frequency import ConditionalFrequency
 from predictors.gate_lookahead import GateLookahead
+from predictors.lightning_module import LookaheadModule
 from predictors.mlp_lookahead import MLPLookahead
 from predictors.trajectory import PROB_FLOOR, TrajectoryPredictor
 
@@ -74,8 +75,6 @@ def test_hidden_families_refuse_stores_without_hidden_states(tmp_path: Path) -> 
 
 
 def test_a_few_training_steps_improve_the_mlp_on_gate_at_distance_two(store) -> None:
-    from predictors.lightning_module import LookaheadModule
-
     torch.manual_seed(0)
     split = split_rows(store, seed=0)
     mlp = MLPLookahead.from_store(store, lookahead=2, width=32)

@@ -7,6 +7,7 @@ reads back equal to before (and no partial file is left).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from reliability_helpers import (
     assert_same,
     cli_error,
@@ -28,15 +31,19 @@ from reliability_helpers import (
     read_only,
     snapshot,
 )
+from test_collect import _assert_same_content
 
 import evaluate
 import train
 from core.errors import run_cli
 from data_pipeline import collect, import_routes, inspect_store
 from data_pipeline.models import load_model
+from data_pipeline.store_lock import StoreLock
+from data_pipeline.text_sources import load_texts
 from data_pipeline.trace_store import MANIFEST_NAME, TraceStore, TraceStoreError
 from predictors import reuse_training
 from predictors.checkpoint import latest_checkpoint
+from predictors.frequency import FrequencyPredictor
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--wandb.mode", "disabled", "--trainer.enable_progress_bar", "false", "--threads", "1"]
@@ -83,10 +90,6 @@ def _files(folder: Path) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_two_collects_into_one_out_one_refuses_at_once(tiny, tmp_path):
     """Started together: one runs, the other refuses at once naming its pid; the store equals an uninterrupted run."""
-    from test_collect import _assert_same_content
-
-    from data_pipeline.text_sources import load_texts
-
     out = tmp_path / "demo"
     args = ["--max-tokens", "600", "--seq-len", "32", "--batch-size", "4", "--shard-sequences", "4",
             "--hidden-layers", "0", "--no-progress"]
@@ -134,8 +137,6 @@ def test_leftover_shards_of_another_writer_are_not_adopted_on_rerun(store, model
 
 
 def test_a_second_writer_refused_while_the_first_holds_the_lock(store, tiny, capsys):
-    from data_pipeline.store_lock import StoreLock
-
     before = _files(store)
     with StoreLock(store):
         with pytest.MonkeyPatch.context() as mp:
@@ -304,7 +305,6 @@ def test_llama_cpp_output_layer_pruning_is_imported_as_not_run(gemma_csv, gemma_
     # the predictors train and score on it (a skipped route is no target, never expert -1)
     assert train.main(["--data.store", str(tmp_path / "p"), "--checkpoints", str(tmp_path / "ck"), "--run", "p",
                        "--families", "[frequency, trajectory]", "--trainer.max_epochs", "1", *QUIET]) == 0
-    from predictors.frequency import FrequencyPredictor
 
     pop = FrequencyPredictor.fit(ids, s.num_experts, 1).popularity
     assert np.allclose(pop.sum(dim=1).numpy(), 6)  # per layer, over the tokens that ran it
@@ -515,8 +515,6 @@ def test_real_full_disk_then_read_only_folder(tmpfs, gemma_csv):
 ])
 def test_train_arguments_refused_before_any_work(tmp_path, capsys, monkeypatch, args, needle):
     if args[0] == "--trainer.accelerator":
-        import torch
-
         if torch.cuda.is_available():
             pytest.skip("a GPU is present, so --trainer.accelerator gpu is valid here")
     monkeypatch.setattr("data_pipeline.models.load_model", lambda *a, **k: pytest.fail("collected before checking"))
@@ -559,10 +557,6 @@ def test_collect_and_reuse_arguments_refused_before_any_work(tmp_path, capsys, m
 
 
 def test_run_cli_os_errors_and_misconfiguration_are_one_line(capsys):
-    import errno
-
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
     def raises(exc: BaseException):
         def main(argv):
             raise exc

@@ -12,10 +12,18 @@ from core.passes import build_passes, passes_from_lists
 from data_pipeline.trace_store import TraceStoreWriter
 from offload.capacity import parse_capacity
 from offload.hardware import get_hardware
-from offload.prefetch import OraclePrefetch, PercentileSelection, forecast_quality
+from offload.prefetch import (
+    OraclePrefetch,
+    PercentileSelection,
+    PredictorPrefetch,
+    TopKSelection,
+    forecast_quality,
+)
 from offload.simulator import Replay, SimConfig, simulate_configs, simulate_reference
 from offload.simulator_fast import simulate_fast
 from predictors.base import PredictContext, Predictor
+from predictors.checkpoint import save_predictor
+from predictors.frequency import FrequencyPredictor
 
 L, E, K, H = 4, 8, 2, 16
 
@@ -205,8 +213,6 @@ class PreviousTokenPredictor(Predictor):
 
 
 def test_predictor_backed_prefetch_uses_the_forecast(gemma_store):
-    from offload.prefetch import PredictorPrefetch, TopKSelection
-
     m = gemma_store.model
     pf = PredictorPrefetch(PreviousTokenPredictor(m.num_layers, m.num_experts, m.top_k, 2), TopKSelection(1.0))
     ps = build_passes(gemma_store, "decode")
@@ -221,9 +227,6 @@ def test_predictor_backed_prefetch_uses_the_forecast(gemma_store):
 
 
 def test_checkpoint_prefetch(gemma_store, tmp_path):
-    from predictors.checkpoint import save_predictor
-    from predictors.frequency import FrequencyPredictor
-
     pred = FrequencyPredictor.fit(gemma_store.topk_ids(), gemma_store.num_experts, 2)
     path = save_predictor(pred, tmp_path / "freq", model=gemma_store.model)
     r = simulate_configs(gemma_store, [SimConfig(policy="least_stale", prefetch=f"ckpt:{path}", lookahead=2)])[0]

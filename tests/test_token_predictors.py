@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 import train
-from core.errors import UserError
+from core.errors import UserError, run_cli
 from core.model_info import DECODE, ModelInfo
+from data_pipeline import inspect_store
 from data_pipeline.datamodule import TokenDataset
 from data_pipeline.token_routing import token_explained
 from data_pipeline.trace_store import TraceStoreWriter
@@ -110,8 +112,6 @@ def test_no_tokens_fall_back(bare_store, tmp_path: Path, capsys) -> None:
     assert traj.tokens is None and traj.needs == {"chosen", "previous"} and traj.mix.shape[-1] == traj.window + 1
     assert not any("tok" in k for k in [*mlp.state(), *traj.state()])  # the same tensors as before tokens
     with pytest.raises(SystemExit):
-        from core.errors import run_cli
-
         run_cli(train.main, ["--data.store", str(bare_store.path), "--families", "[token]", "--checkpoints",
                              str(tmp_path), *QUIET])
     assert "has no token ids" in capsys.readouterr().err
@@ -152,10 +152,6 @@ def test_token_explained_on_the_rule(token_store) -> None:
 
 
 def test_inspect_reports_the_token_share(token_store, bare_store, capsys) -> None:
-    import json
-
-    from data_pipeline import inspect_store
-
     inspect_store.main([str(token_store.path), "--json"])
     tok = json.loads(capsys.readouterr().out)["token"]
     assert [r["token_recall"] for r in tok["per_layer"]] == [1.0] * L

@@ -10,6 +10,7 @@ import pytest
 from browser import check_report
 from test_predictor_synthetic import make_synthetic_store
 
+import predictors.training as training
 import train
 from core.errors import run_cli
 from predictors.checkpoint import latest_checkpoint, load_predictor, read_checkpoint
@@ -117,8 +118,6 @@ def test_too_small_and_missing_stores(tmp_path: Path, capsys) -> None:
 
 
 def test_a_failed_run_leaves_no_checkpoint_behind(synthetic, tmp_path: Path, monkeypatch) -> None:
-    import predictors.training as training
-
     def crash(*args, **kwargs):
         raise RuntimeError("killed mid-training")
 
