@@ -9,12 +9,17 @@ import pytest
 import torch
 
 from core.passes import build_passes, passes_from_lists
+from data_pipeline.models import load_model
 from offload.cache import ExpertCache
+from offload.engine.generate import greedy_generate
+from offload.engine.prompts import load_prompts
+from offload.engine.run import encode
 from offload.forecast_eval import replay_split
 from offload.policies import Belady, Forecast, LeastStaleForecast, make_policy
 from offload.simulator import SimConfig, simulate_configs
-from predictors.reuse import ReuseForecaster
-from predictors.reuse_features import ReuseHistory
+from predictors.gate_lookahead import GateLookahead
+from predictors.reuse import CountedReuse, ReuseForecaster, save_reuse_forecaster
+from predictors.reuse_features import NUM_FEATURES, ReuseHistory
 
 
 class TrueNextUse(ReuseForecaster):
@@ -205,15 +210,7 @@ def test_forecast_policy_runs_in_the_reference_simulator_with_the_same_counts(ge
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_forecast_policies_run_unchanged_in_the_engine(tmp_path, policy, prefetch):
     """Same outputs as the plain model (fetch mode), with and without gate-lookahead prefetch."""
-    # the engine (hqq, ~2 s to import): only this test runs it
-    from data_pipeline.models import load_model
-    from offload.engine.engine import EngineConfig, OffloadEngine
-    from offload.engine.generate import greedy_generate
-    from offload.engine.prompts import load_prompts
-    from offload.engine.run import encode
-    from predictors.gate_lookahead import GateLookahead
-    from predictors.reuse import CountedReuse, save_reuse_forecaster
-    from predictors.reuse_features import NUM_FEATURES
+    from offload.engine.engine import EngineConfig, OffloadEngine  # hqq: ~2 s to import; only this test
 
     torch.set_num_threads(1)
     tiny = load_model("tiny-olmoe")
