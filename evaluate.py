@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_pipeline.errors import UserError, run_cli
+from core.errors import UserError, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,10 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     mode = known.mode or ("sim" if known.trace else "engine")
     if mode == "engine":
         try:
+            # offload.engine.cli imports torch (~1 s): only the engine mode needs it
             from offload.engine.cli import main as engine_main
         except ImportError:
             raise UserError("engine mode is not available in this build; give --trace for simulation mode") from None
         return int(engine_main([a for a in argv if a not in ("--mode", "engine")]) or 0)
+    # offload.sweep imports numba: only the simulation mode needs it
     from offload.sweep import add_sim_arguments, run
 
     parser = argparse.ArgumentParser(description="Trace-driven expert-cache simulation (SpecMD policy space)")

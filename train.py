@@ -20,7 +20,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.errors import UserError, run_cli
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning.pytorch import Trainer
+
+from core.errors import UserError, run_cli
+from data_pipeline.collect import main as collect_main
+from data_pipeline.trace_store import MANIFEST_NAME
+from predictors.report import (
+    comparison,
+    html_report,
+    log_figures,
+    pair_comparison,
+    plots,
+    print_comparison,
+    print_pairs,
+)
 from predictors.training import (
     ALL_FAMILIES,
     DataConfig,
@@ -30,8 +45,19 @@ from predictors.training import (
     TrajectoryConfig,
     check_arguments,
     is_rank_zero,
+    run_training,
 )
-from predictors.wandb_setup import WandbConfig
+from predictors.wandb_setup import (
+    WandbConfig,
+    family_logger,
+    log_artifact,
+    log_table,
+    make_logger,
+    resolve_mode,
+)
+from reporting import html
+from reporting.figures import notes
+from reporting.provenance import command_line
 
 RUN_ENV = "MOE_LOOKAHEAD_RUN"
 DEMO_TRAINER = {"max_epochs": 5, "accelerator": "cpu", "devices": 1, "log_every_n_steps": 10,
@@ -61,9 +87,6 @@ class CollectConfig:
 
 
 def build_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
-    from lightning.pytorch import Trainer
-
     parser = ArgumentParser(prog="python train.py", description=__doc__.split("\n")[0])
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (configs/)")
     parser.add_argument("--run", type=str | None, default=None,
@@ -94,14 +117,11 @@ def build_parser():
 
 def ensure_store(data: DataConfig, collect: CollectConfig) -> None:
     """Collect the store with data_pipeline.collect when it does not exist (and collection is enabled)."""
-    from data_pipeline.trace_store import MANIFEST_NAME
-
     path = Path(data.store)
     if (path / MANIFEST_NAME).exists():
         return
     if not collect.enabled:
         raise UserError(f"trace store {path} does not exist (collection is off: --collect.enabled false)")
-    from data_pipeline.collect import main as collect_main
 
     print(f"no trace store at {path}: collecting one with {collect.model} on {collect.dataset}")
     collect_main(collect.argv(str(path)))
@@ -122,14 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer_kwargs = {k: v for k, v in cfg.trainer.as_dict().items()}
     check_arguments(list(cfg.families), cfg.lookahead, cfg.overfetch, cfg.patience, trainer_kwargs)
     if cfg.threads:
-        import torch
-
         torch.set_num_threads(cfg.threads)
     ensure_store(data, collect)
-
-    from predictors.report import comparison, pair_comparison, print_comparison, print_pairs
-    from predictors.training import run_training
-    from predictors.wandb_setup import family_logger, log_artifact, log_table, make_logger
 
     # DDP workers re-run this script: they inherit the run name through the environment
     run = cfg.run or os.environ.get(RUN_ENV) or f"{Path(data.store).name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -180,12 +194,6 @@ def main(argv: list[str] | None = None) -> int:
 def _report(cfg: Any, argv: list[str], result: Any, title: str, split_text: list[str], logger: Any,
             wandb_cfg: WandbConfig) -> None:
     """Figures to W&B (when on) and the HTML report (unless ``--report none``), beside run.json by default."""
-    from predictors.report import html_report, log_figures, plots
-    from predictors.wandb_setup import resolve_mode
-    from reporting import html
-    from reporting.figures import notes
-    from reporting.provenance import command_line
-
     page = result.run_dir / "report.html" if cfg.report is None else html.report_path(cfg.report, None, "train")
     wandb_on = resolve_mode(wandb_cfg.mode) != "disabled"
     if page is None and not wandb_on:

@@ -13,8 +13,9 @@ import time
 import torch
 
 from data_pipeline.collect import RouterRecorder, _gather, encode_batch
-from data_pipeline.demo_text import demo_texts, olmo_tokenizer
+from data_pipeline.demo_text import olmo_tokenizer
 from data_pipeline.models import LoadedModel, build_tiny_olmoe, load_model
+from data_pipeline.text_sources import demo_texts
 
 
 def bench(loaded: LoadedModel, batch_size: int, seq_len: int, batches: int) -> tuple[float, float, int]:

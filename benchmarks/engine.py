@@ -24,12 +24,16 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.errors import UserError, run_cli  # noqa: E402
+from core.errors import UserError, run_cli  # noqa: E402
+from data_pipeline.models import load_model  # noqa: E402
+from offload.capacity import parse_capacity  # noqa: E402
 from offload.engine.cli import parse_bandwidth  # noqa: E402
 from offload.engine.engine import EngineConfig, OffloadEngine, clone_loaded  # noqa: E402
 from offload.engine.generate import greedy_generate  # noqa: E402
 from offload.engine.prompts import load_prompts  # noqa: E402
 from offload.engine.run import encode  # noqa: E402
+from predictors.checkpoint import latest_checkpoint, load_predictor  # noqa: E402
+from predictors.gate_lookahead import GateLookahead  # noqa: E402
 
 
 def _passes(gen) -> tuple[float, float, float]:
@@ -66,9 +70,6 @@ def overhead(loaded: Any, prompts: list[torch.Tensor], max_new: int, repeats: in
 
 def _learned(args, loaded):
     """The newest learned predictor, or gate lookahead (D=2) when no checkpoint exists yet."""
-    from predictors.checkpoint import latest_checkpoint, load_predictor
-    from predictors.gate_lookahead import GateLookahead
-
     path = args.checkpoint or latest_checkpoint(args.checkpoints)
     if path is not None:
         return f"learned ({Path(path).name})", load_predictor(path, loaded.info)
@@ -78,8 +79,6 @@ def _learned(args, loaded):
 
 
 def capacity_sweep(args, loaded, prompts, bandwidth: float) -> list[dict[str, Any]]:
-    from offload.capacity import parse_capacity
-
     learned_name, learned = _learned(args, loaded)
     rows = []
     for capacity in args.capacities:
@@ -123,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoints", default="checkpoints")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    from data_pipeline.models import load_model
 
     if args.device == "cpu":
         torch.set_num_threads(args.threads)

@@ -23,7 +23,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.errors import run_cli  # noqa: E402
+from core.errors import run_cli  # noqa: E402
 from offload.engine.cli import build_parser, evaluate  # noqa: E402
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,15 +32,16 @@ from rich.progress import track
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.errors import UserError, run_cli  # noqa: E402
+from core.errors import UserError, run_cli  # noqa: E402
+from core.passes import build_passes, take_passes  # noqa: E402
 from data_pipeline.import_routes import import_routes  # noqa: E402
 from data_pipeline.trace_store import TraceStore  # noqa: E402
 from offload.capacity import parse_capacity  # noqa: E402
 from offload.forecast_eval import gap_closed, replay_split  # noqa: E402
-from offload.passes import build_passes  # noqa: E402
 from offload.policies import Forecast, LeastStaleForecast, make_policy  # noqa: E402
-from predictors.reuse import CountedReuse, ReuseForecaster, fit_reuse, split_of_passes  # noqa: E402
+from predictors.reuse import CountedReuse, ReuseForecaster  # noqa: E402
 from predictors.reuse_features import ReuseHistory  # noqa: E402
+from predictors.reuse_training import fit_reuse, split_of_passes
 
 console = Console()
 
@@ -124,8 +126,6 @@ def cost_microbenchmark(passes, forecaster: ReuseForecaster, slots: int, warm_pa
 
 
 def take_first(passes, n: int):
-    from predictors.reuse_features import take_passes
-
     return take_passes(passes, np.arange(passes.num_passes) < n)
 
 
@@ -223,8 +223,6 @@ def main(argv: list[str] | None = None) -> None:
     for i, trace in enumerate(args.trace):
         path = Path(trace)
         if path.is_file():
-            import tempfile
-
             store = import_routes(path, Path(tempfile.mkdtemp()) / "store")
         else:
             store = TraceStore(path)

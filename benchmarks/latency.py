@@ -27,7 +27,8 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_pipeline.errors import UserError, run_cli  # noqa: E402
+from core.errors import UserError, run_cli  # noqa: E402
+from data_pipeline.trace_store import TraceStore  # noqa: E402
 from offload.latency import annotate, physical_limit  # noqa: E402
 from offload.simulator import SimConfig, simulate_configs  # noqa: E402
 
@@ -85,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lookahead", type=int, default=3)
     ap.add_argument("--split", default="auto", help="the split train.py made (auto: position for one prompt)")
     args = ap.parse_args(argv)
-    from data_pipeline.trace_store import TraceStore
 
     trace, ckpt = _prepare(args)
     results = annotate(simulate_configs(TraceStore(trace), configs(args, ckpt), progress=True))

@@ -51,8 +51,8 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.errors import UserError, run_cli  # noqa: E402
 from data_pipeline.collect import collect_traces  # noqa: E402
-from data_pipeline.errors import UserError, run_cli  # noqa: E402
 from data_pipeline.models import load_model  # noqa: E402
 from data_pipeline.text_sources import load_texts  # noqa: E402
 

@@ -30,8 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.errors import UserError, run_cli  # noqa: E402
 from data_pipeline.demo_text import olmo_tokenizer  # noqa: E402
-from data_pipeline.errors import UserError, run_cli  # noqa: E402
 
 OUT = Path(__file__).with_name("olmoe_reference.json")
 COUNTS_COMMIT = "2aecf25991ac1bbfb75d96f01853fe65e1f46e3f"  # "Domain specialization: updated scripts, data and plotting"
@@ -53,7 +53,7 @@ class _CountersOnly(pickle.Unpickler):
         if (module, name) == ("numpy", "dtype"):
             return np.dtype
         if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "scalar":
-            from numpy._core.multiarray import scalar
+            from numpy._core.multiarray import scalar  # numpy 2's private module: only when a pickle names it
 
             return scalar
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")

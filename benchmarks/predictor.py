@@ -20,12 +20,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from offload.hardware import get_hardware  # noqa: E402
+from predictors.base import PredictContext  # noqa: E402
+from predictors.frequency import ConditionalFrequency, FrequencyPredictor  # noqa: E402
+from predictors.gate_lookahead import GateLookahead  # noqa: E402
+from predictors.mlp_lookahead import MLPLookahead  # noqa: E402
+from predictors.sklearn_baseline import SklearnLogReg  # noqa: E402
+from predictors.trajectory import TrajectoryPredictor  # noqa: E402
 
 L, E, K, H, INTERMEDIATE, D = 16, 64, 8, 2048, 1024, 3
 LAYER = 7
@@ -45,6 +57,7 @@ def _timings(fn: Callable[[], object], repeats: int, warmup: int = 10) -> tuple[
 
 
 def moe_layer_seconds(repeats: int) -> tuple[float, float]:
+    # transformers: ~3 s to import; only for the MoE-layer reference
     from transformers import OlmoeConfig
     from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 
@@ -60,12 +73,6 @@ def moe_layer_seconds(repeats: int) -> tuple[float, float]:
 
 
 def build_families(seed: int = 0) -> dict[str, object]:
-    from predictors.frequency import ConditionalFrequency, FrequencyPredictor
-    from predictors.gate_lookahead import GateLookahead
-    from predictors.mlp_lookahead import MLPLookahead
-    from predictors.sklearn_baseline import SklearnLogReg
-    from predictors.trajectory import TrajectoryPredictor
-
     g = torch.Generator().manual_seed(seed)
     routers = torch.randn(L, E, H, generator=g) * 0.02
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(L * 256)]).reshape(256, L, K).numpy()
@@ -84,8 +91,6 @@ def build_families(seed: int = 0) -> dict[str, object]:
 
 
 def one_token_context():
-    from predictors.base import PredictContext
-
     g = torch.Generator().manual_seed(1)
     chosen = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(L)])[None]  # (1, L, K)
     previous = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(L)])[None]
@@ -94,6 +99,7 @@ def one_token_context():
 
 
 def training_samples_per_s(predictor, batch_size: int, steps: int) -> float:
+    # lightning: ~3 s to import; only for the training throughput
     from predictors.lightning_module import LookaheadModule
 
     module = LookaheadModule(predictor.train(), list(range(L)))
@@ -129,7 +135,6 @@ def main(argv: list[str] | None = None) -> None:
     ctx = one_token_context()
     table = Table(title=f"forecast for one decode token at layer {LAYER} (D={D}) vs one OLMoE MoE layer "
                         f"(min {moe * 1e3:.2f} ms, median {moe_median * 1e3:.2f} ms), {args.threads} threads")
-    from offload.hardware import get_hardware
 
     a100, pcie5 = get_hardware("a100-5gbs"), get_hardware("pcie5")
     for col in ("family", "min (us)", "median (us)", "min / MoE-layer min", "goal <= 2%",

@@ -25,7 +25,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.errors import run_cli  # noqa: E402
+from core.errors import run_cli  # noqa: E402
 from data_pipeline.models import load_model  # noqa: E402
 from offload.quantization import (  # noqa: E402
     PRECISIONS,

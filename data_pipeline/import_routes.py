@@ -65,13 +65,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+from tqdm.auto import tqdm
 
-from data_pipeline.errors import UserError, run_cli
+from core.errors import UserError, run_cli
+from core.model_info import ModelInfo
 from data_pipeline.store_lock import StoreLock
 from data_pipeline.trace_store import (
     MAX_EXPERTS,
     SKIPPED,
-    ModelInfo,
     StagedShard,
     TraceStore,
     TraceStoreWriter,
@@ -562,8 +563,6 @@ def _route_trace_header(path: Path, num_experts: int | None) -> dict[str, Any]:
 def _spill_file(path: Path, fmt: str, folder: Path, *, num_experts: int | None, vocab: list[str],
                 block_bytes: int | None = None, progress: bool = False) -> _Spill:
     """Pass 1: every value checked (line numbers as the file has them), every row spilled as numbers."""
-    from tqdm.auto import tqdm
-
     spill = _Spill(path, fmt, folder)
     is_jsonl = path.name.endswith((".jsonl", ".jsonl.gz", ".json"))
     if fmt == "route_trace":
@@ -862,7 +861,6 @@ def _groups(spill: _Spill, info: ModelInfo, *, group_rows: int | None = None,
     """
     group_rows = group_rows or GROUP_ROWS
     as_ids = spill.tokens is None or spill.tokens.as_ids()
-    from tqdm.auto import tqdm
 
     try:
         with tqdm(total=spill.num_rows, unit="row", unit_scale=True, desc=f"check {spill.path.name}",

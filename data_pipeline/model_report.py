@@ -30,7 +30,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.errors import UserError, run_cli
+from core.errors import UserError, run_cli
+from data_pipeline.collect import collect_traces
+from data_pipeline.corpus import heldout_texts
+from data_pipeline.datamodule import TokenDataset
+from data_pipeline.models import load_model
+from data_pipeline.pretrain import PretrainConfig, build_model, corpus_blocks
+from data_pipeline.token_routing import token_explained
+from predictors.evaluation import evaluate_predictor
+from predictors.gate_lookahead import GateLookahead
 
 
 @torch.no_grad()
@@ -81,12 +89,6 @@ def routing_entropy(model, blocks: torch.Tensor, batch_size: int = 8) -> dict[st
 def gate_and_token_stats(loaded, texts: list[str], seq_len: int, lookahead: int = 3) -> dict[str, Any]:
     """Collect a store of ``loaded`` on ``texts`` (hidden states at every layer) in a temp folder;
     gate-lookahead recall@k per distance and the token-explained statistics."""
-    from data_pipeline.collect import collect_traces
-    from data_pipeline.datamodule import TokenDataset
-    from data_pipeline.token_routing import token_explained
-    from predictors.evaluation import evaluate_predictor
-    from predictors.gate_lookahead import GateLookahead
-
     with tempfile.TemporaryDirectory() as tmp:
         store = collect_traces(loaded, texts, Path(tmp) / "store", max_tokens=None, seq_len=seq_len,
                                hidden_layers="all", router_logits=False, progress=False,
@@ -103,10 +105,6 @@ def gate_and_token_stats(loaded, texts: list[str], seq_len: int, lookahead: int 
 
 def report(model_dir: str | Path, *, max_blocks: int = 400, texts: int = 400, seq_len: int = 128) -> dict[str, Any]:
     """Every number of the card (see the module doc) as a JSON-able dict."""
-    from data_pipeline.corpus import heldout_texts
-    from data_pipeline.models import load_model
-    from data_pipeline.pretrain import PretrainConfig, build_model, corpus_blocks
-
     model_dir = Path(model_dir)
     record_path = model_dir / "training.json"
     if not record_path.is_file():

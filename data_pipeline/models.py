@@ -1,7 +1,7 @@
 """Model loading with one call: ``tiny-olmoe``, a local ``save_pretrained`` folder, or a hub id.
 
 ``load_model(name)`` returns a :class:`LoadedModel`: the HF model in eval mode, its tokenizer (pad
-token set), the family adapter and the :class:`~data_pipeline.trace_store.ModelInfo` that trace
+token set), the family adapter and the :class:`~core.model_info.ModelInfo` that trace
 stores and checkpoints record.
 
 - ``tiny-olmoe``: a seeded random OLMoE built from ``OlmoeConfig`` (6 layers x 32 experts, top-4,
@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.errors import UserError
+from core.model_info import ModelInfo
 from data_pipeline.adapters import MoEAdapter, as_torch_dtype, dtype_name, get_adapter
-from data_pipeline.errors import UserError
-from data_pipeline.trace_store import ModelInfo
+from data_pipeline.demo_text import olmo_tokenizer
 
 TINY_OLMOE = "tiny-olmoe"
 OLMOE_MINI = "olmoe-mini"
@@ -103,7 +104,7 @@ def build_tiny_olmoe(seed: int = 0, **overrides: Any):
 
     The same seed always gives identical weights (the global RNG is forked, not disturbed).
     """
-    from transformers import OlmoeConfig, OlmoeForCausalLM
+    from transformers import OlmoeConfig, OlmoeForCausalLM  # transformers: ~3 s; only to build a model
 
     cfg = dict(TINY_OLMOE_CONFIG)
     experts_implementation = overrides.pop("experts_implementation", "eager")
@@ -145,9 +146,7 @@ def _is_local(name: str) -> bool:
 
 
 def _load_tokenizer(source: str | Path, *, fallback: bool):
-    from transformers import AutoTokenizer
-
-    from data_pipeline.demo_text import olmo_tokenizer
+    from transformers import AutoTokenizer  # transformers: ~3 s to import; only where a tokenizer is loaded
 
     src = Path(source)
     has_local_tok = src.is_dir() and any(
@@ -196,14 +195,12 @@ def load_model(
     experts_impl = experts_implementation or ("eager" if dev.type == "cpu" else None)
 
     if tiny:
-        from data_pipeline.demo_text import olmo_tokenizer
-
         tokenizer = olmo_tokenizer()  # first: a missing wheel fails before any model work
         model = build_tiny_olmoe(seed, experts_implementation=experts_impl or "eager")
         model_id = TINY_OLMOE if seed == 0 else f"{TINY_OLMOE}-seed{seed}"
         revision = revision or f"seed={seed}"
     else:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM  # transformers: ~3 s; only to load a model
 
         if name in REPO_MODELS:  # a committed model: its folder, named by its short name
             if not REPO_MODELS[name].is_dir():

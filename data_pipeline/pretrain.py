@@ -51,8 +51,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
-from data_pipeline.errors import UserError, run_cli
+from core.errors import UserError, run_cli
+from data_pipeline.adapters import as_torch_dtype
+from data_pipeline.corpus import split_documents
+from data_pipeline.demo_text import olmo_tokenizer, olmo_tokenizer_json
+from predictors.wandb_setup import WandbConfig, resolve_mode
 
 RUN_ROOT = "runs"  # Lightning checkpoints and W&B files (ignored by git)
 
@@ -98,7 +103,7 @@ class PretrainConfig:
     wandb: str | None = None  # online | offline | disabled; None = offline unless a key is configured
 
     def olmoe_config(self, vocab_size: int = 50304) -> Any:
-        from transformers import OlmoeConfig
+        from transformers import OlmoeConfig  # transformers: ~3 s to import; only where a model is built
 
         cfg = OlmoeConfig(
             vocab_size=vocab_size, hidden_size=self.hidden, intermediate_size=self.expert_intermediate,
@@ -114,7 +119,7 @@ class PretrainConfig:
 
 def build_model(cfg: PretrainConfig):
     """The untrained ``OlmoeForCausalLM`` of ``cfg``, initialised from ``cfg.seed`` (HF's own init)."""
-    from transformers import OlmoeForCausalLM
+    from transformers import OlmoeForCausalLM  # transformers: ~3 s to import; only where a model is built
 
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
@@ -134,8 +139,6 @@ def pack(token_lists: list[list[int]], seq_len: int, eos: int) -> torch.Tensor:
 
 def corpus_blocks(cfg: PretrainConfig, tokenizer) -> dict[str, torch.Tensor]:
     """train / val / test blocks of the corpus split by document (see data_pipeline.corpus)."""
-    from data_pipeline.corpus import split_documents
-
     parts = split_documents(test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction)
     out = {}
     for name, docs in parts.items():
@@ -150,6 +153,7 @@ def corpus_blocks(cfg: PretrainConfig, tokenizer) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------- losses
 def balance_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int) -> torch.Tensor:
     """Mean over layers of HF's ``load_balancing_loss_func`` applied to each layer alone (see module doc)."""
+    # transformers: ~3 s to import; only while training
     from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 
     return torch.stack([load_balancing_loss_func((lg,), num_experts, top_k) for lg in router_logits]).mean()
@@ -232,9 +236,7 @@ def lm_losses(model, input_ids: torch.Tensor, *, head_dtype: torch.dtype = torch
 # ---------------------------------------------------------------------------------------------- Lightning
 def lightning_module(model, cfg: PretrainConfig):
     """A ``LightningModule`` around ``model`` (built here so that importing this file stays light)."""
-    import lightning.pytorch as pl
-
-    from data_pipeline.adapters import as_torch_dtype
+    import lightning.pytorch as pl  # lightning: ~3 s to import; only when training
 
     class OlmoePretrainModule(pl.LightningModule):
         def __init__(self) -> None:
@@ -285,7 +287,7 @@ def lr_factor(step: int, cfg: PretrainConfig) -> float:
 
 def _progress_printer(every: int, tokens_per_step: int):
     """Prints one line every ``every`` steps (step, losses, tok/s, elapsed): readable in a log file."""
-    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.callbacks import Callback  # lightning: ~3 s to import; only when training
 
     class ProgressPrinter(Callback):
         def on_train_start(self, trainer, pl_module) -> None:
@@ -306,12 +308,10 @@ def _progress_printer(every: int, tokens_per_step: int):
 
 
 def _logger(cfg: PretrainConfig, run_dir: Path, name: str):
-    from predictors.wandb_setup import WandbConfig, resolve_mode
-
     mode = resolve_mode(cfg.wandb)
     if mode == "disabled":
         return False
-    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers import WandbLogger  # lightning: ~3 s to import; only when training
 
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(project=WandbConfig.project, name=name, mode=mode, save_dir=str(run_dir), log_model=False)
@@ -321,11 +321,9 @@ def _logger(cfg: PretrainConfig, run_dir: Path, name: str):
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Train (see the module doc), export the best weights to ``cfg.out``; the training record."""
+    # lightning: ~3 s to import; only when training
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from data_pipeline.demo_text import olmo_tokenizer
 
     if cfg.steps < 1 or cfg.top_k > cfg.experts or cfg.hidden % cfg.heads:
         raise UserError("need --steps >= 1, --top-k <= --experts and --hidden divisible by --heads")
@@ -389,16 +387,12 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
 def export(model, tokenizer, out: Path, dtype: str, record: dict[str, Any]) -> None:
     """``save_pretrained`` (safetensors, ``dtype``) + tokenizer + ``training.json`` into ``out``."""
-    from data_pipeline.adapters import as_torch_dtype
-
     out.mkdir(parents=True, exist_ok=True)
     model = model.to(as_torch_dtype(dtype)).eval()
     model.config.use_cache = True
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     # the wheel's compact tokenizer file (2.1 MB) instead of the indented re-dump (3.5 MB): same tokenizer
-    from data_pipeline.demo_text import olmo_tokenizer_json
-
     (out / "tokenizer.json").write_text(olmo_tokenizer_json())
     (out / "training.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
 

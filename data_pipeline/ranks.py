@@ -21,10 +21,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from data_pipeline.errors import EXIT_BAD_INPUT, UserError, one_line
+from core.errors import EXIT_BAD_INPUT, UserError, one_line
 
 T = TypeVar("T")
 TIMEOUT = datetime.timedelta(hours=1)  # a rank may load a large model long after another finished
+
+
+def _dist() -> Any:
+    """``torch.distributed``, imported only by a job of several ranks."""
+    import torch.distributed as dist  # torch: ~1 s to import; a single-rank collection never loads it
+
+    return dist
 
 
 @dataclass
@@ -45,7 +52,7 @@ class Ranks:
         wrapping round when a node runs more ranks than it has GPUs (small models can share one)."""
         if self.world == 1 or device not in ("cuda", "auto"):
             return device
-        import torch
+        import torch  # torch: ~1 s to import; a single rank never gets here
 
         if not torch.cuda.is_available():
             return "cpu" if device == "auto" else device  # "cuda" without a GPU: load_model says so, in one line
@@ -63,27 +70,21 @@ class Ranks:
         """Rank 0's ``obj`` on every rank."""
         if self.world == 1:
             return obj
-        import torch.distributed as dist
-
         box = [obj if self.rank == 0 else None]
-        self._call("a broadcast", lambda: dist.broadcast_object_list(box, src=0))
+        self._call("a broadcast", lambda: _dist().broadcast_object_list(box, src=0))
         return box[0]
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj``, in rank order, on rank 0 (None elsewhere)."""
         if self.world == 1:
             return [obj]
-        import torch.distributed as dist
-
         out: list[Any] | None = [None] * self.world if self.rank == 0 else None
-        self._call("a gather", lambda: dist.gather_object(obj, out, dst=0))
+        self._call("a gather", lambda: _dist().gather_object(obj, out, dst=0))
         return out
 
     def barrier(self) -> None:
         if self.world > 1:
-            import torch.distributed as dist
-
-            self._call("a barrier", dist.barrier)
+            self._call("a barrier", _dist().barrier)
 
     def agree(self, fn: Callable[[], T]) -> T:
         """Rank 0 runs ``fn`` (the others do not) and every rank gets its result, or its failure.
@@ -108,9 +109,7 @@ class Ranks:
 
     def close(self) -> None:
         if self._initialized:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            _dist().destroy_process_group()
             self._initialized = False
 
 
@@ -119,11 +118,9 @@ def from_env() -> Ranks:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return Ranks()
-    import torch.distributed as dist
-
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     try:
-        dist.init_process_group("gloo", timeout=TIMEOUT)
+        _dist().init_process_group("gloo", timeout=TIMEOUT)
     except (RuntimeError, ValueError, OSError) as e:
         raise UserError(f"cannot join the torchrun job as rank {rank}/{world} ({one_line(str(e))[:200]})") from None
     return Ranks(rank=rank, world=world, local_rank=local, _initialized=True)

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_pipeline.errors import UserError
-from data_pipeline.trace_store import DECODE, TraceStore
+from core.errors import UserError
+from core.model_info import DECODE
+from data_pipeline.trace_store import TraceStore
 
 SPLITS = ("auto", "sequence", "position")
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from data_pipeline.errors import UserError, describe_os_error
+from core.errors import UserError, describe_os_error
 
 LOCK_NAME = "writer.lock"
 

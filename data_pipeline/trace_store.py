@@ -55,8 +55,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import safetensors.numpy  # called through the module: the reliability tests patch its save_file
 
-from data_pipeline.errors import UserError, one_line
+from core.errors import UserError, one_line
+from core.model_info import DECODE, PREFILL, ModelInfo
 from data_pipeline.store_lock import LOCK_NAME, StoreLock
 
 FORMAT_VERSION = 1
@@ -64,7 +66,6 @@ MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 ROUTER_WEIGHTS_NAME = "router_weights.safetensors"
 VOCAB_NAME = "vocab.json"
-PREFILL, DECODE = 0, 1
 MAX_EXPERTS = int(np.iinfo(np.int16).max)  # expert ids are stored as int16
 SKIPPED = -1  # topk id of a (token, layer) that did not run
 _SHARD_FILE = re.compile(rf"{SHARD_DIR}/shard-\d+\.arrow")
@@ -73,39 +74,6 @@ SPILL_SUFFIX = ".spill"  # a folder of temporary files a writer keeps inside sha
 
 class TraceStoreError(UserError):
     """A problem with a trace store, phrased as one line for the user (it names the file)."""
-
-
-@dataclass
-class ModelInfo:
-    """The numbers of the model a store was collected from; everything downstream checks them."""
-
-    model_id: str
-    family: str
-    num_layers: int
-    num_experts: int
-    top_k: int
-    hidden_size: int | None = None
-    expert_bytes: int | None = None  # bytes of one expert in ``dtype``
-    dtype: str | None = None
-    revision: str | None = None
-    moe_intermediate_size: int | None = None
-    norm_topk_prob: bool | None = None
-    layer_expert_bytes: list[int] | None = None  # per-layer sizes where they differ (imported traces)
-
-    def key(self) -> dict[str, Any]:
-        """The identity that decides whether two stores/checkpoints talk about the same model."""
-        return {
-            "model_id": self.model_id,
-            "num_layers": self.num_layers,
-            "num_experts": self.num_experts,
-            "top_k": self.top_k,
-            "hidden_size": self.hidden_size,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass
@@ -655,8 +623,6 @@ class TraceStore:
 
     def router_weights(self) -> dict[int, np.ndarray]:
         """layer -> (E, H) float32 router matrix, saved beside the shards at collection time."""
-        from safetensors.numpy import load_file
-
         p = self.path / ROUTER_WEIGHTS_NAME
         if not p.exists():
             raise TraceStoreError(f"{p} is missing: the store has no router weights (imported trace?)")
@@ -664,7 +630,7 @@ class TraceStore:
         if want is not None and _sha256(p) != want:
             raise TraceStoreError(f"{p} does not match its checksum in the manifest: it is damaged")
         try:
-            tensors = load_file(str(p))
+            tensors = safetensors.numpy.load_file(str(p))
             out = {int(k.removeprefix("layer_")): v for k, v in tensors.items()}
         except Exception as e:  # safetensors raises several types for a bad header
             raise TraceStoreError(f"{p} is corrupt ({one_line(str(e))})") from None
@@ -1114,13 +1080,13 @@ class TraceStoreWriter:
         self.manifest["skipped_routes"] = old
 
     def save_router_weights(self, weights: dict[int, np.ndarray]) -> None:
-        from safetensors.numpy import save_file
         self._require_lock()
 
         final = self.path / ROUTER_WEIGHTS_NAME
         tmp = _tmp_name(final)
         try:
-            save_file({f"layer_{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}, str(tmp))
+            tensors = {f"layer_{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
+            safetensors.numpy.save_file(tensors, str(tmp))
             digest = _sha256(tmp)
             os.replace(tmp, final)
         finally:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 
 ADMISSIONS = ("greedy", "value")
 

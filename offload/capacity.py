@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import re
 
-from data_pipeline.errors import UserError
-from data_pipeline.trace_store import ModelInfo
+from core.errors import UserError
+from core.model_info import ModelInfo
 
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 

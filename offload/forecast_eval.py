@@ -11,17 +11,19 @@ equal the simulator's.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from core.passes import Passes
 from offload.cache import ExpertCache
-from offload.passes import Passes
+from offload.hardware import get_hardware
 from offload.policies.base import EvictionPolicy
+from offload.sim_result import PARTS
+from offload.simulator import Future, Replay, SimBackend, layer_accesses
 from offload.step import LayerStep
-
-PARTS = ("train", "val", "test")
 
 
 @dataclass
@@ -64,11 +66,6 @@ def replay_split(passes: Passes, policy: EvictionPolicy, capacity_slots: int,
                  progress: Callable[[int], None] | None = None) -> SplitResult:
     """Demand-fetch replay of all passes through the one per-layer step (:mod:`offload.step`); counts
     per part of ``pass_part`` ((P,) 0/1/2, default all train)."""
-    import time
-
-    from offload.hardware import get_hardware
-    from offload.simulator import Future, Replay, SimBackend, layer_accesses
-
     L, E = passes.num_layers, passes.num_experts
     cache = ExpertCache(L, E, capacity_slots, policy)
     result = SplitResult(policy.name, capacity_slots)

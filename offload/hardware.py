@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ none when the gap is under 5 % of T(LRU, none).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 #: what defines a setting (everything but the choice of policy, prefetcher and their knobs)
@@ -89,8 +90,6 @@ def reference_configs(configs: list[Any]) -> list[Any]:
 
     Belady + oracle prefetches as far ahead as the farthest lookahead of the sweep.
     """
-    from dataclasses import replace
-
     have = {(setting_key(vars(c)), c.policy, c.prefetch) for c in configs
             if is_reference(vars(c), c.policy, c.prefetch)}
     depth: dict[tuple, int] = {}

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from offload.precision import PRECISIONS, precision_ladder, rank
 
 MISS_MODES = ("fetch", "drop", "substitute", "fetch-lowest-bit", "fetch-priority", "precision-cascade")

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Literal, get_args
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 
 Precision = Literal["native", "int8", "int4", "int2"]
 #: Every precision, highest first (the order a fall-back cascade walks).

@@ -1,6 +1,6 @@
 """Prefetchers: which experts of layers l+1..l+D to copy in while layer l runs.
 
-A prefetcher turns a replay (:class:`offload.passes.Passes`) into an :class:`ExpertForecast`: for every
+A prefetcher turns a replay (:class:`core.passes.Passes`) into an :class:`ExpertForecast`: for every
 pass ``p``, layer ``l`` and distance ``d`` the ranked candidate experts of layer ``l+d``, best first, and how
 many of them the selection rule picks. Forecasts
 are computed for the whole store before the replay (one ``predict`` call per layer over all tokens),
@@ -10,8 +10,9 @@ so the replay loop only walks arrays.
 - ``oracle``: the true experts of layers l+1..l+D (the upper bound).
 - ``topk`` (SpecMD / Eliseev-Mazur): the next layer's router on the current hidden state (gating
   lookahead), top ``ceil(k * overfetch)`` experts per token; next layer only, as in the paper.
-- ``score`` (Zhu et al.): the same forecast, every expert whose predicted probability is above the
+- ``percentile`` (Zhu et al.): the same forecast, every expert whose predicted probability is above the
   ``q``-th percentile (default 80th) of that token's distribution over the E experts; next layer only.
+  (Called ``score`` before; that name is now the eviction policy's only, :mod:`offload.policies.score`.)
 - ``gate``: the Predictor-backed prefetcher with gating lookahead over distances 1..D (top-k rule;
   with D = 1 it equals ``topk``).
 - ``ckpt:PATH``: a learned predictor checkpoint (``predictors.checkpoint.load_predictor``), top-k
@@ -30,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
+from core.passes import Passes
 from data_pipeline.trace_store import TraceStore
-from offload.passes import Passes
 
 #: ranked candidates kept per forecast: ``DEPTH_FACTOR * top_k`` (at least what the selection picks).
 #: Admission by value may go past the selected ones; eviction weighs every listed candidate.
@@ -217,7 +218,7 @@ class PercentileSelection(Selection):
 
     def __init__(self, q: float = 0.8):
         if not 0.0 <= q < 1.0:
-            raise UserError(f"score percentile must be in [0, 1) (got {q})")
+            raise UserError(f"prefetch percentile must be in [0, 1) (got {q})")
         self.q = q
 
     def counts(self, probs: np.ndarray, top_k: int) -> np.ndarray:
@@ -245,6 +246,7 @@ class PredictorPrefetch(Prefetcher):
         return {**super().describe(), **self.selection.describe(), "predictor": self.predictor.describe()}
 
     def _context(self, store: TraceStore, layer: int, rows: np.ndarray, ids: np.ndarray, prev_row: np.ndarray):
+        # torch: ~1 s to import; only the predictor-backed prefetchers run it
         import torch
 
         from predictors.base import PredictContext
@@ -315,17 +317,29 @@ class PredictorPrefetch(Prefetcher):
         return _ragged_from_dense(dense, selected, D, covered)
 
 
-PREFETCHERS = ("none", "topk", "score", "oracle", "gate")
+PREFETCHERS = ("none", "topk", "percentile", "oracle", "gate")
+#: old prefetcher names -> their names now; an old name is refused with one line naming the new one
+RENAMED_PREFETCHERS = {"score": "percentile"}
+
+
+def refuse_renamed_prefetcher(spec: str) -> str:
+    """``spec`` unchanged, or one line for an old name (``score`` is the eviction policy's name only)."""
+    new = RENAMED_PREFETCHERS.get(spec)
+    if new is not None:
+        raise UserError(f"the prefetcher {spec!r} is now called {new!r}: use --prefetch {new} "
+                        f"('{spec}' names the eviction policy only)")
+    return spec
 
 
 def make_prefetcher(spec: str, store: TraceStore | None, *, lookahead: int = 1, overfetch: float = 1.0,
                     percentile: float = 0.8) -> Prefetcher:
     """Build a prefetcher from its command-line name (see the module docstring)."""
+    refuse_renamed_prefetcher(spec)
     if spec == "none":
         return NoPrefetch(lookahead)
     if spec == "oracle":
         return OraclePrefetch(lookahead)
-    if spec in ("topk", "score", "gate"):
+    if spec in ("topk", "percentile", "gate"):
         if store is None:
             raise UserError(f"prefetch {spec} needs a trace store")
         if not store.hidden_layers:
@@ -333,16 +347,18 @@ def make_prefetcher(spec: str, store: TraceStore | None, *, lookahead: int = 1, 
                             f"(collect with hidden states, or use --prefetch oracle/none)")
         if not store.has_router_weights:
             raise UserError(f"prefetch {spec} needs the router weights saved beside {store.path}")
+        # predictors.gate_lookahead imports torch (~1 s): only for these prefetchers
         from predictors.gate_lookahead import GateLookahead
 
-        d = 1 if spec in ("topk", "score") else lookahead
+        d = 1 if spec in ("topk", "percentile") else lookahead
         predictor = GateLookahead.from_store(store, d)
-        sel: Selection = PercentileSelection(percentile) if spec == "score" else TopKSelection(overfetch)
+        sel: Selection = PercentileSelection(percentile) if spec == "percentile" else TopKSelection(overfetch)
         return PredictorPrefetch(predictor, sel, d, name=spec)
     if spec.startswith("ckpt:"):
         if store is None:
             raise UserError("a checkpoint prefetcher needs a trace store")
         try:
+            # predictors.checkpoint imports torch (~1 s): only for ckpt:PATH
             from predictors.checkpoint import load_predictor
         except ImportError:
             raise UserError("learned predictor checkpoints are not available in this build") from None

@@ -42,7 +42,7 @@ from typing import Protocol
 import torch
 from hqq.core.quantize import Quantizer
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from offload.precision import (  # noqa: F401  (the names this module has always offered)
     DEFAULT_GROUP_SIZE,
     NBITS,

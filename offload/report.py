@@ -12,8 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from offload.latency import SETTING, is_reference, setting_key
+from offload.miss_handling import LOWER_BIT_MODES
+from reporting import html
 from reporting.figures import Plot, checked, new_figure, save_pngs
+from reporting.provenance import versions
 
 SWEPT = ("policy", "prefetch", "capacity", "hardware", "phase", "cache", "lookahead", "admission", "miss", "routing")
 #: the two latencies, as (result key, physical-limit key, label, the passes it needs)
@@ -69,7 +75,6 @@ def sweep_table(results: list[dict[str, Any]]) -> SweepTable:
     counted = {r.get("passes", "all") for r in results}
     title = "expert-cache simulation" + ("" if counted == {"all"} else
                                          f" (counted: {', '.join(sorted(counted))} passes of the split)")
-    from offload.miss_handling import LOWER_BIT_MODES
 
     lower_bit = any(r.get("miss") in LOWER_BIT_MODES for r in results)  # then: hits per precision
     columns = [*varying, "slots", "hit rate", *(["hits by precision"] if lower_bit else []), "coll. rate",
@@ -117,9 +122,6 @@ def print_table(results: list[dict[str, Any]], console: Any = None) -> None:
     prefetch (0 %) and Belady + oracle prefetch (100 %), and the bytes moved / wasted per token next to
     the hit rate (see :mod:`offload.latency`).
     """
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console(width=None if Console().is_terminal else 240)
     t = sweep_table(results)
     table = Table(title=t.title, show_lines=False, caption=CAPTION)
@@ -409,13 +411,11 @@ def html_report(results: list[dict[str, Any]], figures: list[Plot], *, command: 
                 subject: str = ""):
     """The sweep as one :class:`reporting.html.Report`: figures, the table, the split, provenance;
     ``subject`` (the trace) completes the title."""
-    from reporting.html import Report, Table
-    from reporting.provenance import versions
-
     t = sweep_table(results)
     profiles = sorted({_profile_line(r) for r in results})
     lines = [*setup, f"phase: {', '.join(sorted({str(r.get('phase')) for r in results}))}; capacity: "
              f"{', '.join(sorted({str(r.get('capacity')) for r in results}))}", *profiles]
-    return Report(title=f"{t.title}: {subject}" if subject else t.title, command=command, versions=versions(), setup=lines, split=split_statement(results),
-                  tables=[Table(t.title, t.columns, t.rows, caption=CAPTION, row_kinds=t.kinds, left=t.labels)],
-                  plots=figures)
+    return html.Report(title=f"{t.title}: {subject}" if subject else t.title, command=command, versions=versions(),
+                       setup=lines, split=split_statement(results),
+                       tables=[html.Table(t.title, t.columns, t.rows, caption=CAPTION, row_kinds=t.kinds, left=t.labels)],
+                       plots=figures)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 
 ROUTINGS = ("standard", "cache-aware")
 

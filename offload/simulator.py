@@ -31,21 +31,27 @@ only the passes of the test part of the store's train/val/test split (the split 
 from __future__ import annotations
 
 import math
+import multiprocessing
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from data_pipeline.errors import UserError
-from data_pipeline.trace_store import PREFILL, TraceStore
+from core.errors import UserError
+from core.model_info import PREFILL, ModelInfo, check_lookahead
+from core.passes import NEVER, Passes, build_passes, prefill_layer
+from data_pipeline.splits import split_rows
+from data_pipeline.trace_store import TraceStore
+from offload import simulator_fast
+from offload.admission import check_admission
 from offload.cache import ExpertCache
 from offload.capacity import layer_expert_bytes, parse_capacity
-from offload.counters import Counters
 from offload.hardware import Hardware, bytes_per_param, get_hardware
 from offload.link import SimCopy, SimLink
 from offload.miss_handling import MissHandling
-from offload.passes import NEVER, Passes, _prefill_layer, build_passes
 from offload.policies import make_policy
 from offload.precision import (
     PRECISIONS,
@@ -58,9 +64,9 @@ from offload.precision import (
 )
 from offload.prefetch import ExpertForecast, Prefetcher, forecast_depth, make_prefetcher
 from offload.routing import ROUTINGS, CacheAwareRouter
+from offload.sim_result import Tally, counted_passes, result
 from offload.step import Access, Candidates, LayerStep, Run
 
-PARTS = ("train", "val", "test")
 PASS_SETS = ("all", "train", "val", "test", "held-out")
 
 
@@ -245,20 +251,6 @@ def table_forecaster(fc: ExpertForecast, p: int, num_layers: int) -> Callable[[i
     return forecast
 
 
-@dataclass
-class _Tally:
-    """What the counted passes of one replay add up to."""
-
-    counters: Counters = field(default_factory=Counters)
-    collisions: np.ndarray | None = None
-    prefill_times: list[float] = field(default_factory=list)
-    decode_times: list[float] = field(default_factory=list)
-    prefill_compute: list[float] = field(default_factory=list)
-    decode_compute: list[float] = field(default_factory=list)
-    prefill_bytes: float = 0.0
-    decode_bytes: float = 0.0
-
-
 def simulate_reference(replay: Replay, cfg: SimConfig) -> dict[str, Any]:
     """The replay through :class:`offload.step.LayerStep` and the real cache and policy classes."""
     ps, fc = replay.passes, replay.forecast
@@ -282,8 +274,8 @@ def simulate_reference(replay: Replay, cfg: SimConfig) -> dict[str, Any]:
                      admission=cfg.admission, lookahead=fc.lookahead if fc is not None else 1,
                      depth=forecast_depth(E, ps.top_k), protect_layer=cfg.protect_layer,
                      prefetch_hint=future.prefetch_hint if future is not None else None)
-    counted = _counted_passes(replay, cfg)
-    tally = _Tally(collisions=np.zeros(L, dtype=np.int64))
+    counted = counted_passes(replay, cfg)
+    tally = Tally(collisions=np.zeros(L, dtype=np.int64))
     ptok = ps.pass_tokens
     for p in range(ps.num_passes):
         before, coll_before = step.counters.snapshot(), cache.stats.collision_misses.copy()
@@ -295,7 +287,7 @@ def simulate_reference(replay: Replay, cfg: SimConfig) -> dict[str, Any]:
             if aware:
                 ids, w = router.route(layer, np.asarray(logits[rows, layer], dtype=np.float32),  # type: ignore[union-attr,index]
                                       step.cached_mask(layer))
-                ex, sc, br, nt = _prefill_layer(ids, w, E)
+                ex, sc, br, nt = prefill_layer(ids, w, E)
                 accesses = [Access(int(e), float(s), int(r), int(n)) for e, s, r, n in zip(ex, sc, br, nt, strict=True)]
             else:
                 accesses = layer_accesses(ps, p, layer, future)
@@ -319,86 +311,7 @@ def simulate_reference(replay: Replay, cfg: SimConfig) -> dict[str, Any]:
             tally.decode_times.append(backend.now() - t0)
             tally.decode_compute.append(backend.compute_s - c0)
             tally.decode_bytes += delta.bytes_moved
-    return _result(replay, cfg, tally, counted)
-
-
-def _counted_passes(replay: Replay, cfg: SimConfig) -> np.ndarray:
-    P = replay.passes.num_passes
-    if cfg.passes == "all":
-        return np.ones(P, dtype=bool)
-    if replay.pass_part is None:
-        raise UserError(f"--passes {cfg.passes} needs a trace store to split")
-    counted = replay.pass_part == PARTS.index(cfg.counted_part)
-    if not counted.any():
-        raise UserError(f"the {cfg.counted_part} part of the split holds none of the replayed ({cfg.phase}) passes")
-    return counted
-
-
-def _mean(xs: list[float]) -> float | None:
-    return float(np.mean(xs)) if xs else None
-
-
-def _result(replay: Replay, cfg: SimConfig, tally: _Tally, counted: np.ndarray) -> dict[str, Any]:
-    c = tally.counters
-    collisions = tally.collisions if tally.collisions is not None else np.zeros(replay.passes.num_layers)
-    out: dict[str, Any] = cfg.settings()
-    out.pop("policy_params")
-    tokens = int(replay.passes.pass_tokens[counted].sum())
-    out.update(
-        policy_params=dict(cfg.policy_params),
-        capacity_slots=replay.capacity_slots,
-        capacity_fraction=replay.capacity_slots / (replay.passes.num_layers * replay.passes.num_experts),
-        passes_replayed=replay.passes.num_passes,
-        passes_counted=int(counted.sum()),
-        tokens_counted=tokens,
-        accesses=c.accesses,
-        hits=c.hits,
-        misses=c.misses,
-        hit_rate=c.hits / c.accesses if c.accesses else 0.0,
-        hits_by_precision=c.by_precision("hits"),
-        hit_rate_by_precision={p: n / c.accesses if c.accesses else 0.0 for p, n in c.by_precision("hits").items()},
-        served_by_precision=c.by_precision("served"),
-        dequantized=c.dequantized,
-        upgrades_issued=c.upgrades_issued,
-        upgrades=c.upgrades,
-        upgrades_cancelled=c.upgrades_cancelled,
-        upgrade_bytes=c.upgrade_bytes,
-        collision_misses=c.collision_misses,
-        collision_misses_per_layer=[int(x) for x in collisions],
-        collision_rate=c.collision_misses / c.accesses if c.accesses else 0.0,
-        evictions=c.evictions,
-        dropped=c.dropped,
-        substituted=c.substituted,
-        prefetch_issued=c.prefetch_issued,
-        prefetch_used=c.prefetch_used,
-        prefetch_wasted=c.prefetch_wasted,
-        prefetch_cancelled=c.prefetch_cancelled,
-        prefetch_late_refused=c.prefetch_late_refused,
-        prefetch_bytes=c.prefetch_bytes,
-        demand_bytes=c.demand_bytes,
-        bytes_moved=c.bytes_moved,
-        wasted_bytes=c.wasted_bytes,
-        bytes_per_token=c.bytes_moved / tokens if tokens else 0.0,
-        wasted_bytes_per_token=c.wasted_bytes / tokens if tokens else 0.0,
-        late_prefetch_hits=c.late_prefetch,
-        stall_time_s=c.stall_s,
-        predictor_time_s=c.predictor_s,
-        ttft_s=_mean(tally.prefill_times),
-        tpot_s=_mean(tally.decode_times),
-        compute_ttft_s=_mean(tally.prefill_compute),
-        compute_tpot_s=_mean(tally.decode_compute),
-        prefill_bytes=tally.prefill_bytes,
-        decode_bytes=tally.decode_bytes,
-        prefill_passes=len(tally.prefill_times),
-        decode_passes=len(tally.decode_times),
-        total_time_s=float(np.sum(tally.prefill_times) + np.sum(tally.decode_times)),
-        precision=c.forecast_correct / c.forecast_predicted if c.forecast_predicted else None,
-        recall=c.forecast_correct / c.forecast_relevant if c.forecast_relevant else None,
-        hardware_profile=replay.hardware.describe(),
-    )
-    if replay.forecast is None:
-        out["precision"] = out["recall"] = None
-    return out
+    return result(replay, cfg, tally, counted)
 
 
 def _layer_bytes(store: TraceStore | None, passes: Passes, given: float | None = None) -> np.ndarray:
@@ -434,8 +347,11 @@ def predictor_cost(prefetcher: Prefetcher, hardware: Hardware, override_us: floa
     return cost
 
 
-class ReplayCache:
-    """Builds passes/forecasts once per (phase) and (phase, prefetcher, lookahead, overfetch)."""
+class Replays:
+    """The :class:`Replay` of each configuration over one store (or hand-built passes).
+
+    What configurations share is built once: the passes per phase, the forecasts per (phase,
+    prefetcher, lookahead, overfetch) and the split parts per (phase, split, seed)."""
 
     def __init__(self, store: TraceStore | None, passes: Passes | None = None):
         if store is None and passes is None:
@@ -456,8 +372,6 @@ class ReplayCache:
         key = (cfg.phase, cfg.prefetch, cfg.lookahead, cfg.overfetch)
         if key not in self._forecasts:
             if cfg.prefetch != "none":
-                from predictors.base import check_lookahead
-
                 check_lookahead(cfg.lookahead, self.passes(cfg.phase).num_layers)
             pf = make_prefetcher(cfg.prefetch, self.store, lookahead=cfg.lookahead, overfetch=cfg.overfetch)
             self._forecasts[key] = (pf, pf.forecast(self.passes(cfg.phase), self.store))
@@ -469,8 +383,6 @@ class ReplayCache:
             return None
         key = (cfg.phase, cfg.split, cfg.split_seed)
         if key not in self._parts:
-            from data_pipeline.splits import split_rows
-
             split = split_rows(self.store, seed=cfg.split_seed, split=cfg.split)
             row_part = np.full(self.store.num_tokens, -1, dtype=np.int8)
             for i, rows in enumerate((split.train, split.val, split.test)):
@@ -485,7 +397,6 @@ class ReplayCache:
             raise UserError(f"unknown cache layout {cfg.cache!r}; valid: global, per-layer")
         if cfg.passes not in PASS_SETS:
             raise UserError(f"unknown pass set {cfg.passes!r}; valid: {', '.join(PASS_SETS)}")
-        from offload.admission import check_admission
 
         check_admission(cfg.admission)
         miss = MissHandling(cfg.miss, cfg.drop_from_rank, cfg.substitute_tolerance, cfg.precisions)
@@ -498,8 +409,6 @@ class ReplayCache:
             slots = parse_capacity(cfg.capacity, self.store.model, cfg.cache)
             bpp = bytes_per_param(self.store.model.dtype)
         else:
-            from data_pipeline.trace_store import ModelInfo
-
             info = ModelInfo("passes", "none", ps.num_layers, ps.num_experts, ps.top_k)
             slots = parse_capacity(cfg.capacity, info, cfg.cache)
             bpp = 2.0
@@ -536,8 +445,6 @@ def _precision_sizes(store: TraceStore | None, cfg: SimConfig,
 
 def simulate(replay: Replay, cfg: SimConfig) -> dict[str, Any]:
     """One configuration, on the fast kernel when it covers it (``cfg.backend``: auto|fast|reference)."""
-    from offload import simulator_fast
-
     if cfg.backend not in ("auto", "fast", "reference"):
         raise UserError(f"unknown simulator backend {cfg.backend!r}; valid: auto, fast, reference")
     fast_ok = simulator_fast.supports(cfg)
@@ -562,29 +469,27 @@ def simulate_configs(store: TraceStore | None, configs: list[SimConfig], *, pass
     """
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
-    rc = ReplayCache(store, passes)
-    replays = [rc.replay(cfg) for cfg in configs]  # every configuration is checked before any runs
+    of_store = Replays(store, passes)
+    replays = [of_store.replay(cfg) for cfg in configs]  # every configuration is checked before any runs
     if workers > 1 and len(configs) > 1:
-        del replays, rc  # each worker builds its own from the store's path: nothing big is pickled
+        del replays, of_store  # each worker builds its own from the store's path: nothing big is pickled
         return _simulate_in_workers(store, passes, configs, min(workers, len(configs)), progress)
     it: Any = zip(replays, configs, strict=True)
     if progress:
-        from tqdm import tqdm
-
         it = tqdm(it, total=len(configs), desc="simulating", unit="config")
     return [simulate(replay, cfg) for replay, cfg in it]
 
 
-_WORKER: dict[str, ReplayCache] = {}  # a sweep worker's own replay cache (passes and forecasts, built once)
+_WORKER: dict[str, Replays] = {}  # a sweep worker's own Replays (passes and forecasts, built once)
 
 
 def _worker_start(store_path: str | None, passes: Passes | None) -> None:
     """Open the store by its path: its shards are memory-mapped, so all workers share the page cache."""
-    _WORKER["rc"] = ReplayCache(TraceStore(store_path) if store_path is not None else None, passes)
+    _WORKER["replays"] = Replays(TraceStore(store_path) if store_path is not None else None, passes)
 
 
 def _worker_simulate(cfg: SimConfig) -> dict[str, Any]:
-    return simulate(_WORKER["rc"].replay(cfg), cfg)
+    return simulate(_WORKER["replays"].replay(cfg), cfg)
 
 
 def _simulate_in_workers(store: TraceStore | None, passes: Passes | None, configs: list[SimConfig], workers: int,
@@ -594,13 +499,6 @@ def _simulate_in_workers(store: TraceStore | None, passes: Passes | None, config
     Configurations the numba kernel does not cover run on the reference simulator, orders of
     magnitude slower: they are handed out first, so the workers finish together.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    from tqdm import tqdm
-
-    from offload import simulator_fast
-
     path = str(store.path) if store is not None else None
     slow_first = sorted(range(len(configs)),
                         key=lambda i: configs[i].backend != "reference" and simulator_fast.supports(configs[i]))

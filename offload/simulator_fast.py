@@ -32,10 +32,14 @@ import numba as nb
 import numpy as np
 from numba.core.dispatcher import Dispatcher
 
-from offload.passes import NEVER
+from core.passes import NEVER
+from offload.cache import split_capacity
+from offload.counters import Counters
 from offload.policies import POLICIES, make_policy
 from offload.policies.base import EvictionPolicy
 from offload.policies.compiled import Allowed, KernelContext
+from offload.prefetch import forecast_depth
+from offload.sim_result import Tally, counted_passes, result
 
 # indices into the int64 parameter vector
 P_CAPACITY, P_PER_LAYER, P_PROTECT, P_DROP, P_DROP_FROM, P_LOOKAHEAD, P_DEPTH, P_HAS_PROB = range(8)
@@ -633,9 +637,6 @@ def specialise(cls: type[EvictionPolicy]) -> Dispatcher:
 
 # ---------------------------------------------------------------------------------- arguments
 def _params(replay: Any, cfg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from offload.cache import split_capacity
-    from offload.prefetch import forecast_depth
-
     ps = replay.passes
     fc = replay.forecast
     ip = np.zeros(N_IPARAMS, dtype=np.int64)
@@ -695,11 +696,8 @@ def kernel_args(replay: Any, cfg: Any, counted: np.ndarray | None = None) -> tup
 
 
 def simulate_fast(replay: Any, cfg: Any) -> dict[str, Any]:
-    from offload.counters import Counters
-    from offload.simulator import _counted_passes, _result, _Tally
-
     ps = replay.passes
-    counted = _counted_passes(replay, cfg)
+    counted = counted_passes(replay, cfg)
     kernel, args = kernel_args(replay, cfg, counted)
     kernel(*args)
     w = args[-2]
@@ -717,8 +715,8 @@ def simulate_fast(replay: Any, cfg: Any) -> dict[str, Any]:
     )
     pre = counted & (ps.phase == 0)
     dec = counted & (ps.phase == 1)
-    tally = _Tally(counters=c, collisions=plc[3].copy(), prefill_times=pass_time[pre].tolist(),
+    tally = Tally(counters=c, collisions=plc[3].copy(), prefill_times=pass_time[pre].tolist(),
                    decode_times=pass_time[dec].tolist(), prefill_compute=pass_compute[pre].tolist(),
                    decode_compute=pass_compute[dec].tolist(), prefill_bytes=float(pass_bytes[pre].sum()),
                    decode_bytes=float(pass_bytes[dec].sum()))
-    return _result(replay, cfg, tally, counted)
+    return result(replay, cfg, tally, counted)

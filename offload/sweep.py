@@ -11,15 +11,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
+from core.passes import PHASES
 from data_pipeline.trace_store import TraceStore
 from offload.hardware import get_hardware, hardware_names
+from offload.latency import annotate, reference_configs
 from offload.miss_handling import MISS_MODES
-from offload.passes import PHASES
 from offload.policies import POLICIES
-from offload.prefetch import PREFETCHERS
+from offload.prefetch import PREFETCHERS, refuse_renamed_prefetcher
 from offload.routing import ROUTINGS
 from offload.simulator import SimConfig, simulate_configs
+from reporting.provenance import command_line
 
 ALL_POLICIES = [p for p in POLICIES if p != "random"] + ["random"]
 FORECAST_POLICIES = ("forecast", "least_stale_forecast")  # take --predictor as their reuse forecaster
@@ -49,7 +51,7 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "fast", "reference"], help="simulator implementation")
     p.add_argument("--workers", type=int, default=1,
                    help="processes to spread the configurations over (each opens the store by path, memory-mapped)")
-    p.add_argument("--predictor", help="reuse-forecaster checkpoint (python -m predictors.reuse) for the forecast "
+    p.add_argument("--predictor", help="reuse-forecaster checkpoint (python -m predictors.reuse_training) for the forecast "
                    "policies (forecast, least_stale_forecast); without it they count reuse online from the run")
     p.add_argument("--copy-bytes", type=float, default=None,
                    help="bytes one expert copy moves over the link (default: the store's expert size)")
@@ -89,6 +91,7 @@ def build_configs(args: argparse.Namespace) -> list[SimConfig]:
             raise UserError(f"unknown eviction policy {pol!r}; valid: {', '.join(POLICIES)}, all")
     prefetchers = _split(args.prefetch)
     for pf in prefetchers:
+        refuse_renamed_prefetcher(pf)
         if pf not in PREFETCHERS and not pf.startswith("ckpt:"):
             raise UserError(f"unknown prefetcher {pf!r}; valid: {', '.join(PREFETCHERS)}, ckpt:PATH")
     hardware = _split_hardware(args.hardware)
@@ -105,7 +108,7 @@ def build_configs(args: argparse.Namespace) -> list[SimConfig]:
     if any(d < 1 for d in lookaheads):
         raise UserError("--lookahead must be at least 1")
     for pf in prefetchers:
-        if pf in ("topk", "score") and any(d != 1 for d in lookaheads):
+        if pf in ("topk", "percentile") and any(d != 1 for d in lookaheads):
             raise UserError(f"--prefetch {pf} forecasts the next layer only (the paper's prefetcher); use gate, oracle "
                             f"or ckpt:PATH for --lookahead {','.join(map(str, lookaheads))}")
     for m in _split(args.miss):
@@ -136,14 +139,13 @@ def build_configs(args: argparse.Namespace) -> list[SimConfig]:
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the sweep, print the table, write what was asked (JSON, PNG, HTML); ``argv`` is the command
     line the HTML report records."""
-    from offload import report
-    from offload.latency import annotate, reference_configs
-    from reporting import html
-    from reporting.figures import notes, save_pngs
-    from reporting.provenance import command_line
-
     store = TraceStore(args.trace)
     configs = build_configs(args)
+    # matplotlib (the reports): ~0.5 s to import; bad arguments are refused before it loads
+    from offload import report
+    from reporting import html
+    from reporting.figures import notes, save_pngs
+
     references = reference_configs(configs) if not args.no_references else []
     configs = configs + references
     if "belady" in [c.policy for c in configs] and "cache-aware" in [c.routing for c in configs]:

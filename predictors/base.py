@@ -20,19 +20,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from data_pipeline.errors import UserError
-
-
-def check_lookahead(lookahead: int, num_layers: int) -> None:
-    """Refuse a distance D that no layer can use: from layer 0 the farthest target is L-1."""
-    if lookahead < 1:
-        raise UserError(f"lookahead distance D must be at least 1 (got {lookahead})")
-    if lookahead > num_layers - 1:
-        raise UserError(
-            f"lookahead distance D={lookahead} runs past the last layer: the model has {num_layers} "
-            f"MoE layers, so D can be at most {num_layers - 1}"
-        )
-
 
 @dataclass
 class PredictContext:

@@ -18,11 +18,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch  # called through the module: the reliability tests patch its save_file
 import torch
+from safetensors import safe_open
 
-from data_pipeline.errors import UserError
-from data_pipeline.trace_store import ModelInfo
+from core.errors import UserError
+from core.model_info import ModelInfo
 from predictors.base import Predictor
+from predictors.frequency import ConditionalFrequency, FrequencyPredictor
+from predictors.gate_lookahead import GateLookahead
+from predictors.mlp_lookahead import MLPLookahead
+from predictors.sklearn_baseline import SklearnLogReg
+from predictors.token_lookahead import TokenLookahead
+from predictors.trajectory import TrajectoryPredictor
 
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
@@ -31,13 +39,6 @@ RUN_FILE = "run.json"
 
 def families() -> dict[str, type]:
     """family name -> class, for every family that can be saved."""
-    from predictors.frequency import ConditionalFrequency, FrequencyPredictor
-    from predictors.gate_lookahead import GateLookahead
-    from predictors.mlp_lookahead import MLPLookahead
-    from predictors.sklearn_baseline import SklearnLogReg
-    from predictors.token_lookahead import TokenLookahead
-    from predictors.trajectory import TrajectoryPredictor
-
     classes = (FrequencyPredictor, ConditionalFrequency, GateLookahead, MLPLookahead, TrajectoryPredictor,
                SklearnLogReg, TokenLookahead)
     return {cls.family: cls for cls in classes}
@@ -66,8 +67,6 @@ def checkpoint_meta(predictor: Predictor, model: ModelInfo, store_fingerprint: s
 def save_predictor(predictor: Predictor, path: str | os.PathLike[str], *, model: ModelInfo,
                    store_fingerprint: str | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Write ``predictor`` to ``path`` (atomically); ``extra`` goes into the metadata (e.g. metrics)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != SUFFIX:
         path = path.with_name(path.name + SUFFIX)
@@ -76,7 +75,7 @@ def save_predictor(predictor: Predictor, path: str | os.PathLike[str], *, model:
     meta = checkpoint_meta(predictor, model, store_fingerprint, extra)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        save_file(state, str(tmp), metadata={"predictor": json.dumps(meta)})
+        safetensors.torch.save_file(state, str(tmp), metadata={"predictor": json.dumps(meta)})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -102,7 +101,6 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
             raise UserError(f"checkpoint {path} was not written by train.py (no predictor metadata)")
         state = {k.removeprefix("predictor."): v for k, v in ckpt["state_dict"].items() if k.startswith("predictor.")}
         return ckpt["predictor_meta"], state
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.errors import UserError
-from predictors.base import PredictContext, Predictor, check_lookahead
+from core.errors import UserError
+from core.model_info import check_lookahead
+from predictors.base import PredictContext, Predictor
 
 
 def multi_hot(ids: np.ndarray, num_experts: int) -> np.ndarray:

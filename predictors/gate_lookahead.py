@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.errors import UserError
-from predictors.base import PredictContext, Predictor, check_lookahead
+from core.errors import UserError
+from core.model_info import check_lookahead
+from predictors.base import PredictContext, Predictor
 
 
 def stack_router_weights(weights: Mapping[int, np.ndarray | torch.Tensor], num_layers: int) -> torch.Tensor:

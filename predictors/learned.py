@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from predictors.base import PredictContext, Predictor, check_lookahead
+from core.model_info import check_lookahead
+from predictors.base import PredictContext, Predictor
 
 
 class LearnedPredictor(Predictor, nn.Module):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from predictors.base import PredictContext
 from predictors.gate_lookahead import stack_router_weights
 from predictors.learned import LearnedPredictor

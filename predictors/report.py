@@ -11,7 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 from predictors.training import FamilyResult
-from reporting.figures import Plot, checked, new_figure
+from predictors.wandb_setup import resolve_mode_of
+from reporting import html
+from reporting.figures import Plot, checked, new_figure, wandb_images
+from reporting.provenance import versions
 
 
 def comparison(results: list[FamilyResult]) -> tuple[list[str], list[list[Any]]]:
@@ -152,12 +155,9 @@ def plots(results: list[FamilyResult]) -> list[Plot]:
 
 def log_figures(logger: Any, figures: list[Plot]) -> None:
     """The report's figures as W&B images in the training run (a disabled run logs nothing)."""
-    from predictors.wandb_setup import resolve_mode_of
-
     run = logger.experiment
     if getattr(run, "disabled", False) or resolve_mode_of(run) == "disabled":
         return
-    from reporting.figures import wandb_images
 
     run.log(wandb_images(figures))
 
@@ -165,22 +165,19 @@ def log_figures(logger: Any, figures: list[Plot]) -> None:
 def html_report(results: list[FamilyResult], figures: list[Plot], *, command: str, title: str, setup: list[str],
                 split: str, pairs: list[tuple[int, int]] | None = None):
     """The training run as one :class:`reporting.html.Report`: comparison table, heatmaps, the split."""
-    from reporting.html import Report, Table
-    from reporting.provenance import versions
-
     def cells(row: list[Any]) -> list[str]:
         return ["-" if v is None else str(v) for v in row]
 
     columns, rows = comparison(results)
-    tables = [Table(title, columns, [cells(r) for r in rows],
-                    caption="precision/recall at k = the model's top-k and at the over-fetch k; exact-set: the top-k "
-                            "forecast is exactly the set used; layers: layers counted at that distance")]
+    tables = [html.Table(title, columns, [cells(r) for r in rows],
+                         caption="precision/recall at k = the model's top-k and at the over-fetch k; exact-set: the top-k "
+                                 "forecast is exactly the set used; layers: layers counted at that distance")]
     if pairs:
         pc, pr = pair_comparison(results, pairs)
-        tables.append(Table("recall@k at single layer pairs (forecast of layer l+d made at layer l)", pc,
-                            [cells(r) for r in pr], left=0))
-    tables.append(Table("training", ["family", "weights selected on validation", "seconds", "samples/s"],
-                        [[r.family, "yes" if r.trained else "no (never picked as best)", f"{r.seconds:.1f}",
-                          "-" if not r.samples_per_s else f"{r.samples_per_s:,.0f}"] for r in results], left=2))
-    return Report(title=f"Predictor comparison: {title}", command=command, versions=versions(), setup=setup, split=split, tables=tables,
-                  plots=figures)
+        tables.append(html.Table("recall@k at single layer pairs (forecast of layer l+d made at layer l)", pc,
+                                 [cells(r) for r in pr], left=0))
+    tables.append(html.Table("training", ["family", "weights selected on validation", "seconds", "samples/s"],
+                             [[r.family, "yes" if r.trained else "no (never picked as best)", f"{r.seconds:.1f}",
+                               "-" if not r.samples_per_s else f"{r.samples_per_s:,.0f}"] for r in results], left=2))
+    return html.Report(title=f"Predictor comparison: {title}", command=command, versions=versions(), setup=setup,
+                       split=split, tables=tables, plots=figures)

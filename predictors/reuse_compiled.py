@@ -3,7 +3,7 @@
 :class:`History` mirrors :class:`~predictors.reuse_features.ReuseHistory` (its online statistics and
 the features a forecaster reads), :class:`Model` mirrors :class:`~predictors.reuse.CountedReuse` and
 :class:`~predictors.reuse.LogisticReuse` (its online AdaGrad steps and its counted fallback during
-warm-up). Training stays in :mod:`predictors.reuse`; only what a policy calls while it runs is here:
+warm-up). Training stays in :mod:`predictors.reuse_training`; only what a policy calls while it runs is here:
 ``observe``, ``learn`` and ``expected_passes`` of one layer. Nothing here imports torch.
 
 Agreement with the Python classes, operation by operation:
@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import numba as nb
 import numpy as np
 
-from predictors.reuse_features import AGE_CAP, FOLLOW_SMOOTHING, HALF_LIVES, ReuseHistory
+from predictors.reuse_features import AGE_CAP, FEATURE_NAMES, FOLLOW_SMOOTHING, HALF_LIVES, ReuseHistory
 
 N_LOGISTIC = 10  # LogisticReuse's design: 9 features and the bias
 H = len(HALF_LIVES)
@@ -104,6 +104,7 @@ def history_state(num_layers: int, num_experts: int, counted_bins: Any) -> Histo
 
 def model_state(forecaster: Any, num_experts: int) -> Model:
     """The compiled state of a fresh ``CountedReuse`` or ``LogisticReuse`` (see :func:`supported`)."""
+    # predictors.reuse imports torch (~1 s): only when a forecast policy runs
     from predictors.reuse import P_MIN, RATE_EDGES, RATE_FEATURE, CountedReuse, LogisticReuse
 
     logistic = isinstance(forecaster, LogisticReuse)
@@ -113,7 +114,6 @@ def model_state(forecaster: Any, num_experts: int) -> Model:
         lr, l2, warmup, gap = forecaster.lr, forecaster.l2, forecaster.warmup, forecaster.loss_gap
     else:
         w, g2, seen, lr, l2, warmup, gap = np.zeros(N_LOGISTIC), np.ones(N_LOGISTIC), 0, 0.0, 0.0, 0, 0.0
-    from predictors.reuse_features import FEATURE_NAMES
 
     rate_h = FEATURE_NAMES[RATE_FEATURE]
     return Model(logistic, bool(getattr(forecaster, "online", False)), bool(counted.online), counted.hits.copy(),
@@ -127,6 +127,7 @@ def model_state(forecaster: Any, num_experts: int) -> Model:
 
 def supported(forecaster: Any) -> bool:
     """Whether this module mirrors ``forecaster`` (the counted and the logistic families)."""
+    # predictors.reuse imports torch (~1 s): only when a forecast policy runs
     from predictors.reuse import CountedReuse, LogisticReuse
 
     if type(forecaster) is LogisticReuse:

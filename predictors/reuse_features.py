@@ -21,6 +21,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from core.passes import Passes
+
 HALF_LIVES = (1.0, 4.0, 16.0, 64.0)  # passes
 FOLLOW_SMOOTHING = 2.0  # pseudo-opportunities of the overall use rate behind each succession estimate
 AGE_CAP = 512.0  # passes; "never used" reads as this age
@@ -135,31 +137,14 @@ class ReuseHistory:
         return np.minimum(next_pass - self.last[layer], AGE_CAP)
 
 
-def pass_layer_experts(passes, p: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
-    """(experts, router weights) of layer ``layer`` in pass ``p`` of an :class:`offload.passes.Passes`."""
+def pass_layer_experts(passes: Passes, p: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """(experts, router weights) of layer ``layer`` in pass ``p`` of an :class:`core.passes.Passes`."""
     i = p * passes.num_layers + layer
     lo, hi = passes.layer_ptr[i], passes.layer_ptr[i + 1]
     return passes.expert[lo:hi], passes.score[lo:hi]
 
 
-def take_passes(passes, keep: np.ndarray):
-    """The passes where ``keep`` is True, in order, as a new :class:`offload.passes.Passes`."""
-    from dataclasses import replace
-
-    L = passes.num_layers
-    idx = np.flatnonzero(keep)
-    counts = np.diff(passes.layer_ptr).reshape(-1, L)[idx].reshape(-1)
-    starts = passes.layer_ptr[:-1].reshape(-1, L)[idx].reshape(-1)
-    access = np.concatenate([np.arange(a, a + n) for a, n in zip(starts, counts, strict=True)]) if len(counts) else \
-        np.zeros(0, dtype=np.int64)
-    ptr = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(counts, out=ptr[1:])
-    return replace(passes, phase=passes.phase[idx], seq=passes.seq[idx], row_start=passes.row_start[idx],
-                   row_stop=passes.row_stop[idx], layer_ptr=ptr, expert=passes.expert[access],
-                   score=passes.score[access], best_rank=passes.best_rank[access], tokens=passes.tokens[access])
-
-
-def replay_rows(passes, *, include_never_used: bool = False) -> Iterator[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
+def replay_rows(passes: Passes, *, include_never_used: bool = False) -> Iterator[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
     """Replay passes in order; yield ``(pass, layer, experts, features, reused)`` per (pass >= 1, layer).
 
     ``features`` (n, F) describe the experts ``experts`` (n,) of ``layer`` as known just before

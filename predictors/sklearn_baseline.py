@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.errors import UserError
-from predictors.base import PredictContext, Predictor, check_lookahead
+from core.errors import UserError
+from core.model_info import check_lookahead
+from predictors.base import PredictContext, Predictor
 
 NEVER = -30.0  # logit of an expert never chosen at l+d in training (sigmoid ~ 1e-13)
 
@@ -40,6 +41,7 @@ class SklearnLogReg(Predictor):
     def fit(cls, hidden: dict[int, np.ndarray], topk_ids: np.ndarray, pairs: Sequence[tuple[int, int]], *,
             num_experts: int, lookahead: int, n_components: int = 32, C: float = 1.0, seed: int = 0) -> SklearnLogReg:
         """hidden: layer -> (N, H) MoE inputs of the training tokens; topk_ids: (N, L, K) their routes."""
+        # sklearn: ~1 s to import; only when the sklearn baseline is fitted
         from sklearn.decomposition import PCA
         from sklearn.linear_model import LogisticRegression
 

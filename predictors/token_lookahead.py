@@ -1,7 +1,7 @@
 """Token-aware forecasts: which experts a token needs at every layer, known before layer 0 runs.
 
 Real routers are strongly token-driven (the same token id tends to go to the same experts at a
-layer whatever its context; ``python -m data_pipeline.inspect`` measures how much), and the token
+layer whatever its context; ``python -m data_pipeline.inspect_store`` measures how much), and the token
 is the one input an engine has before the pass starts. Two pieces:
 
 - :class:`TokenPrior` (shared): P(expert e at layer t | token), **counted** on the training rows
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from data_pipeline.token_routing import has_tokens, token_expert_counts, token_vocab
 from predictors.base import PredictContext
 from predictors.learned import LearnedPredictor

@@ -5,7 +5,7 @@ The flow behind ``python train.py`` (the CLI only parses arguments and prints):
 1. check the request against the store before anything is written (families that need hidden
    states or router weights on a store without them, a distance past the last layer, a store
    too small to split);
-2. split the store (:func:`data_pipeline.datamodule.split_rows`), fit the counting families and
+2. split the store (:func:`data_pipeline.splits.split_rows`), fit the counting families and
    the scikit-learn baseline on the training tokens, train each learned family with Lightning
    (``ModelCheckpoint`` on ``val/recall@k``, early stopping on it), and load its best weights;
 3. score every family on the test tokens with the same metric and write the predictor files and
@@ -18,6 +18,7 @@ no partial checkpoint behind.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -29,13 +30,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.errors import UserError, one_line
+from core.errors import UserError, one_line
+from core.model_info import check_lookahead
+from data_pipeline.splits import SPLITS
 from data_pipeline.token_routing import has_tokens
 from data_pipeline.trace_store import TraceStore
-from predictors.base import Predictor, check_lookahead
+from predictors.base import Predictor
 from predictors.checkpoint import RUN_FILE, save_predictor
 from predictors.evaluation import evaluate_predictor
+from predictors.frequency import ConditionalFrequency, FrequencyPredictor
+from predictors.gate_lookahead import GateLookahead
 from predictors.metrics import LookaheadMetrics
+from predictors.mlp_lookahead import MLPLookahead
+from predictors.sklearn_baseline import SklearnLogReg
+from predictors.token_lookahead import TokenLookahead
+from predictors.trajectory import TrajectoryPredictor
 
 TRAINING_FREE = ("frequency", "conditional_frequency", "gate_lookahead")
 LEARNED = ("mlp_lookahead", "trajectory", "token")
@@ -136,8 +145,6 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from data_pipeline.datamodule import SPLITS
-
         _require(self.batch_size >= 1, f"--data.batch_size must be >= 1, got {self.batch_size}")
         _require(self.num_workers >= 0, f"--data.num_workers must be >= 0, got {self.num_workers}")
         _require(self.split in SPLITS, f"--data.split must be one of {', '.join(SPLITS)}, got {self.split!r}")
@@ -193,8 +200,8 @@ def check_trainer(trainer_kwargs: dict[str, Any], families: list[str]) -> None:
     if trainer_kwargs.get("limit_val_batches") == 0:
         raise UserError(f"--trainer.limit_val_batches 0: without validation no weights of {', '.join(learned)} can "
                         f"be selected (checkpointing and early stopping watch val/recall@k)")
-    import logging
 
+    # lightning: ~3 s to import; only once a learned family is asked for
     import lightning.pytorch as pl
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -249,9 +256,6 @@ def check_request(store: TraceStore, families: list[str], lookahead: int) -> Non
 
 
 def fit_counting(family: str, store: TraceStore, train_rows: np.ndarray, lookahead: int) -> Predictor:
-    from predictors.frequency import ConditionalFrequency, FrequencyPredictor
-    from predictors.gate_lookahead import GateLookahead
-
     if family == "gate_lookahead":
         return GateLookahead.from_store(store, lookahead)
     ids = store.topk_ids()[train_rows]
@@ -261,8 +265,6 @@ def fit_counting(family: str, store: TraceStore, train_rows: np.ndarray, lookahe
 
 def fit_sklearn(store: TraceStore, train_rows: np.ndarray, lookahead: int, cfg: SklearnConfig,
                 seed: int) -> Predictor:
-    from predictors.sklearn_baseline import SklearnLogReg
-
     rng = np.random.default_rng(seed)
     rows = train_rows if len(train_rows) <= cfg.max_train_tokens else np.sort(
         rng.choice(train_rows, cfg.max_train_tokens, replace=False))
@@ -275,10 +277,6 @@ def fit_sklearn(store: TraceStore, train_rows: np.ndarray, lookahead: int, cfg: 
 def build_learned(family: str, store: TraceStore, train_rows: np.ndarray, lookahead: int, mlp: MLPConfig,
                   traj: TrajectoryConfig, token: TokenConfig | None = None):
     """An untrained learned family (its counted parts fitted on ``train_rows``) and its config."""
-    from predictors.mlp_lookahead import MLPLookahead
-    from predictors.token_lookahead import TokenLookahead
-    from predictors.trajectory import TrajectoryPredictor
-
     if family == "mlp_lookahead":
         return MLPLookahead.from_store(store, lookahead, rows=train_rows, use_tokens=mlp.tokens, width=mlp.width,
                                        dropout=mlp.dropout), mlp
@@ -292,6 +290,7 @@ def build_learned(family: str, store: TraceStore, train_rows: np.ndarray, lookah
 
 def _throughput_callback():
     """A callback that measures training samples/s over training batches only (not validation)."""
+    # lightning: ~3 s to import; only when a learned family trains
     from lightning.pytorch.callbacks import Callback
 
     class TrainingThroughput(Callback):
@@ -321,6 +320,7 @@ def train_learned(predictor, datamodule, *, run_dir: Path, trainer_kwargs: dict[
     (``fast_dev_run``, ``max_time`` reached before the first one...), so no weights were selected and
     the predictor must not become a run's best.
     """
+    # lightning: ~3 s to import; only when a learned family trains
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
@@ -363,6 +363,7 @@ def run_training(
     on_split: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Fit, compare and save ``families`` on ``data.store`` into ``run_dir`` (see the module docstring)."""
+    # data_pipeline.datamodule imports lightning (~3 s); only when training runs
     from data_pipeline.datamodule import TraceDataModule
 
     mlp, trajectory, sklearn = mlp or MLPConfig(), trajectory or TrajectoryConfig(), sklearn or SklearnConfig()

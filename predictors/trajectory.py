@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from predictors.base import PredictContext
 from predictors.frequency import layer_popularity, multi_hot
 from predictors.learned import LearnedPredictor

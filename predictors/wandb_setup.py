@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 
 MODES = ("online", "offline", "disabled")
 
@@ -49,7 +49,7 @@ def resolve_mode(mode: str | None) -> str:
 
 def make_logger(cfg: WandbConfig, run_name: str, config: dict[str, Any]):
     """The run's main WandbLogger; the config is logged up front."""
-    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers import WandbLogger  # lightning: ~3 s to import; only when a run logs
 
     mode = resolve_mode(cfg.mode)
     save_dir = Path(os.environ.get("WANDB_DIR", "."))
@@ -65,7 +65,7 @@ def make_logger(cfg: WandbConfig, run_name: str, config: dict[str, Any]):
 
 def family_logger(main: Any, family: str):
     """A logger that writes into the main run with metric keys prefixed by the family name."""
-    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers import WandbLogger  # lightning: ~3 s to import; only when a run logs
 
     return WandbLogger(experiment=main.experiment, prefix=family, log_model=False)
 
@@ -76,7 +76,7 @@ def log_table(logger: Any, key: str, columns: list[str], rows: list[list[Any]]) 
 
 def log_artifact(logger: Any, name: str, files: list[Path], metadata: dict[str, Any]) -> None:
     """The best checkpoint (and the run manifest) as a W&B model artifact; skipped when disabled."""
-    import wandb
+    import wandb  # wandb: ~0.5 s to import; only to upload an artifact
 
     run = logger.experiment
     if getattr(run, "disabled", False) or resolve_mode_of(run) == "disabled":

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
+from PIL import Image
 
 DPI = 110
 
@@ -61,8 +63,6 @@ def _finite(values: Iterable[Any]) -> bool:
 def axes_has_data(ax: Axes) -> bool:
     """True when the axes draws at least one finite data point, a bar of non-zero size or an image
     with a finite value; a zero-height bar chart (what a missing metric read as 0 gives) is empty."""
-    import numpy as np
-
     for line in ax.get_lines():
         x, y = np.asarray(line.get_xdata(), dtype=float), np.asarray(line.get_ydata(), dtype=float)
         if x.size and y.size and bool(np.isfinite(x).any() and np.isfinite(y).any()):
@@ -133,8 +133,7 @@ def notes(plots: list[Plot]) -> list[str]:
 
 def wandb_images(plots: list[Plot]) -> dict[str, Any]:
     """``{name: wandb.Image}`` of every drawn plot, from the same PNG the report inlines."""
-    import wandb
-    from PIL import Image
+    import wandb  # wandb: ~0.5 s to import; only when a run logs figures
 
     return {p.name: wandb.Image(Image.open(io.BytesIO(png_bytes(p.figure))), caption=p.title)
             for p in plots if p.figure is not None}

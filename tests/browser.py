@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
@@ -75,8 +76,6 @@ def check_report(html: Path, workdir: Path, *, tables: int, figures: int, texts:
 
 def blank(png: Path) -> bool:
     """True when a screenshot is (nearly) one colour: nothing was painted."""
-    from PIL import Image
-
     with Image.open(png) as im:
         colours = im.convert("L").getcolors(maxcolors=1 << 16)
     return colours is not None and max(n for n, _ in colours) > 0.99 * sum(n for n, _ in colours)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from core.passes import passes_from_lists
 from offload.cache import ExpertCache
 from offload.hardware import get_hardware
-from offload.passes import passes_from_lists
 from offload.policies.base import DECODE
 from offload.simulator import Replay, SimBackend
 from offload.step import Access, LayerStep

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from data_pipeline.import_routes import import_routes
+from reporting.html import REPORTS_DIR_ENV
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -21,8 +24,6 @@ GEMMA_CSV = SHARED_TRACES / "gemma4-26b-a4b.route.csv"
 def _reports_outside_the_checkout(tmp_path_factory: pytest.TempPathFactory) -> None:
     """A run without --json writes its HTML report under ./reports (reporting.html.default_path); tests run
     from the checkout, so theirs go to a temporary folder instead."""
-    from reporting.html import REPORTS_DIR_ENV
-
     os.environ.setdefault(REPORTS_DIR_ENV, str(tmp_path_factory.mktemp("reports")))
 
 
@@ -37,6 +38,4 @@ def gemma_csv() -> Path:
 @pytest.fixture(scope="session")
 def gemma_store(gemma_csv: Path, tmp_path_factory: pytest.TempPathFactory):
     """The gemma routing log imported into a trace store (read-only: do not write to it)."""
-    from data_pipeline.import_routes import import_routes
-
     return import_routes(gemma_csv, tmp_path_factory.mktemp("gemma") / "store")

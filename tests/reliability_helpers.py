@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
+import safetensors.numpy
+import safetensors.torch
 
-from data_pipeline.errors import run_cli
+from core.errors import run_cli
 from data_pipeline.trace_store import TraceStore
 
 _PROGRESS = re.compile(r"\d+%\|.*\| \d+/\d+ \[")
@@ -93,8 +95,6 @@ def disk_full_on_shard_write(monkeypatch: pytest.MonkeyPatch, written: int = 64)
 
 def disk_full_on_save_file(monkeypatch: pytest.MonkeyPatch) -> None:
     """safetensors writes half a file, then fails as a full disk does (predictor files)."""
-    import safetensors.torch
-
     def save_file(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\0" * 32)
         raise OSError(errno.ENOSPC, "No space left on device", str(filename))
@@ -154,9 +154,6 @@ def read_only(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
         return real_write_bytes(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(pa, "OSFile", osfile)
-    import safetensors.numpy
-    import safetensors.torch
-
     for module in (safetensors.numpy, safetensors.torch):  # they write from Rust, past the patches above
         real_save = module.save_file
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.errors import UserError
 from data_pipeline.adapters import ADAPTERS, get_adapter
-from data_pipeline.errors import UserError
+from data_pipeline.models import build_tiny_olmoe
 
 
 def tiny_mixtral(seed: int = 0):
+    # transformers: ~3 s for these model classes; only this family's tests
     from transformers import MixtralConfig, MixtralForCausalLM
 
     cfg = MixtralConfig(
@@ -22,6 +24,7 @@ def tiny_mixtral(seed: int = 0):
 
 
 def tiny_qwen2_moe(seed: int = 0):
+    # transformers: ~3 s for these model classes; only this family's tests
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     cfg = Qwen2MoeConfig(
@@ -35,8 +38,6 @@ def tiny_qwen2_moe(seed: int = 0):
 
 
 def tiny_olmoe(seed: int = 0):
-    from data_pipeline.models import build_tiny_olmoe
-
     return build_tiny_olmoe(seed, num_hidden_layers=3, vocab_size=512)
 
 
@@ -136,8 +137,6 @@ def test_route_bf16_matches_router():
 
 
 def test_norm_topk_prob_respected():
-    from data_pipeline.models import build_tiny_olmoe
-
     model = build_tiny_olmoe(0, num_hidden_layers=2, vocab_size=512, norm_topk_prob=True)
     ad = get_adapter(model)
     assert ad.norm_topk_prob
@@ -148,6 +147,7 @@ def test_norm_topk_prob_respected():
 
 
 def test_unsupported_family_names_supported_ones():
+    # transformers: ~3 s for these model classes; only this family's tests
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,

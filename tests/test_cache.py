@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from core.errors import UserError
 from offload.cache import CacheFullError, ExpertCache, split_capacity
 from offload.policies import LRU, LeastStale, make_policy
 from tests.cache_replay import replay
@@ -88,7 +89,5 @@ def test_least_stale_refuses_to_evict_current_for_a_prefetch():
 
 
 def test_unknown_policy_lists_valid_names():
-    from data_pipeline.errors import UserError
-
     with pytest.raises(UserError, match="least_stale.*lru"):
         make_policy("nope")

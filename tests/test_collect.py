@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -13,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import UserError
 from data_pipeline.collect import collect_traces, encode_batch, parse_hidden_layers
-from data_pipeline.errors import UserError
+from data_pipeline.import_routes import import_routes
 from data_pipeline.models import load_model
 from data_pipeline.trace_store import TraceStore, TraceStoreError, TraceStoreWriter
 
@@ -202,14 +204,10 @@ def test_parse_hidden_layers():
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    import hashlib
-
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_out_folder_of_another_model_refused_untouched(tiny, tmp_path, gemma_csv):
-    from data_pipeline.import_routes import import_routes
-
     out = tmp_path / "gemma"
     import_routes(gemma_csv, out)
     before = _digest(out)

@@ -20,9 +20,9 @@ import psutil
 import pytest
 import torch
 
+from core.errors import run_cli
 from data_pipeline import collect
 from data_pipeline.collect import Plan
-from data_pipeline.errors import run_cli
 from data_pipeline.store_lock import StoreLock
 from data_pipeline.trace_store import MANIFEST_NAME, TraceStore
 

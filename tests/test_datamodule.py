@@ -10,9 +10,11 @@ import pytest
 import torch
 from test_predictor_synthetic import make_synthetic_store
 
-from data_pipeline.datamodule import TokenDataset, TraceDataModule, previous_rows, split_rows
-from data_pipeline.errors import UserError
-from data_pipeline.trace_store import ModelInfo, TraceStoreWriter
+from core.errors import UserError
+from core.model_info import ModelInfo
+from data_pipeline.datamodule import TokenDataset, TraceDataModule, previous_rows
+from data_pipeline.splits import split_rows
+from data_pipeline.trace_store import TraceStoreWriter
 
 
 @pytest.fixture(scope="module")

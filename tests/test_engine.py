@@ -5,19 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
+from data_pipeline.models import load_model
+from offload.capacity import parse_capacity
 from offload.engine.engine import EngineConfig, OffloadEngine, clone_loaded, layer_accesses
+from offload.engine.expert_store import HostExpertStore
 from offload.engine.generate import greedy_generate
 from offload.engine.prompts import load_prompts
 from offload.engine.run import encode
+from offload.quantization import QuantizedHostTier, dequantize
+from offload.simulator import SimConfig, simulate_configs
+from predictors.checkpoint import save_predictor
+from predictors.frequency import ConditionalFrequency
+from predictors.gate_lookahead import GateLookahead
+from predictors.token_lookahead import TokenLookahead
 
 MAX_NEW = 6
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from data_pipeline.models import load_model
-
     torch.set_num_threads(1)  # tiny matmuls: threads only contend (see benchmarks/engine.py)
     return load_model("tiny-olmoe")
 
@@ -47,9 +54,6 @@ def _engine(tiny, slots: int, **kw) -> OffloadEngine:
 def tier(tiny):
     """Every tiny-olmoe expert at int8 / int4 / int2 (round-to-nearest: 10x faster to build than HQQ's
     optimiser, and the same code path)."""
-    from offload.engine.expert_store import HostExpertStore
-    from offload.quantization import QuantizedHostTier
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -61,8 +65,6 @@ def tier(tiny):
 @pytest.mark.parametrize("policy", ["lru", "least_stale"])
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_fetch_mode_reproduces_the_plain_model(tiny, prompt_ids, plain, policy, prefetch):
-    from predictors.gate_lookahead import GateLookahead
-
     predictor = GateLookahead(_router_weights(tiny), tiny.adapter.top_k, 2) if prefetch else None
     with _engine(tiny, 9, policy=policy, predictor=predictor, bandwidth=5e9) as eng:
         # the engine really computes from slots: the model's own expert tensors are gone
@@ -88,8 +90,6 @@ def test_full_capacity_has_no_misses_after_warm_up(tiny, prompt_ids):
 
 
 def test_prefetching_predictor_raises_the_hit_rate(tiny, prompt_ids):
-    from predictors.gate_lookahead import GateLookahead
-
     rates = {}
     for name, predictor in [("none", None), ("gate", GateLookahead(_router_weights(tiny), tiny.adapter.top_k, 1))]:
         with _engine(tiny, 16, policy="least_stale", predictor=predictor, bandwidth=None) as eng:
@@ -102,7 +102,7 @@ def test_prefetching_predictor_raises_the_hit_rate(tiny, prompt_ids):
 def test_layer_accesses_order_and_scores():
     ids = torch.tensor([[3, 1], [1, 0]])
     w = torch.tensor([[0.5, 0.25], [0.5, 0.5]])
-    # score desc; 3 and 0 tie at 0.5 and 3 wins on its best rank (0 < 1), as in offload.passes
+    # score desc; 3 and 0 tie at 0.5 and 3 wins on its best rank (0 < 1), as in core.passes
     assert layer_accesses(ids, w) == [(1, 0.75, 0), (3, 0.5, 0), (0, 0.5, 1)]
     assert layer_accesses(torch.tensor([[2, -1]]), torch.tensor([[0.7, 0.3]])) == [(2, pytest.approx(0.7), 0)]
 
@@ -127,9 +127,6 @@ def test_prompt_longer_than_context_is_refused(tiny):
 
 def test_least_stale_has_fewer_collisions_than_lru_at_5_percent(tiny):
     """The demo setting: 5 % of the experts cached, experts forecast two layers ahead."""
-    from offload.capacity import parse_capacity
-    from predictors.gate_lookahead import GateLookahead
-
     prompts = [encode(tiny.tokenizer, p) for p in load_prompts("demo", 3)]
     slots = parse_capacity("5%", tiny.info)
     collisions = {}
@@ -147,9 +144,6 @@ def test_least_stale_has_fewer_collisions_than_lru_at_5_percent(tiny):
 def test_simulator_replays_the_engine_hit_for_hit(tiny, tmp_path, policy, miss):
     """Record the routing the engine's cache saw, replay it in the simulator with demand fetch: the
     access, hit, miss, collision and drop counts must be identical, not just close."""
-    from offload.capacity import parse_capacity
-    from offload.simulator import SimConfig, simulate_configs
-
     prompts = [encode(tiny.tokenizer, p) for p in load_prompts("demo", 2)]
     with _engine(tiny, parse_capacity("10%", tiny.info), policy=policy, miss=miss, bandwidth=None) as eng:
         recorder = eng.record()
@@ -168,9 +162,6 @@ def test_simulator_replays_the_engine_hit_for_hit(tiny, tmp_path, policy, miss):
 def chosen_predictor(tiny, tmp_path_factory):
     """A conditional-frequency predictor fitted on the engine's own routing, and its checkpoint: it reads
     the experts already chosen (recorded exactly), not hidden states (stored in fp16 for the simulator)."""
-    from predictors.checkpoint import save_predictor
-    from predictors.frequency import ConditionalFrequency
-
     folder = tmp_path_factory.mktemp("fit")
     with _engine(tiny, tiny.adapter.num_layers * tiny.adapter.num_experts, bandwidth=None) as eng:
         recorder = eng.record()
@@ -189,8 +180,6 @@ def test_engine_and_simulator_take_the_same_decisions_through_the_one_step(tiny,
     layers ahead: replaying the engine's recorded routing, the simulator's step takes the same decisions --
     hits, misses, collisions, evictions, prefetches issued / used / cancelled, forecast precision --
     because it is the same code (an unthrottled link: no decision depends on the clock)."""
-    from offload.simulator import SimConfig, simulate_configs
-
     predictor, ckpt = chosen_predictor
     prompts = [encode(tiny.tokenizer, p) for p in load_prompts("demo", 2)]
     with _engine(tiny, 12, policy=policy, predictor=predictor, bandwidth=None, admission="greedy",
@@ -216,10 +205,6 @@ def test_token_family_sees_the_same_tokens_in_the_engine_and_the_simulator(tiny,
     """The token family forecasts from the token ids alone: the engine reads them off the input embedding,
     the simulator off the store. Both feed the same ids, so both take the same decisions; with the ids
     withheld (every token unknown) the engine's forecasts are popularity and its decisions change."""
-    from offload.simulator import SimConfig, simulate_configs
-    from predictors.checkpoint import save_predictor
-    from predictors.token_lookahead import TokenLookahead
-
     with _engine(tiny, tiny.adapter.num_layers * tiny.adapter.num_experts, bandwidth=None) as eng:
         recorder = eng.record()
         for p in load_prompts("demo", 4, skip=10):
@@ -259,8 +244,6 @@ def test_engine_and_simulator_agree_on_lower_bit_copies(tiny, tmp_path, chosen_p
     fetches the same experts at the same precisions, hits the same copies at the same precisions, dequantizes
     and upgrades the same ones, and moves the same bytes (sized from the store's model numbers there, from
     the real tensors here). Unthrottled: an upgrade arrives by the next layer in both."""
-    from offload.simulator import SimConfig, simulate_configs
-
     predictor, ckpt = chosen_predictor
     prompts = [encode(tiny.tokenizer, p) for p in load_prompts("demo", 2)]
     with _engine(tiny, 12, policy=policy, predictor=predictor, bandwidth=None, admission="greedy", miss=miss,
@@ -289,8 +272,6 @@ def test_slots_hold_exactly_the_precision_the_cache_says(tiny, prompt_ids, tier)
     """After a cascade run on a throttled link (upgrades still in flight at the end), every resident
     expert's slot holds its full-precision weights if the cache says native, else exactly the dequantized
     low-bit copy: an upgrade lands in its slot only when the step applies it."""
-    from offload.quantization import dequantize
-
     seen = set()
     with _engine(tiny, 48, policy="lru", miss="precision-cascade", tier=tier, bandwidth=5e9,
                  expert_bytes=12582912) as eng:

@@ -8,8 +8,14 @@ import pytest
 import torch
 from browser import check_report
 
-from data_pipeline.errors import run_cli
+from core.errors import run_cli
+from core.model_info import ModelInfo
+from data_pipeline.models import load_model
 from offload.engine.cli import main, parse_bandwidth
+from offload.engine.report import plots
+from predictors.checkpoint import save_predictor
+from predictors.mlp_lookahead import MLPLookahead
+from reporting.figures import empty_panels
 
 FAST = ["--model", "tiny-olmoe", "--prompts", "1", "--max-new-tokens", "3", "--no-wandb"]
 
@@ -27,10 +33,6 @@ def _fails(capsys, argv: list[str], *needles: str) -> str:
 
 def _save_checkpoint(folder, info, lookahead: int = 2):
     """A learned-family predictor file in train.py's layout (run.json names the best family)."""
-    from data_pipeline.models import load_model
-    from predictors.checkpoint import save_predictor
-    from predictors.mlp_lookahead import MLPLookahead
-
     a = load_model("tiny-olmoe").adapter
     weights = torch.stack([a.router_weight(i).detach().float() for i in range(a.num_layers)])
     run = folder / "run-0"
@@ -55,6 +57,7 @@ def test_bad_input_is_one_line(capsys, tmp_path):
     # refused before any model loads (issue 11): an unknown policy, a lookahead the prefetcher cannot make
     _fails(capsys, ["--policy", "nope", *FAST], "valid: least_stale")
     _fails(capsys, ["--prefetch", "topk", "--lookahead", "3", *FAST], "next layer only")
+    _fails(capsys, ["--prefetch", "score", *FAST], "is now called 'percentile'")  # the eviction policy keeps 'score'
     _fails(capsys, ["--checkpoint", str(tmp_path), *FAST], "without a finished train.py run")
     for bad in ("nan", "", "150%"):
         _fails(capsys, ["--prefetch", "none", "--capacity", bad, *FAST], "capacity")
@@ -67,14 +70,11 @@ def test_bad_input_is_one_line(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_refusals_that_need_the_model(capsys, tmp_path):
-    from data_pipeline.trace_store import ModelInfo
-
     _fails(capsys, ["--prefetch", "none", "--capacity", "3", *FAST], "capacity")  # top-k is 4
     other = ModelInfo("another-moe", "olmoe", 6, 32, 4, hidden_size=128)
     ckpt = _save_checkpoint(tmp_path / "ckpt", other)
     _fails(capsys, ["--checkpoint", str(ckpt), *FAST], "trained for another-moe")
     _fails(capsys, ["--checkpoint", str(ckpt.parent), *FAST], "trained for another-moe")  # its run folder
-    from data_pipeline.models import load_model
 
     mine = _save_checkpoint(tmp_path / "mine", load_model("tiny-olmoe").info)
     _fails(capsys, ["--checkpoint", str(mine), "--lookahead", "5", *FAST], "forecasts 2 layer(s) ahead")
@@ -85,8 +85,6 @@ def test_refusals_that_need_the_model(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_default_run_with_a_checkpoint_prints_the_table_and_writes_json(capsys, tmp_path):
-    from data_pipeline.models import load_model
-
     _save_checkpoint(tmp_path / "checkpoints", load_model("tiny-olmoe").info)
     out = tmp_path / "report.json"
     main(["--policy", "least_stale", "--model", "tiny-olmoe", "--checkpoints", str(tmp_path / "checkpoints"), "--prompts", "2",
@@ -137,9 +135,6 @@ def test_default_run_with_a_checkpoint_prints_the_table_and_writes_json(capsys, 
 
 def _all_drawn(report: dict) -> dict:
     """Every figure of an evaluation report, asserted drawn with data in every panel."""
-    from offload.engine.report import plots
-    from reporting.figures import empty_panels
-
     out = {}
     for p in plots(report):
         assert p.figure is not None, f"{p.name}: {p.note}"
@@ -171,7 +166,6 @@ def test_sim_mode_replays_without_the_engine(tmp_path):
     report = json.loads(out.read_text())
     assert all("engine" not in r for r in report["rows"])
     assert all(r["sim"]["accesses"] > 0 for r in report["rows"])
-    from offload.engine.report import plots
 
     figures = {p.name: p for p in plots(report)}
     assert figures["latency_per_prompt"].figure is None and "no engine run" in figures["latency_per_prompt"].note
@@ -195,9 +189,6 @@ def test_a_run_without_decode_steps_draws_ttft_and_says_why_there_is_no_tpot(tmp
 
 def _plots_with_data(report: dict) -> list:
     """The report's figures; every one that was drawn has data in every panel."""
-    from offload.engine.report import plots
-    from reporting.figures import empty_panels
-
     out = plots(report)
     for p in out:
         assert p.figure is None or empty_panels(p.figure) == [], p.name

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from data_pipeline.models import load_model
 from offload.engine.engine import EngineConfig, OffloadEngine, clone_loaded
 from offload.engine.prompts import load_prompts, split_gsm8k
 from offload.engine.quality import continuations, score_engine, score_plain, summarize_quality
@@ -17,8 +18,6 @@ TOKENS = 12
 
 @pytest.fixture(scope="module")
 def tiny():
-    from data_pipeline.models import load_model
-
     torch.set_num_threads(1)
     return load_model("tiny-olmoe")
 

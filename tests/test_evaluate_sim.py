@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import evaluate
+from offload.sweep import _split_hardware
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,6 +51,7 @@ def test_sweep_writes_json_table_and_plots(gemma_store, tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--policy", "nope"], "valid: least_stale"),
     (["--prefetch", "nope"], "valid: none"),
+    (["--prefetch", "none,score"], "is now called 'percentile'"),  # 'score' is the eviction policy's name
     (["--hardware", "nope"], "valid: a100-5gbs"),
     (["--capacity", "0"], "positive"),
     (["--capacity", "3"], "below one layer"),
@@ -99,8 +101,6 @@ def test_missing_trace_is_one_line(tmp_path):
 
 
 def test_hardware_list_with_overrides():
-    from offload.sweep import _split_hardware
-
     assert _split_hardware("a100-5gbs,rtx4090:link_gbps=12,tflops=60,pcie5") == [
         "a100-5gbs", "rtx4090:link_gbps=12,tflops=60", "pcie5"]
 

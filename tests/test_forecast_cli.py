@@ -1,4 +1,4 @@
-"""``evaluate.py --policy ...,forecast --predictor CKPT`` and ``python -m predictors.reuse``."""
+"""``evaluate.py --policy ...,forecast --predictor CKPT`` and ``python -m predictors.reuse_training``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import pytest
 from test_reuse_forecasters import _sticky_store
 
-from data_pipeline.trace_store import ModelInfo
+from core.model_info import ModelInfo
 from predictors.reuse import CountedReuse, load_reuse_forecaster, save_reuse_forecaster
 
 
@@ -17,7 +17,7 @@ from predictors.reuse import CountedReuse, load_reuse_forecaster, save_reuse_for
 def test_train_then_evaluate_with_the_reuse_checkpoint(tmp_path):
     store = _sticky_store(tmp_path / "store")
     out = tmp_path / "ck"
-    r = subprocess.run([sys.executable, "-m", "predictors.reuse", "--trace", str(store.path), "--out", str(out),
+    r = subprocess.run([sys.executable, "-m", "predictors.reuse_training", "--trace", str(store.path), "--out", str(out),
                         "--family", "reuse_counted"], capture_output=True, text=True, check=True)
     assert "reuse_counted: split by sequence" in r.stdout
     ckpt = out / "reuse_counted.safetensors"

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from core.model_info import ModelInfo
+from core.passes import build_passes, passes_from_lists
+from data_pipeline.models import load_model
 from offload.cache import ExpertCache
+from offload.engine.generate import greedy_generate
+from offload.engine.prompts import load_prompts
+from offload.engine.run import encode
 from offload.forecast_eval import replay_split
-from offload.passes import build_passes, passes_from_lists
 from offload.policies import Belady, Forecast, LeastStaleForecast, make_policy
 from offload.simulator import SimConfig, simulate_configs
-from predictors.reuse import ReuseForecaster
-from predictors.reuse_features import ReuseHistory
+from predictors.gate_lookahead import GateLookahead
+from predictors.reuse import CountedReuse, LogisticReuse, MLPReuse, ReuseForecaster, save_reuse_forecaster
+from predictors.reuse_features import NUM_FEATURES, ReuseHistory
 
 
 class TrueNextUse(ReuseForecaster):
@@ -205,14 +214,7 @@ def test_forecast_policy_runs_in_the_reference_simulator_with_the_same_counts(ge
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_forecast_policies_run_unchanged_in_the_engine(tmp_path, policy, prefetch):
     """Same outputs as the plain model (fetch mode), with and without gate-lookahead prefetch."""
-    from data_pipeline.models import load_model
-    from offload.engine.engine import EngineConfig, OffloadEngine
-    from offload.engine.generate import greedy_generate
-    from offload.engine.prompts import load_prompts
-    from offload.engine.run import encode
-    from predictors.gate_lookahead import GateLookahead
-    from predictors.reuse import CountedReuse, save_reuse_forecaster
-    from predictors.reuse_features import NUM_FEATURES
+    from offload.engine.engine import EngineConfig, OffloadEngine  # hqq: ~2 s to import; only this test
 
     torch.set_num_threads(1)
     tiny = load_model("tiny-olmoe")
@@ -232,3 +234,23 @@ def test_forecast_policies_run_unchanged_in_the_engine(tmp_path, policy, prefetc
         torch.testing.assert_close(torch.stack(gen.logits), torch.stack(plain.logits), rtol=1e-4, atol=1e-5)
         c = eng.counters
         assert c.misses > 0 and c.hits + c.misses == c.accesses
+
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINING_MODULES = ("predictors.training", "predictors.reuse_training", "predictors.lightning_module",
+                    "data_pipeline.datamodule")
+
+
+def test_the_policy_serves_a_checkpoint_without_importing_training_code(tmp_path):
+    """A fresh interpreter builds the forecast policy from a checkpoint of every reuse family and binds
+    it: neither Lightning, torchmetrics nor a training module gets imported (training lives in
+    predictors.reuse_training; the policy loads through predictors.reuse)."""
+    model = ModelInfo("synthetic", "test", 3, 12, 2)
+    paths = [str(save_reuse_forecaster(f, tmp_path / f.family, model=model))
+             for f in (CountedReuse(3, 12, 2), MLPReuse(3, 12, 2, hidden=8), LogisticReuse(3, 12, 2))]
+    code = (f"import sys\nfrom offload.policies import make_policy\nfor path in {paths!r}:\n"
+            f"    make_policy('forecast', forecaster=path).bind(3, 12)\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'torchmetrics') "
+            f"or m in {TRAINING_MODULES!r}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert r.stdout.strip() == "[]", r.stdout

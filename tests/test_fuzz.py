@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from test_trace_store import INFO, make_rows
 
+from core.errors import UserError
 from data_pipeline import import_routes as imp
-from data_pipeline.errors import UserError
 from data_pipeline.trace_store import TraceStore, TraceStoreWriter
 
 CASES = int(os.environ.get("FUZZ_CASES", "300"))  # raise it for a deeper local run

@@ -9,9 +9,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from core.model_info import DECODE, ModelInfo
 from data_pipeline.demo_text import same_documents
 from data_pipeline.text_sources import load_texts
-from data_pipeline.trace_store import DECODE, ModelInfo, TraceStoreWriter
+from data_pipeline.trace_store import TraceStoreWriter
 from offload.engine.cli import _prompts
 
 

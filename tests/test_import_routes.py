@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from data_pipeline.import_routes import import_routes
 
 REPO = Path(__file__).resolve().parents[1]

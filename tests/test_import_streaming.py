@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from reliability_helpers import assert_same, no_partial_files, snapshot
 
+from core.errors import UserError
 from data_pipeline import import_routes as imp
-from data_pipeline.errors import UserError
 from data_pipeline.trace_store import TraceStore, TraceStoreWriter
 
 SMALL = {"block_bytes": 200, "group_rows": 20, "shard_rows": 30}  # many blocks, groups (whole sequences), shards

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.inspect import (
+from data_pipeline.import_routes import import_routes
+from data_pipeline.inspect_store import (
     cross_layer_repeat,
     expert_usage,
     next_token_repeat,
@@ -38,19 +39,17 @@ def test_gemma_summary_and_cli_png(gemma_store, tmp_path):
     assert (s["tokens"], s["layers"], s["experts"], s["top_k"]) == (157, 30, 128, 6)
     assert all(0 < r["entropy_fraction"] <= 1 for r in s["per_layer"])
     png = tmp_path / "u.png"
-    r = subprocess.run([sys.executable, "-m", "data_pipeline.inspect", str(gemma_store.path), "--png", str(png)],
+    r = subprocess.run([sys.executable, "-m", "data_pipeline.inspect_store", str(gemma_store.path), "--png", str(png)],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "157" in r.stdout and png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_corrupt_shard_cli_names_file(gemma_csv, tmp_path):
-    from data_pipeline.import_routes import import_routes
-
     import_routes(gemma_csv, tmp_path / "s")
     shard = next((tmp_path / "s" / "shards").glob("*.arrow"))
     shard.write_bytes(shard.read_bytes()[:200])
-    r = subprocess.run([sys.executable, "-m", "data_pipeline.inspect", str(tmp_path / "s")],
+    r = subprocess.run([sys.executable, "-m", "data_pipeline.inspect_store", str(tmp_path / "s")],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from offload.passes import NEVER, build_passes
+from core.passes import NEVER, build_passes
 from offload.simulator import SimConfig, simulate_configs
 
 lcs = pytest.importorskip("libcachesim")

@@ -7,12 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
+from core.passes import passes_from_lists
 from offload.cache import ExpertCache
 from offload.hardware import get_hardware
 from offload.link import DEMAND, PREFETCH, UPGRADE, SimLink
 from offload.miss_handling import MissHandling, importance
-from offload.passes import passes_from_lists
 from offload.policies import make_policy
 from offload.precision import byte_ratios, moe_expert_shapes, precision_ladder
 from offload.simulator import Replay, SimBackend, SimConfig, simulate_reference

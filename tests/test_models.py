@@ -6,9 +6,11 @@ import time
 
 import pytest
 import torch
+from safetensors import safe_open
 
-from data_pipeline.errors import UserError
-from data_pipeline.models import TINY_OLMOE_CONFIG, build_tiny_olmoe, load_model
+import data_pipeline.demo_text as dt
+from core.errors import UserError
+from data_pipeline.models import REPO_MODELS, TINY_OLMOE_CONFIG, build_tiny_olmoe, load_model
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +92,6 @@ def test_bad_dtype():
 
 
 def test_missing_demo_wheel(monkeypatch, tmp_path):
-    import data_pipeline.demo_text as dt
-
     monkeypatch.setenv("MOE_DEMO_WHEEL", str(tmp_path / "nope.whl"))
     dt.olmo_tokenizer_json.cache_clear()
     try:
@@ -107,10 +107,6 @@ def test_tiny_config_is_documented_shape():
 
 def test_olmoe_mini_loads_offline_by_name(tmp_path):
     """The committed trained model: from_pretrained on models/olmoe-mini, real tokenizer, round trip."""
-    from safetensors import safe_open
-
-    from data_pipeline.models import REPO_MODELS
-
     folder = REPO_MODELS["olmoe-mini"]
     assert sum(p.stat().st_size for p in folder.iterdir()) <= 30 * 2**20  # the size the repo allows
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:

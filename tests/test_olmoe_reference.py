@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from data_pipeline.demo_text import gsm8k_texts
+from data_pipeline.trace_store import open_store
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "olmoe_reference.py"
@@ -116,7 +117,6 @@ def test_tiny_olmoe_on_the_demo_text(tmp_path):
     freqs = result["frequencies"]["demo"]
     assert all(len(f) == 32 and sum(f) == pytest.approx(1.0) for f in freqs.values())
     # and they are the stored routing: count layer 2's top-4 picks in the kept trace store
-    from data_pipeline.trace_store import open_store
 
     store = open_store(tmp_path / "stores" / "demo")
     counts = np.bincount(store.topk_ids([2]).reshape(-1).astype(np.int64), minlength=32)

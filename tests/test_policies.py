@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from offload.cache import ExpertCache
 from offload.policies import FIFO, FLD, LFU, LHU, LRU, Belady, LeastStale, RandomEviction, ScoreBased
 from tests.cache_replay import replay
@@ -68,8 +69,6 @@ def test_least_stale_prefers_stale_left_over_stale_right():
 
 
 def test_least_stale_never_evicts_current_while_stale_is_cached():
-    import random
-
     rng = random.Random(3)
     policy = LeastStale()
     cache = ExpertCache(4, 8, 6, policy)

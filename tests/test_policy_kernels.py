@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from offload.passes import passes_from_lists
+from core.passes import passes_from_lists
 from offload.policies import POLICIES, policy_names
 from offload.simulator import SimConfig
 from offload.simulator_fast import _source_files, supports
@@ -63,6 +63,7 @@ def test_every_registered_policy_takes_the_same_decisions_on_both_paths(policy):
 
 
 def _params(spec: dict) -> dict:
+    # predictors.reuse imports torch (~1 s): only the forecast policies' cases
     from predictors.reuse import CountedReuse, LogisticReuse
 
     forecasters = {"counted": CountedReuse(L, E, K), "logistic-warm": LogisticReuse(L, E, K, warmup=50),

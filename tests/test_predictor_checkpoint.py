@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from test_predictor_synthetic import make_synthetic_store
 
+from core.errors import UserError
 from data_pipeline.datamodule import TokenDataset
-from data_pipeline.errors import UserError
 from predictors.base import PredictContext
 from predictors.checkpoint import latest_checkpoint, load_predictor, read_checkpoint, save_predictor
 from predictors.frequency import ConditionalFrequency, FrequencyPredictor
@@ -76,7 +78,6 @@ def test_missing_corrupt_and_foreign_files(tmp_path: Path) -> None:
     bad.write_bytes(b"\x00garbage")
     with pytest.raises(UserError, match="corrupt"):
         load_predictor(bad)
-    from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(UserError, match="without predictor metadata"):
@@ -91,7 +92,6 @@ def test_latest_checkpoint_picks_the_newest_finished_run(store, tmp_path: Path) 
     for run in ("old", "new"):
         (tmp_path / run / "run.json").write_text(json.dumps(
             {"best": "frequency", "predictors": {"frequency": "frequency.safetensors"}}))
-    import os
     os.utime(tmp_path / "old" / "run.json", (1, 1))
     assert latest_checkpoint(tmp_path) == tmp_path / "new" / "frequency.safetensors"
     assert latest_checkpoint(tmp_path, family="trajectory") is None

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_predictor_synthetic import make_synthetic_store
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from predictors.base import PredictContext
 from predictors.frequency import ConditionalFrequency, FrequencyPredictor
 from predictors.gate_lookahead import GateLookahead

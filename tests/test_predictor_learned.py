@@ -9,12 +9,14 @@ import pytest
 import torch
 from test_predictor_synthetic import make_synthetic_store
 
-from data_pipeline.datamodule import TokenDataset, split_rows
-from data_pipeline.errors import UserError
+from core.errors import UserError
+from data_pipeline.datamodule import TokenDataset
+from data_pipeline.splits import split_rows
 from predictors.base import PredictContext
 from predictors.evaluation import evaluate_predictor
 from predictors.frequency import ConditionalFrequency
 from predictors.gate_lookahead import GateLookahead
+from predictors.lightning_module import LookaheadModule
 from predictors.mlp_lookahead import MLPLookahead
 from predictors.trajectory import PROB_FLOOR, TrajectoryPredictor
 
@@ -73,8 +75,6 @@ def test_hidden_families_refuse_stores_without_hidden_states(tmp_path: Path) -> 
 
 
 def test_a_few_training_steps_improve_the_mlp_on_gate_at_distance_two(store) -> None:
-    from predictors.lightning_module import LookaheadModule
-
     torch.manual_seed(0)
     split = split_rows(store, seed=0)
     mlp = MLPLookahead.from_store(store, lookahead=2, width=32)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.trace_store import DECODE, PREFILL, ModelInfo, TraceStore, TraceStoreWriter
+from core.model_info import DECODE, PREFILL, ModelInfo
+from data_pipeline.trace_store import TraceStore, TraceStoreWriter
 
 
 def make_synthetic_store(

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.corpus import SOURCES, Document, documents, split_documents
+from data_pipeline.models import load_model
 from data_pipeline.pretrain import (
     FusedLinearCrossEntropy,
     PretrainConfig,
@@ -67,6 +68,7 @@ def test_fused_linear_cross_entropy_matches_the_plain_loss(dtype: torch.dtype) -
 
 
 def test_balance_loss_is_hf_per_layer_and_z_loss_is_logsumexp_squared() -> None:
+    # transformers: ~3 s to import; only this test
     from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 
     torch.manual_seed(0)
@@ -102,8 +104,6 @@ def test_schedule_warms_up_then_decays_to_the_floor() -> None:
 
 
 def test_a_few_steps_of_a_tiny_shape_save_a_loadable_model(tmp_path: Path) -> None:
-    from data_pipeline.models import load_model
-
     out = tmp_path / "mini"
     cfg = PretrainConfig(out=str(out), run_dir=str(tmp_path / "run"), layers=2, experts=8, top_k=2, hidden=32,
                          expert_intermediate=16, heads=2, seq_len=32, batch_size=4, steps=4, warmup=1, val_every=2,

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from data_pipeline.models import load_model
 from offload.engine.expert_store import HostExpertStore
 from offload.quantization import (

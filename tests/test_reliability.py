@@ -7,6 +7,7 @@ reads back equal to before (and no partial file is left).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from reliability_helpers import (
     assert_same,
     cli_error,
@@ -28,15 +31,19 @@ from reliability_helpers import (
     read_only,
     snapshot,
 )
+from test_collect import _assert_same_content
 
 import evaluate
 import train
-from data_pipeline import collect, import_routes, inspect
-from data_pipeline.errors import run_cli
+from core.errors import run_cli
+from data_pipeline import collect, import_routes, inspect_store
 from data_pipeline.models import load_model
+from data_pipeline.store_lock import StoreLock
+from data_pipeline.text_sources import load_texts
 from data_pipeline.trace_store import MANIFEST_NAME, TraceStore, TraceStoreError
-from predictors import reuse
+from predictors import reuse_training
 from predictors.checkpoint import latest_checkpoint
+from predictors.frequency import FrequencyPredictor
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--wandb.mode", "disabled", "--trainer.enable_progress_bar", "false", "--threads", "1"]
@@ -83,10 +90,6 @@ def _files(folder: Path) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_two_collects_into_one_out_one_refuses_at_once(tiny, tmp_path):
     """Started together: one runs, the other refuses at once naming its pid; the store equals an uninterrupted run."""
-    from test_collect import _assert_same_content
-
-    from data_pipeline.text_sources import load_texts
-
     out = tmp_path / "demo"
     args = ["--max-tokens", "600", "--seq-len", "32", "--batch-size", "4", "--shard-sequences", "4",
             "--hidden-layers", "0", "--no-progress"]
@@ -129,13 +132,11 @@ def test_leftover_shards_of_another_writer_are_not_adopted_on_rerun(store, model
     err = capsys.readouterr().err
     assert err.count("dropped unlisted shard") == len(shards)
     assert_same(snapshot(store), before)
-    run_cli(inspect.main, [str(store), "--verify", "--json"])  # passes, and holds every sequence once
+    run_cli(inspect_store.main, [str(store), "--verify", "--json"])  # passes, and holds every sequence once
     assert sorted((store / "shards").glob("shard-*.arrow")) == shards
 
 
 def test_a_second_writer_refused_while_the_first_holds_the_lock(store, tiny, capsys):
-    from data_pipeline.store_lock import StoreLock
-
     before = _files(store)
     with StoreLock(store):
         with pytest.MonkeyPatch.context() as mp:
@@ -299,12 +300,11 @@ def test_llama_cpp_output_layer_pruning_is_imported_as_not_run(gemma_csv, gemma_
     assert (s.topk_weights()[skipped] == 0).all()
     assert np.array_equal(s.topk_weights()[~skipped], full.topk_weights()[~skipped])
     assert s.manifest["skipped_routes"]["layers"] == [29] and s.manifest["skipped_routes"]["rows"] == 28
-    run_cli(inspect.main, [str(tmp_path / "p"), "--json"])  # reads it (usage counts only routes that ran)
+    run_cli(inspect_store.main, [str(tmp_path / "p"), "--json"])  # reads it (usage counts only routes that ran)
     assert json.loads(capsys.readouterr().out)["per_layer"][29]["experts_used"] > 0
     # the predictors train and score on it (a skipped route is no target, never expert -1)
     assert train.main(["--data.store", str(tmp_path / "p"), "--checkpoints", str(tmp_path / "ck"), "--run", "p",
                        "--families", "[frequency, trajectory]", "--trainer.max_epochs", "1", *QUIET]) == 0
-    from predictors.frequency import FrequencyPredictor
 
     pop = FrequencyPredictor.fit(ids, s.num_experts, 1).popularity
     assert np.allclose(pop.sum(dim=1).numpy(), 6)  # per layer, over the tokens that ran it
@@ -328,10 +328,10 @@ def test_bytes_changed_inside_a_shard_one_line_everywhere(store, tmp_path, capsy
     poke(shard, "topk_ids", 5, 32767)
     before = _files(store)
     for main, argv in (
-        (inspect.main, [str(store)]),
+        (inspect_store.main, [str(store)]),
         (train.main, ["--data.store", str(store), "--checkpoints", str(tmp_path / "ck"),
                       "--families", "[frequency]", *QUIET]),
-        (reuse.main, ["--trace", str(store), "--out", str(tmp_path / "reuse"), "--family", "reuse_counted"]),
+        (reuse_training.main, ["--trace", str(store), "--out", str(tmp_path / "reuse"), "--family", "reuse_counted"]),
         (evaluate.main, ["--trace", str(store), "--policy", "lru", "--capacity", "10%"]),
     ):
         line = cli_error(main, argv, capsys)
@@ -383,7 +383,7 @@ def test_changed_ids_caught_even_without_checksums(store, damage, needle):
 ])
 def test_manifest_of_the_wrong_shape_one_line(store, tmp_path, capsys, text, needle):
     (store / MANIFEST_NAME).write_bytes(text.encode("utf-8", "surrogateescape"))
-    for main, argv in ((inspect.main, [str(store)]),
+    for main, argv in ((inspect_store.main, [str(store)]),
                        (train.main, ["--data.store", str(store), "--checkpoints", str(tmp_path / "ck"), *QUIET]),
                        (collect.main, ["--out", str(store), *COLLECT])):
         assert needle in cli_error(main, argv, capsys)
@@ -393,7 +393,7 @@ def test_manifest_of_the_wrong_shape_one_line(store, tmp_path, capsys, text, nee
 def test_a_manifest_edited_or_flipped_is_refused_not_misread(store, capsys):
     text = (store / MANIFEST_NAME).read_text()
     (store / MANIFEST_NAME).write_text(text.replace('"num_experts": 32', '"num_experts": 33'))
-    assert "manifest.json does not match its checksum" in cli_error(inspect.main, [str(store)], capsys)
+    assert "manifest.json does not match its checksum" in cli_error(inspect_store.main, [str(store)], capsys)
 
 
 # ---------------------------------------------------------------------------------- disk full, read-only
@@ -445,7 +445,7 @@ def test_train_and_reuse_disk_full_and_read_only(store, tmp_path, monkeypatch, c
         disk_full_on_save_file(mp)
         assert "no space left" in cli_error(train.main, train_argv, capsys)
         assert not (ck / "r").exists() and latest_checkpoint(ck) is None
-        assert "no space left" in cli_error(reuse.main, reuse_argv, capsys)
+        assert "no space left" in cli_error(reuse_training.main, reuse_argv, capsys)
         no_partial_files(tmp_path)
     ck.mkdir(exist_ok=True)  # the run folder went; its parent may stay
     (tmp_path / "reuse").mkdir(exist_ok=True)
@@ -453,7 +453,7 @@ def test_train_and_reuse_disk_full_and_read_only(store, tmp_path, monkeypatch, c
         read_only(mp, ck)
         read_only(mp, tmp_path / "reuse")
         assert "read-only file system" in cli_error(train.main, train_argv, capsys)
-        assert "read-only file system" in cli_error(reuse.main, reuse_argv, capsys)
+        assert "read-only file system" in cli_error(reuse_training.main, reuse_argv, capsys)
     assert list(ck.iterdir()) == [] and list((tmp_path / "reuse").iterdir()) == []
     assert_same(snapshot(store), before)
 
@@ -515,8 +515,6 @@ def test_real_full_disk_then_read_only_folder(tmpfs, gemma_csv):
 ])
 def test_train_arguments_refused_before_any_work(tmp_path, capsys, monkeypatch, args, needle):
     if args[0] == "--trainer.accelerator":
-        import torch
-
         if torch.cuda.is_available():
             pytest.skip("a GPU is present, so --trainer.accelerator gpu is valid here")
     monkeypatch.setattr("data_pipeline.models.load_model", lambda *a, **k: pytest.fail("collected before checking"))
@@ -555,14 +553,10 @@ def test_collect_and_reuse_arguments_refused_before_any_work(tmp_path, capsys, m
     for args, needle in ((["--family", "nope"], "unknown reuse family 'nope'"),
                          (["--epochs", "0"], "--epochs 0 would save an untrained reuse_mlp"),
                          (["--val-fraction", "1.5"], "must be in (0, 1)")):
-        assert needle in cli_error(reuse.main, ["--trace", str(tmp_path / "none"), *args], capsys)
+        assert needle in cli_error(reuse_training.main, ["--trace", str(tmp_path / "none"), *args], capsys)
 
 
 def test_run_cli_os_errors_and_misconfiguration_are_one_line(capsys):
-    import errno
-
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
     def raises(exc: BaseException):
         def main(argv):
             raise exc

@@ -141,6 +141,7 @@ def test_default_report_path(tmp_path, monkeypatch):
 
 def _family(name: str, pairs: list[tuple[int, int]]):
     """A FamilyResult scored on fixed forecasts at the given (layer, distance) pairs only."""
+    # torchmetrics (~2 s to import): only these tests
     from predictors.metrics import LookaheadMetrics
     from predictors.training import FamilyResult
 
@@ -154,7 +155,7 @@ def _family(name: str, pairs: list[tuple[int, int]]):
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method:UserWarning")  # never_scored: on purpose
 def test_recall_figures_have_data_and_name_a_family_without_forecasts():
-    from predictors.report import plots
+    from predictors.report import plots  # torchmetrics (~2 s to import): only this test
 
     results = [_family("dense", [(layer, d) for layer in range(3) for d in (1, 2) if layer + d < 4]),
                _family("one_pair", [(1, 1)]), _family("never_scored", [])]

@@ -6,24 +6,24 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
-from data_pipeline.errors import UserError
-from data_pipeline.trace_store import ModelInfo, TraceStoreWriter
+from core.errors import UserError
+from core.model_info import ModelInfo
+from core.passes import build_passes, passes_from_lists, take_passes
+from data_pipeline.trace_store import TraceStoreWriter
 from offload.forecast_eval import replay_split
-from offload.passes import build_passes, passes_from_lists
 from offload.policies import make_policy
 from predictors.reuse import (
     CountedReuse,
     LogisticReuse,
     MLPReuse,
-    fit_reuse,
     is_reuse_checkpoint,
     load_reuse_forecaster,
-    reuse_rows,
     save_reuse_forecaster,
-    split_of_passes,
 )
-from predictors.reuse_features import AGE_CAP, FEATURE_NAMES, ReuseHistory, replay_rows, take_passes
+from predictors.reuse_features import AGE_CAP, FEATURE_NAMES, ReuseHistory, replay_rows
+from predictors.reuse_training import fit_reuse, reuse_rows, split_of_passes
 
 F = {name: i for i, name in enumerate(FEATURE_NAMES)}
 
@@ -168,8 +168,6 @@ def test_mlp_trains_with_lightning_and_drives_the_policy_from_its_checkpoint(tmp
 
 
 def test_numpy_serving_of_the_mlp_equals_its_torch_forward():
-    import torch
-
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, len(FEATURE_NAMES))).astype(np.float32)
     mlp = MLPReuse(3, 8, 2, hidden=16)
@@ -208,7 +206,7 @@ def test_logistic_reuse_learns_online_what_follows_and_beats_the_counted_table()
     its features) ranks 'chosen at the next opportunity' better than the counted (age, rate) table,
     judged on later opportunities before it learns from them (benchmarks/latency.py shows what that
     buys the forecast policy on the real gemma trace)."""
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # sklearn: ~1 s to import; only this test
 
     passes = passes_from_lists(_follow_stream(0), 12, 1)
     logistic, counted = LogisticReuse(2, 12, 1, warmup=200), CountedReuse(2, 12, 1)

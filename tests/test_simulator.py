@@ -6,15 +6,24 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.errors import UserError
-from data_pipeline.trace_store import ModelInfo, TraceStoreWriter
+from core.errors import UserError
+from core.model_info import ModelInfo
+from core.passes import build_passes, passes_from_lists
+from data_pipeline.trace_store import TraceStoreWriter
 from offload.capacity import parse_capacity
 from offload.hardware import get_hardware
-from offload.passes import build_passes, passes_from_lists
-from offload.prefetch import OraclePrefetch, PercentileSelection, forecast_quality
+from offload.prefetch import (
+    OraclePrefetch,
+    PercentileSelection,
+    PredictorPrefetch,
+    TopKSelection,
+    forecast_quality,
+)
 from offload.simulator import Replay, SimConfig, simulate_configs, simulate_reference
 from offload.simulator_fast import simulate_fast
 from predictors.base import PredictContext, Predictor
+from predictors.checkpoint import save_predictor
+from predictors.frequency import FrequencyPredictor
 
 L, E, K, H = 4, 8, 2, 16
 
@@ -130,13 +139,13 @@ def test_gate_prefetch_is_exact_when_hidden_states_do_not_change(synth_store):
     assert deeper["late_prefetch_hits"] < topk["late_prefetch_hits"]
 
 
-def test_score_prefetch_takes_the_top_fifth():
+def test_percentile_prefetch_takes_the_top_fifth():
     probs = np.array([[0.5, 0.2, 0.1, 0.1, 0.05, 0.03, 0.01, 0.01, 0.0, 0.0]])
     assert PercentileSelection(0.8).counts(probs, 2).tolist() == [2]
 
 
-def test_score_prefetch_runs_with_precision_and_recall(synth_store):
-    r = simulate_configs(synth_store, [SimConfig(policy="least_stale", capacity="50%", prefetch="score")])[0]
+def test_percentile_prefetch_runs_with_precision_and_recall(synth_store):
+    r = simulate_configs(synth_store, [SimConfig(policy="least_stale", capacity="50%", prefetch="percentile")])[0]
     assert r["prefetch_issued"] > 0 and 0 < r["precision"] <= 1 and 0 < r["recall"] <= 1
 
 
@@ -204,8 +213,6 @@ class PreviousTokenPredictor(Predictor):
 
 
 def test_predictor_backed_prefetch_uses_the_forecast(gemma_store):
-    from offload.prefetch import PredictorPrefetch, TopKSelection
-
     m = gemma_store.model
     pf = PredictorPrefetch(PreviousTokenPredictor(m.num_layers, m.num_experts, m.top_k, 2), TopKSelection(1.0))
     ps = build_passes(gemma_store, "decode")
@@ -220,9 +227,6 @@ def test_predictor_backed_prefetch_uses_the_forecast(gemma_store):
 
 
 def test_checkpoint_prefetch(gemma_store, tmp_path):
-    from predictors.checkpoint import save_predictor
-    from predictors.frequency import FrequencyPredictor
-
     pred = FrequencyPredictor.fit(gemma_store.topk_ids(), gemma_store.num_experts, 2)
     path = save_predictor(pred, tmp_path / "freq", model=gemma_store.model)
     r = simulate_configs(gemma_store, [SimConfig(policy="least_stale", prefetch=f"ckpt:{path}", lookahead=2)])[0]

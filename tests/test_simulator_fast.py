@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from offload.passes import passes_from_lists
+from core.passes import passes_from_lists
 from offload.simulator import SimConfig, simulate_configs
 
 COMPARED = ("accesses", "hits", "misses", "collision_misses", "collision_misses_per_layer", "evictions",
@@ -77,6 +77,7 @@ def test_fast_equals_reference_with_a_ranked_forecast_held_out_and_predictor_cos
     """A predictor's ranked candidates (more listed than selected), only the held-out passes counted,
     and the forecast's device time on the clock: both paths take the same decisions and times (the
     forecast policies also weigh the calibrated P(use) of every candidate)."""
+    # torch (~1 s to import): only this test writes a predictor checkpoint
     from predictors.checkpoint import save_predictor
     from predictors.frequency import ConditionalFrequency
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import offload.simulator as sim
+from core.passes import passes_from_lists
 from offload.cache import ExpertCache
 from offload.hardware import get_hardware
 from offload.link import DEMAND, PREFETCH, SimLink
-from offload.passes import passes_from_lists
 from offload.policies import make_policy
 from offload.prefetch import OraclePrefetch
 from offload.simulator import Replay, SimBackend, SimConfig, simulate_reference
@@ -125,7 +126,6 @@ def test_forecast_and_prefetch_never_evict_a_predicted_key_while_an_unpredicted_
     ps = passes_from_lists(lists, E, top_k=K)
     fc = OraclePrefetch(2).forecast(ps, None)
     replay = Replay(None, ps, fc, get_hardware(HW), 10, np.full(L, 1e6), 2.0)
-    import offload.simulator as sim
 
     checked = []
     real = sim.make_policy

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 import evaluate
-from data_pipeline.errors import UserError
-from data_pipeline.trace_store import ModelInfo, TraceStoreWriter
+from core.errors import UserError
+from core.model_info import ModelInfo
+from core.passes import build_passes
+from data_pipeline.trace_store import TraceStoreWriter
 from offload import simulator
 from offload.simulator import SimConfig, simulate_configs
 
@@ -76,8 +78,6 @@ def test_two_workers_equal_serial_field_by_field(store, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_hand_built_passes_and_more_workers_than_configurations(store):
-    from offload.passes import build_passes
-
     configs = [SimConfig(policy=p, capacity="25%", phase="decode") for p in ("lru", "belady")]
     passes = build_passes(store, "decode")
     serial = simulate_configs(None, configs, passes=passes)

@@ -6,8 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from core.errors import UserError
 from data_pipeline import text_sources
-from data_pipeline.errors import UserError
+from data_pipeline.corpus import split_documents
 from data_pipeline.text_sources import load_texts
 
 
@@ -41,7 +42,7 @@ def test_jsonl_and_parquet_fields(tmp_path):
 
 def test_preset_through_local_parquet(tmp_path, monkeypatch):
     """The gsm8k preset's hub call, served from a local parquet by the same datasets.load_dataset."""
-    import datasets
+    import datasets  # datasets: ~1 s to import; only this test
 
     pq.write_table(pa.table({"question": ["How many?"], "answer": ["Two.\n#### 2"]}), tmp_path / "g.parquet")
     real = datasets.load_dataset
@@ -74,8 +75,6 @@ def test_presets_named():
 
 
 def test_demo_heldout_is_olmoe_minis_test_documents():
-    from data_pipeline.corpus import split_documents
-
     src = load_texts("demo:heldout", limit=50)
     test = [d.text for d in split_documents()["test"]]
     assert list(src) == test[:50] and len(test) > 4000

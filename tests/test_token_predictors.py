@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -10,10 +11,12 @@ import pytest
 import torch
 
 import train
+from core.errors import UserError, run_cli
+from core.model_info import DECODE, ModelInfo
+from data_pipeline import inspect_store
 from data_pipeline.datamodule import TokenDataset
-from data_pipeline.errors import UserError
 from data_pipeline.token_routing import token_explained
-from data_pipeline.trace_store import DECODE, ModelInfo, TraceStoreWriter
+from data_pipeline.trace_store import TraceStoreWriter
 from predictors.base import PredictContext
 from predictors.checkpoint import load_predictor, read_checkpoint, save_predictor
 from predictors.mlp_lookahead import MLPLookahead
@@ -109,8 +112,6 @@ def test_no_tokens_fall_back(bare_store, tmp_path: Path, capsys) -> None:
     assert traj.tokens is None and traj.needs == {"chosen", "previous"} and traj.mix.shape[-1] == traj.window + 1
     assert not any("tok" in k for k in [*mlp.state(), *traj.state()])  # the same tensors as before tokens
     with pytest.raises(SystemExit):
-        from data_pipeline.errors import run_cli
-
         run_cli(train.main, ["--data.store", str(bare_store.path), "--families", "[token]", "--checkpoints",
                              str(tmp_path), *QUIET])
     assert "has no token ids" in capsys.readouterr().err
@@ -151,12 +152,8 @@ def test_token_explained_on_the_rule(token_store) -> None:
 
 
 def test_inspect_reports_the_token_share(token_store, bare_store, capsys) -> None:
-    import json
-
-    from data_pipeline import inspect
-
-    inspect.main([str(token_store.path), "--json"])
+    inspect_store.main([str(token_store.path), "--json"])
     tok = json.loads(capsys.readouterr().out)["token"]
     assert [r["token_recall"] for r in tok["per_layer"]] == [1.0] * L
-    inspect.main([str(bare_store.path)])
+    inspect_store.main([str(bare_store.path)])
     assert "no token ids in this store" in capsys.readouterr().out

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from core.model_info import ModelInfo
+from data_pipeline.store_lock import StoreBusyError
 from data_pipeline.trace_store import (
     MANIFEST_NAME,
-    ModelInfo,
     ShardFormat,
     TraceStore,
     TraceStoreError,
@@ -172,10 +175,6 @@ def test_pending_shard_adopted_only_when_it_agrees(tmp_path, spoil):
 
 
 def test_writer_lock_refuses_a_second_writer_naming_the_pid(tmp_path):
-    import os
-
-    from data_pipeline.store_lock import StoreBusyError
-
     path = tmp_path / "s"
     w, _ = write_store(path, [([0], [2])], finalize=False)
     before = digest(path)
@@ -323,8 +322,6 @@ def _flip_last_byte(p: Path) -> None:
     ("gone", "is missing"),
 ])
 def test_adopt_refuses_a_staged_shard_that_is_not_what_it_claims(tmp_path, spoil, needle):
-    import dataclasses
-
     path = tmp_path / "s"
     w = TraceStoreWriter(path, INFO, hidden_layers=[0, 2], store_router_logits=True)
     w.write_shard(**make_rows([0], [2]))

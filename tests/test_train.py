@@ -10,8 +10,9 @@ import pytest
 from browser import check_report
 from test_predictor_synthetic import make_synthetic_store
 
+import predictors.training as training
 import train
-from data_pipeline.errors import run_cli
+from core.errors import run_cli
 from predictors.checkpoint import latest_checkpoint, load_predictor, read_checkpoint
 
 QUIET = ["--wandb.mode", "disabled", "--trainer.enable_progress_bar", "false", "--threads", "1"]
@@ -117,8 +118,6 @@ def test_too_small_and_missing_stores(tmp_path: Path, capsys) -> None:
 
 
 def test_a_failed_run_leaves_no_checkpoint_behind(synthetic, tmp_path: Path, monkeypatch) -> None:
-    import predictors.training as training
-
     def crash(*args, **kwargs):
         raise RuntimeError("killed mid-training")
 

@@ -16,19 +16,21 @@ emulated bandwidth.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
+import torch
+from scipy.optimize import nnls
 
-from offload.passes import build_passes
+from core.passes import build_passes
+from offload.precision import dequant_kernels
 
 
 def fit_compute_profile(store: Any, pass_times: np.ndarray, *, link_bytes_per_s: float | None,
                         expert_params: float) -> tuple[str, dict[str, float]]:
     """(``get_hardware`` spec, fit details) from a store recorded with every expert resident and the
     wall time of each of its passes (store order: per sequence its prefill, then its decode steps)."""
-    from scipy.optimize import nnls
-
     ps = build_passes(store)
     times = np.asarray(pass_times, dtype=np.float64)
     if len(times) != ps.num_passes:
@@ -62,11 +64,7 @@ def fit_dequant_kernel_us(weights: dict[str, Any], precisions: list[str], device
     at each low precision into a slot, as the simulator models it: ``dequant_kernels`` launches of
     ``kernel_us`` each (the bytes term is off in a calibrated profile). Returns the fitted ``kernel_us``
     (least squares through the origin over the precisions) and the median measured microseconds of each."""
-    import time
-
-    import torch
-
-    from offload.precision import dequant_kernels
+    # hqq: ~2 s to import; only to time the low-bit dequantization
     from offload.quantization import dequantize, quantize_expert, template_shapes
 
     dev = torch.device(device)

@@ -31,6 +31,7 @@ next-token agreement with the plain model, teacher-forced on the prompts' refere
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -42,9 +43,35 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.errors import UserError, run_cli
-from offload.miss_handling import LOWER_BIT_MODES, MISS_MODES
-from offload.precision import PRECISIONS, precision_ladder
+from core.errors import UserError, run_cli
+from data_pipeline.demo_text import same_documents
+from data_pipeline.models import load_model
+from data_pipeline.text_sources import load_texts
+from data_pipeline.trace_store import TraceStore, open_store
+from offload.capacity import parse_capacity
+from offload.engine.calibrate import fit_compute_profile, fit_dequant_kernel_us
+from offload.engine.generate import check_fits
+from offload.engine.metrics import summarize
+from offload.engine.prompts import load_prompts
+from offload.engine.quality import continuations, score_engine, score_plain, summarize_quality
+from offload.engine.run import encode, run_prompts
+from offload.hardware import get_hardware
+from offload.latency import gap_closed, physical_limit
+from offload.miss_handling import LOWER_BIT_MODES, MISS_MODES, MissHandling
+from offload.policies import make_policy
+from offload.precision import (
+    PRECISIONS,
+    byte_ratios,
+    itemsize,
+    moe_expert_shapes,
+    precision_ladder,
+    with_itemsize,
+)
+from offload.prefetch import refuse_renamed_prefetcher
+from offload.simulator import SimConfig, simulate_configs
+from predictors.checkpoint import latest_checkpoint, load_predictor, run_predictor
+from predictors.gate_lookahead import GateLookahead
+from reporting.provenance import command_line
 
 TINY = "tiny-olmoe"
 MINI = "olmoe-mini"  # the demo model: trained, committed under models/
@@ -52,7 +79,7 @@ MINI = "olmoe-mini"  # the demo model: trained, committed under models/
 #: The paper's four reproduced systems (SpecMD section 5), as engine settings.
 SYSTEMS: dict[str, dict[str, Any]] = {
     "eliseev_mazur": dict(policy="lru", prefetch="topk", miss="fetch", routing="standard"),
-    "zhu": dict(policy="score", prefetch="score", miss="substitute", routing="standard"),
+    "zhu": dict(policy="score", prefetch="percentile", miss="substitute", routing="standard"),
     "mixturecache": dict(policy="lru", prefetch="none", miss="fetch", routing="cache-aware"),
     "hobbit": dict(policy="lhu", prefetch="topk", miss="precision-cascade", routing="standard"),
 }
@@ -120,14 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", choices=sorted(SYSTEMS), default=None,
                    help="one of the paper's systems (its prefetch/eviction/miss/routing); compared with LS drop-in")
     p.add_argument("--policy", default="least_stale", help="eviction policy (offload.policies)")
-    p.add_argument("--prefetch", default="learned", choices=("learned", "gate", "topk", "score", "none"),
-                   help="learned: the checkpoint's predictor; gate: router of l+d on h_l; topk/score: the "
+    p.add_argument("--prefetch", default="learned", type=refuse_renamed_prefetcher,
+                   choices=("learned", "gate", "topk", "percentile", "none"),
+                   help="learned: the checkpoint's predictor; gate: router of l+d on h_l; topk/percentile: the "
                         "paper's next-layer prefetchers; none")
     p.add_argument("--checkpoint", default=None, help="predictor file (default: newest in --checkpoints)")
     p.add_argument("--checkpoints", default="checkpoints", help="folder train.py writes to")
     p.add_argument("--lookahead", type=int, default=None, help="layers ahead to prefetch (default: the predictor's)")
     p.add_argument("--overfetch", type=float, default=1.0, help="top-k prefetch takes ceil(k * overfetch) experts")
-    p.add_argument("--percentile", type=float, default=0.8, help="score prefetch threshold quantile")
+    p.add_argument("--percentile", type=float, default=0.8, help="percentile prefetch threshold quantile")
     p.add_argument("--admission", default="value", choices=("value", "greedy"),
                    help="value: prefetch only what arrives in time and is worth its copy; greedy: every selected "
                         "expert (the paper's); --system presets use greedy")
@@ -225,13 +253,9 @@ def _miss_suffix(miss: str) -> str:
 # ---------------------------------------------------------------------- predictor
 def _predictor(args: argparse.Namespace, loaded: Any, prefetch: str):
     """The Predictor the engine prefetches with, or None."""
-    from predictors.gate_lookahead import GateLookahead
-
     if prefetch == "none":
         return None
     if prefetch == "learned":
-        from predictors.checkpoint import load_predictor
-
         path = checkpoint_path(args)
         predictor = load_predictor(path, loaded.info)
         predictor.source = str(path)
@@ -239,15 +263,13 @@ def _predictor(args: argparse.Namespace, loaded: Any, prefetch: str):
     a = loaded.adapter
     weights = torch.stack([a.router_weight(i).detach().float().cpu() for i in range(a.num_layers)])
     weights = weights.to(args.device)  # the engine calls it on device-resident hidden states
-    lookahead = 1 if prefetch in ("topk", "score") else (args.lookahead or 1)
+    lookahead = 1 if prefetch in ("topk", "percentile") else (args.lookahead or 1)
     return GateLookahead(weights, a.top_k, lookahead)
 
 
 def checkpoint_path(args: argparse.Namespace) -> Path:
     """The learned predictor file: ``--checkpoint`` (a file, or a train.py run folder: its best family),
     else the newest finished run under ``--checkpoints``."""
-    from predictors.checkpoint import latest_checkpoint, run_predictor
-
     if args.checkpoint is None:
         path = latest_checkpoint(args.checkpoints)
         if path is None:
@@ -291,12 +313,10 @@ def _sim_prefetch(row: RowSpec, predictor: Any, lookahead: int) -> str:
 # ---------------------------------------------------------------------- running
 def _check_inputs(args: argparse.Namespace) -> float | None:
     """Everything that can be refused before a model loads or a prompt runs (one line each)."""
-    from offload.policies import make_policy
-
     make_policy(args.policy)  # unknown policy names list the valid ones
     if args.lookahead is not None and args.lookahead < 1:
         raise UserError(f"--lookahead must be at least 1, got {args.lookahead}")
-    if args.lookahead not in (None, 1) and args.prefetch in ("topk", "score"):
+    if args.lookahead not in (None, 1) and args.prefetch in ("topk", "percentile"):
         raise UserError(f"--prefetch {args.prefetch} forecasts the next layer only (the paper's prefetcher); use "
                         f"--prefetch gate or learned for --lookahead {args.lookahead}")
     if args.prompts < 1:
@@ -319,8 +339,6 @@ def _check_inputs(args: argparse.Namespace) -> float | None:
 
 
 def _load(args: argparse.Namespace):
-    from data_pipeline.models import load_model
-
     dtype = args.dtype
     if dtype == "auto" and str(args.device).startswith("cuda") and args.model not in (TINY, MINI):
         dtype = "bfloat16"  # load on the host in the dtype the device will run
@@ -328,8 +346,6 @@ def _load(args: argparse.Namespace):
 
 
 def _hardware_spec(name: str, bandwidth: float | None) -> str:
-    from offload.hardware import get_hardware
-
     get_hardware(name)  # unknown profile -> one-line error before any work
     if bandwidth is None:
         return name
@@ -349,15 +365,13 @@ class _Shared:
 def _engine_row(args, row: RowSpec, loaded, prompts, predictor, lookahead: int, slots: int,
                 bandwidth: float | None, expert_bytes: int | None, reference: list[list[int]],
                 workdir: Path, shared: _Shared) -> tuple[dict, Any]:
+    # hqq: ~2 s to import; bad arguments are refused before it loads
     from offload.engine.engine import EngineConfig, OffloadEngine, clone_loaded
-    from offload.engine.metrics import summarize
-    from offload.engine.quality import score_engine, summarize_quality
-    from offload.engine.run import run_prompts
 
     config = EngineConfig(
         capacity_slots=slots, policy=row.policy, bandwidth=bandwidth, routing=row.routing,
         routing_lambda=args.routing_lambda, miss=row.miss,
-        prefetch="score" if row.prefetch == "score" else "topk",
+        prefetch="percentile" if row.prefetch == "percentile" else "topk",
         prefetch_params={"overfetch": args.overfetch, "percentile": args.percentile, "lookahead": lookahead},
         admission=row.admission, expert_bytes=expert_bytes, expert_dtype=_expert_dtype(args),
         precisions=precision_ladder(args.precisions), device=str(args.device),
@@ -386,8 +400,6 @@ def _expert_dtype(args: argparse.Namespace) -> str | None:
 
 def _simulate(args, row: RowSpec, store, predictor, lookahead: int, hardware: str, expert_bytes: int | None,
               predictor_us: float | None = None) -> dict[str, Any]:
-    from offload.simulator import SimConfig, simulate_configs
-
     prefetch = row.prefetch if not row.engine else _sim_prefetch(row, predictor, lookahead)
     cfg = SimConfig(
         policy=row.policy, capacity=args.capacity, prefetch=prefetch, lookahead=lookahead,
@@ -410,8 +422,6 @@ def _measured_predictor_us(summary: dict[str, Any]) -> float | None:
 
 def _prompts(args: argparse.Namespace, dataset: str, predictor: Any) -> tuple[list, str]:
     """Prompts the predictor never trained on: the texts after every text its trace store holds."""
-    from offload.engine.prompts import load_prompts
-
     skip, note = 0, "training-free prefetch: nothing to hold out"
     source = getattr(predictor, "source", None)
     if source is not None:
@@ -419,10 +429,6 @@ def _prompts(args: argparse.Namespace, dataset: str, predictor: Any) -> tuple[li
         if store_path is None:
             note = f"could not tell which texts {source} trained on: prompts are the first of {dataset}"
         else:
-            from data_pipeline.demo_text import same_documents
-            from data_pipeline.text_sources import load_texts
-            from data_pipeline.trace_store import TraceStore
-
             held = TraceStore(store_path)
             name = (held.manifest.get("dataset") or {}).get("name")
             if same_documents(name, load_texts(dataset, limit=1).spec.get("name")):
@@ -436,8 +442,6 @@ def _prompts(args: argparse.Namespace, dataset: str, predictor: Any) -> tuple[li
 
 def _trained_on(checkpoint: Path) -> Path | None:
     """The trace store a train.py checkpoint was fitted on (its run.json), if it still exists."""
-    import json
-
     run = checkpoint.parent / "run.json"
     try:
         store = Path(json.loads(run.read_text())["store"])
@@ -458,11 +462,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.store:
         raise UserError("--store is for --mode sim; the engine generates its own routing")
 
-    from offload.capacity import parse_capacity
-    from offload.engine.generate import check_fits
-    from offload.engine.metrics import summarize
-    from offload.engine.run import encode, run_prompts
-
     loaded = _load(args)
     slots = parse_capacity(args.capacity, loaded.info)
     dataset = args.dataset or {MINI: "demo:heldout-prompts", TINY: "demo"}.get(args.model, "gsm8k")
@@ -478,7 +477,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     reference = [m.generated for m in plain_metrics]
     shared = _Shared()
     if args.quality_tokens and args.mode == "engine":  # quality is measured on engine rows only
-        from offload.engine.quality import continuations, score_plain, summarize_quality
 
         shared.continuations = continuations(loaded.tokenizer, prompts, args.quality_tokens, loaded.model)
         shared.plain_scored = score_plain(loaded.model, shared.continuations)
@@ -511,7 +509,6 @@ def _hardware(args, loaded, plain_store, plain_times: list[float], bandwidth: fl
     """The simulator's profile: this machine's compute fitted to the plain engine run, or a named one."""
     if args.hardware != "calibrated":
         return _hardware_spec(args.hardware, bandwidth), None
-    from offload.engine.calibrate import fit_compute_profile
 
     params = loaded.info.expert_bytes / loaded.model.dtype.itemsize
     spec, fit = fit_compute_profile(plain_store, np.asarray(plain_times), link_bytes_per_s=bandwidth,
@@ -519,7 +516,6 @@ def _hardware(args, loaded, plain_store, plain_times: list[float], bandwidth: fl
     low = sorted({p for r in rows if r.miss in LOWER_BIT_MODES for p in _low_precisions(args, r.miss)},
                  key=PRECISIONS.index)
     if low:  # what dequantizing a low-bit copy costs here: the simulator's per-precision compute cost
-        from offload.engine.calibrate import fit_dequant_kernel_us
 
         dequant = fit_dequant_kernel_us(loaded.adapter.expert_params(0, 0), low, str(args.device))
         fit.update(dequant)
@@ -528,15 +524,11 @@ def _hardware(args, loaded, plain_store, plain_times: list[float], bandwidth: fl
 
 
 def _low_precisions(args: argparse.Namespace, miss: str) -> tuple[str, ...]:
-    from offload.miss_handling import MissHandling
-
     return MissHandling(miss, precisions=precision_ladder(args.precisions)).low_precisions
 
 
 def _gaps(report: dict[str, Any]) -> None:
     """Gap closed per row (measured for engine rows, simulated otherwise) and the physical limit."""
-    from offload.latency import gap_closed, physical_limit
-
     rows = report["rows"]
     zero = next((r for r in rows if r["role"] == "zero"), None)
     full = next((r for r in rows if r["role"] == "full"), None)
@@ -578,8 +570,6 @@ def _header(args, info, slots: int, bandwidth, hardware: str, lookahead: int, pr
 def _precision_bytes(args: argparse.Namespace, info: Any, link_bytes: float | None,
                      emulated: bool) -> dict[str, float] | None:
     """Bytes one copy moves at each precision held (the real or emulated size times the byte ratio)."""
-    from offload.precision import byte_ratios, itemsize, moe_expert_shapes, with_itemsize
-
     if link_bytes is None or not (info.hidden_size and info.moe_intermediate_size):
         return None
     shapes = moe_expert_shapes(info.hidden_size, info.moe_intermediate_size, info.dtype)
@@ -596,8 +586,8 @@ def _entry(row: RowSpec) -> dict[str, Any]:
 def _record(args, loaded, prompts, workdir: Path):
     """The plain model's routing on the prompts and the time of every pass, recorded by an engine
     that holds every expert (no copy): what the reference rows replay and the calibration fits."""
+    # hqq: ~2 s to import; bad arguments are refused before it loads
     from offload.engine.engine import EngineConfig, OffloadEngine, clone_loaded
-    from offload.engine.run import run_prompts
 
     a = loaded.adapter
     config = EngineConfig(capacity_slots=a.num_layers * a.num_experts, policy="lru", bandwidth=None,
@@ -613,16 +603,11 @@ def _record(args, loaded, prompts, workdir: Path):
 
 def _replay_store(args, rows: list[RowSpec], hardware: str, bandwidth, expert_bytes) -> dict[str, Any]:
     """--mode sim --store PATH: every row simulated on an existing trace store (no model is run)."""
-    from data_pipeline.trace_store import open_store
-    from offload.capacity import parse_capacity
-
     store = open_store(args.store)
     slots = parse_capacity(args.capacity, store.model)
     predictors: dict[str, Any] = {}
     for row in rows:
         if row.prefetch == "learned" and "learned" not in predictors:
-            from predictors.checkpoint import load_predictor
-
             path = checkpoint_path(args)
             predictors["learned"] = load_predictor(path, store.model)
             predictors["learned"].source = str(path)
@@ -642,12 +627,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point for ``evaluate.py`` (engine and sim modes); bad input raises UserError."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    report = evaluate(args)
+    # matplotlib: ~0.5 s to import; only once the run is done (a refused one never loads it)
     from offload.engine.report import html_report, log_wandb, plots, print_table, write_json
     from reporting import html
     from reporting.figures import notes, save_pngs
-    from reporting.provenance import command_line
 
-    report = evaluate(args)
     print_table(report)
     if args.json:
         write_json(report, args.json)

@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.errors import UserError
 from data_pipeline.adapters import get_adapter
-from data_pipeline.errors import UserError
 from offload.cache import ExpertCache
 from offload.engine.copier import CopierLink, ThrottledCopier
 from offload.engine.device_pool import DevicePool
@@ -71,7 +71,7 @@ class EngineConfig:
     miss: str = "fetch"  # fetch | drop | substitute (offload.miss_handling)
     drop_from_rank: int = 2
     substitute_tolerance: float = 0.05
-    prefetch: str = "topk"  # how forecast scores become prefetches: topk (x overfetch) or score (percentile)
+    prefetch: str = "topk"  # how forecast scores become prefetches: topk (x overfetch) or percentile
     prefetch_params: dict[str, Any] = field(default_factory=dict)
     admission: str = "greedy"  # greedy | value (offload.admission)
     expert_bytes: int | None = None  # bytes a copy holds the link for (emulate a bigger model); None: real
@@ -86,7 +86,7 @@ def layer_accesses(ids: torch.Tensor, weights: torch.Tensor) -> list[tuple[int, 
 
     One access per distinct expert; score = its routing weight summed over the tokens. Order: score
     descending, ties by best rank then expert id, so a decode step (one token) is plain rank order.
-    This is exactly :func:`offload.passes.build_passes`' order, which is what makes the engine's
+    This is exactly :func:`core.passes.build_passes`' order, which is what makes the engine's
     hits and misses replayable by the simulator. Negative ids mark dropped slots and are skipped.
     """
     K = ids.shape[-1]
@@ -458,6 +458,6 @@ class EngineBackend:
 def _make_selection(config: EngineConfig) -> Selection:
     if config.prefetch == "topk":
         return TopKSelection(float(config.prefetch_params.get("overfetch", 1.0)))
-    if config.prefetch == "score":
+    if config.prefetch == "percentile":
         return PercentileSelection(float(config.prefetch_params.get("percentile", 0.8)))
-    raise UserError(f"unknown prefetch selection {config.prefetch!r}; valid: topk, score")
+    raise UserError(f"unknown prefetch selection {config.prefetch!r}; valid: topk, percentile")

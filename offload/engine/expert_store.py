@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 
 
 def _storage_ptr(t: torch.Tensor) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 
 PREFILL, DECODE = 0, 1
 
@@ -91,6 +91,7 @@ def greedy_generate(
     ``before_pass(phase)`` runs before every forward (the engine starts a new pass there). Decoding
     stops early at ``eos_token_id`` when given.
     """
+    # transformers: already loaded with the model; this module imports without it
     from transformers import DynamicCache
 
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
@@ -133,6 +134,7 @@ def teacher_forced(
     """Score ``target`` (C,) as the continuation of ``context`` (1, T): prefill the context, then feed the
     true tokens one decode pass at a time (the same passes as :func:`greedy_generate`, so an offloaded
     model's cache sees decode-time accesses), reading each pass's next-token distribution."""
+    # transformers: already loaded with the model; this module imports without it
     from transformers import DynamicCache
 
     if context.dim() != 2 or context.shape[0] != 1 or target.dim() != 1 or not len(target):

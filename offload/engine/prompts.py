@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
+from data_pipeline.text_sources import load_texts
 
 _FINAL = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)")
 _NUMBER = re.compile(r"[-+]?\d[\d,]*\.?\d*")
@@ -58,8 +59,6 @@ def exact_match(generated: str, answer: str | None) -> bool | None:
 
 def load_prompts(dataset: str, count: int, *, skip: int = 0) -> list[Prompt]:
     """``count`` prompts of ``dataset`` (a :func:`data_pipeline.text_sources.load_texts` spec)."""
-    from data_pipeline.text_sources import load_texts
-
     if count < 1:
         raise UserError(f"--prompts must be at least 1, got {count}")
     source = load_texts(dataset, limit=skip + count)

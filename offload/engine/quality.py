@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from offload.engine.generate import Scored, context_length, teacher_forced
 from offload.engine.prompts import Prompt
 from offload.engine.run import encode

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-from reporting.figures import Plot, checked, new_figure, save_pngs
+from rich.console import Console
+from rich.table import Table
+
+from offload.miss_handling import LOWER_BIT_MODES
+from reporting import html
+from reporting.figures import Plot, checked, new_figure, save_pngs, wandb_images
+from reporting.provenance import versions
 
 COLUMNS = ("precision", "recall", "hit_rate", "collision_rate", "mb_per_token", "wasted_mb_per_token", "stall_ms",
            "ttft_ms", "sim_ttft_ms", "ttft_gap", "tpot_ms", "sim_tpot_ms", "tpot_gap", "agreement", "perplexity",
@@ -153,8 +160,6 @@ QUALITY_CAPTION = ("hits by precision: share of accesses that hit a copy at each
 
 
 def _lower_bit(report: dict[str, Any]) -> bool:
-    from offload.miss_handling import LOWER_BIT_MODES
-
     return any(r.get("miss") in LOWER_BIT_MODES for r in report.get("rows", []))
 
 
@@ -199,12 +204,7 @@ def _cells(heads: dict[str, str], line: dict[str, Any]) -> list[str]:
 
 
 def print_table(report: dict[str, Any], console: Any = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     if console is None:
-        import shutil
-
         # a pipe or CI log is 80 columns by default, which wraps every cell: use a readable width
         console = Console(width=max(shutil.get_terminal_size((200, 40)).columns, 200))
     setup = describe_setup(report)
@@ -411,43 +411,36 @@ def write_plots(report: dict[str, Any], folder: str | os.PathLike[str]) -> list[
 
 def html_report(report: dict[str, Any], figures: list[Plot], command: str):
     """The evaluation as one :class:`reporting.html.Report`: setup, the held-out prompts, figures, table."""
-    from reporting.html import Report, Table
-    from reporting.provenance import versions
-
     setup = describe_setup(report)
     lines = table_rows(report)
     heads = _heads()
-    table = Table(setup[0], list(heads.values()), [_cells(heads, line) for line in lines], caption=CAPTION,
-                  row_kinds=["limit" if line["label"].startswith("physical limit") else
-                             "reference" if line["label"].startswith("plain") or "reference" in line["label"] else ""
-                             for line in lines], left=2)
+    table = html.Table(setup[0], list(heads.values()), [_cells(heads, line) for line in lines], caption=CAPTION,
+                       row_kinds=["limit" if line["label"].startswith("physical limit") else
+                                  "reference" if line["label"].startswith("plain") or "reference" in line["label"]
+                                  else "" for line in lines], left=2)
     split = report.get("prompt_note") or "the prompts are not held out from anything: no learned part was used"
     if report.get("predictor"):
         split = f"{split} (predictor: {report['predictor']})"
-    return Report(title=f"Offloaded inference: {setup[0]}", command=command, versions=versions(),
-                  setup=[line for line in setup[1:] if not line.startswith("prompts: ")]
-                  + [f"mode: {report.get('mode')}, lookahead {report.get('lookahead')}, "
-                     f"{report.get('max_new_tokens')} new tokens per prompt"],
-                  split=split, tables=[table] + _quality_table(report), plots=figures)
+    return html.Report(title=f"Offloaded inference: {setup[0]}", command=command, versions=versions(),
+                       setup=[line for line in setup[1:] if not line.startswith("prompts: ")]
+                       + [f"mode: {report.get('mode')}, lookahead {report.get('lookahead')}, "
+                          f"{report.get('max_new_tokens')} new tokens per prompt"],
+                       split=split, tables=[table] + _quality_table(report), plots=figures)
 
 
 def _quality_table(report: dict[str, Any]) -> list:
-    from reporting.html import Table
-
     heads = _quality_heads(report)
     if heads is None:
         return []
     lines = quality_rows(report)
-    return [Table(QUALITY_TITLE, list(heads.values()), [_cells(heads, line) for line in lines], caption=QUALITY_CAPTION,
-                  row_kinds=["reference" if line["label"].startswith("plain") else "" for line in lines], left=1)]
+    return [html.Table(QUALITY_TITLE, list(heads.values()), [_cells(heads, line) for line in lines],
+                       caption=QUALITY_CAPTION, row_kinds=["reference" if line["label"].startswith("plain") else "" for line in lines], left=1)]
 
 
 def log_wandb(report: dict[str, Any], project: str, figures: list[Plot] | None = None) -> None:
     """Log the table, the summary numbers and the report's figures as images; offline unless an API key
     is configured."""
-    import wandb
-
-    from reporting.figures import wandb_images
+    import wandb  # wandb: ~0.5 s to import; only when the run logs to W&B
 
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     config = {k: v for k, v in report.items() if k not in ("rows", "plain")}

@@ -1,7 +1,7 @@
 """Record what the engine's cache saw as a trace store, so the simulator can replay the same run.
 
 The recorded ids are the experts the cache was asked for (after the routing policy and the miss
-handler), in the store's rank order, so ``offload.passes.build_passes`` on the
+handler), in the store's rank order, so ``core.passes.build_passes`` on the
 store rebuilds exactly the engine's access sequence. Hidden states (the MoE inputs, fp16) are kept
 when asked, so the simulator's gating-lookahead prefetchers can replay the forecasts too; router
 logits (fp16) always, so it can replay substitution.
@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.trace_store import PREFILL, TraceStore, TraceStoreWriter
+from core.model_info import PREFILL
+from data_pipeline.trace_store import TraceStore, TraceStoreWriter
 
 
 class TraceRecorder:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from offload.policies.base import EvictionPolicy, Key
 from offload.policies.belady import Belady
 from offload.policies.fifo import FIFO

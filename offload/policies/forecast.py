@@ -26,7 +26,7 @@ It only uses what the cache tells every policy -- pass and layer starts, inserts
 Parameters:
 
 - ``forecaster``: a :class:`~predictors.reuse.ReuseForecaster`, a path to a reuse checkpoint
-  (``python -m predictors.reuse``), or None for the counted forecaster learning online from the
+  (``python -m predictors.reuse_training``), or None for the counted forecaster learning online from the
   run itself (no training data needed).
 - ``predicted_reuse``: when a prefetcher/predictor marks a resident key for this pass
   (``on_predicted``) and its layer is still ahead, its probability of being used at that
@@ -54,6 +54,7 @@ from typing import Any, NamedTuple
 import numba as nb
 import numpy as np
 
+from core.errors import UserError
 from offload.policies.base import Eligible, EvictionPolicy, Key
 from offload.policies.compiled import Allowed, KernelContext, PolicyKernel, allowed, hook
 from predictors.reuse_compiled import (
@@ -64,7 +65,9 @@ from predictors.reuse_compiled import (
     learn,
     model_state,
     observe,
+    supported,
 )
+from predictors.reuse_features import ReuseHistory
 
 
 class Forecast(EvictionPolicy):
@@ -84,6 +87,7 @@ class Forecast(EvictionPolicy):
 
     # ------------------------------------------------------------------ lifecycle
     def _make_forecaster(self, num_layers: int, num_experts: int):
+        # predictors.reuse imports torch (~1 s): only when a forecast policy binds
         from predictors.reuse import ReuseForecaster, default_forecaster, load_reuse_forecaster
 
         spec = self.forecaster_spec
@@ -95,15 +99,11 @@ class Forecast(EvictionPolicy):
         if not isinstance(spec, ReuseForecaster):
             raise TypeError(f"forecaster must be a ReuseForecaster, a checkpoint path or None, got {type(spec)}")
         if (spec.num_layers, spec.num_experts) != (num_layers, num_experts):
-            from data_pipeline.errors import UserError
-
             raise UserError(f"the reuse forecaster was trained for {spec.num_layers} layers x {spec.num_experts} "
                             f"experts, the cache holds {num_layers} x {num_experts}")
         return copy.deepcopy(spec)  # an online forecaster learns during a run: every bind starts afresh
 
     def bind(self, num_layers: int, num_experts: int) -> None:
-        from predictors.reuse_features import ReuseHistory
-
         super().bind(num_layers, num_experts)
         placeholder, self._placeholder = self._placeholder, False
         if not placeholder:
@@ -263,18 +263,18 @@ class Forecast(EvictionPolicy):
 
 
     def kernel_supported(self) -> bool:
-        from predictors.reuse_compiled import supported
-
         spec = self.forecaster_spec
         if spec is None:
             return True  # the default, LogisticReuse learning online
         if isinstance(spec, (str, os.PathLike)):
+            # predictors.reuse imports torch (~1 s): only for a checkpoint path
             from predictors.reuse import load_reuse_forecaster
 
             spec = self.forecaster_spec = load_reuse_forecaster(spec)
         return supported(spec)
 
     def kernel_state(self, ctx: KernelContext) -> ForecastState:
+        # predictors.reuse imports torch (~1 s): only when the policy runs compiled
         from predictors.reuse import _bins
 
         self.bind(ctx.num_layers, ctx.num_experts)  # a fresh forecaster and its first forecasts, as a cache binds

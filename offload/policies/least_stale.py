@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from offload.policies.base import PREFILL, Eligible, EvictionPolicy, Key
 from offload.policies.compiled import (
     Allowed,

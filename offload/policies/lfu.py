@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from data_pipeline.errors import UserError
+from core.errors import UserError
 from offload.policies.base import Eligible, EvictionPolicy, Key
 from offload.policies.compiled import (
     Heap,

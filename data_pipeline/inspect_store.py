@@ -1,6 +1,6 @@
 """Inspect a trace store: the numbers a researcher asks first, and an expert-usage heatmap.
 
-``python -m data_pipeline.inspect traces/NAME [--png usage.png] [--json]`` prints tokens,
+``python -m data_pipeline.inspect_store traces/NAME [--png usage.png] [--json]`` prints tokens,
 sequences, layers, experts, top-k, and per MoE layer:
 
 - **usage entropy**: entropy (bits) of the distribution of top-k selections over the layer's
@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
-from data_pipeline.errors import UserError, run_cli
+from core.errors import UserError, run_cli
 from data_pipeline.token_routing import token_explained
 from data_pipeline.trace_store import TraceStore
 
@@ -142,9 +144,6 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 
 def print_summary(s: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     head = Table(title=f"trace store {s['path']}", show_header=False, title_justify="left")
     head.add_column(style="bold")
@@ -191,7 +190,7 @@ def print_summary(s: dict[str, Any]) -> None:
 
 def write_heatmap(counts: np.ndarray, path: str | Path, *, title: str = "") -> Path:
     """PNG heatmap of expert usage: one row per MoE layer, share of that layer's top-k selections."""
-    import matplotlib
+    import matplotlib  # matplotlib: ~0.5 s to import; only for --png
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -214,7 +213,7 @@ def write_heatmap(counts: np.ndarray, path: str | Path, *, title: str = "") -> P
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m data_pipeline.inspect", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m data_pipeline.inspect_store", description=__doc__.split("\n")[0])
     ap.add_argument("store", type=Path, help="trace store folder")
     ap.add_argument("--png", type=Path, default=None, help="write a per-layer expert-usage heatmap here")
     ap.add_argument("--json", action="store_true", help="print the numbers as JSON instead of tables")

@@ -1,4 +1,7 @@
-"""Turn a trace store into forward passes of (layer, expert) accesses, the simulator's input.
+"""Turn a trace store into forward passes of (layer, expert) accesses.
+
+Passes are what the simulator replays, what the eviction policies see and what the reuse
+forecasters learn from; they live here, below all three.
 
 A **pass** is one forward of the model: the prefill of a prompt (all its phase-0 tokens at once) or
 one decode step (one phase-1 token). Inside a pass, layers run 0..L-1 and each layer accesses every
@@ -14,14 +17,40 @@ The arrays are flat and ragged so numba kernels can walk them without Python obj
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from data_pipeline.errors import UserError
-from data_pipeline.trace_store import DECODE, PREFILL, TraceStore
+from core.errors import UserError
+from core.model_info import DECODE, PREFILL
 
 PHASES = ("prefill", "decode", "both")
+
+
+class RoutedStore(Protocol):
+    """What :func:`build_passes` reads of a store (a :class:`data_pipeline.trace_store.TraceStore`)."""
+
+    path: Path
+
+    @property
+    def num_layers(self) -> int: ...
+
+    @property
+    def num_experts(self) -> int: ...
+
+    @property
+    def top_k(self) -> int: ...
+
+    @property
+    def phases(self) -> np.ndarray: ...
+
+    def topk_ids(self) -> np.ndarray: ...
+
+    def topk_weights(self) -> np.ndarray: ...
+
+    def sequence_bounds(self) -> np.ndarray: ...  # (S, 3) rows of (seq_id, start, stop)
 
 
 @dataclass
@@ -78,7 +107,7 @@ class Passes:
 NEVER = np.int64(2**62)
 
 
-def _prefill_layer(ids: np.ndarray, weights: np.ndarray, num_experts: int):
+def prefill_layer(ids: np.ndarray, weights: np.ndarray, num_experts: int):
     """Distinct experts of one layer over a prompt's tokens, in rank order."""
     flat_ids = ids.reshape(-1).astype(np.int64)
     valid = flat_ids >= 0
@@ -94,7 +123,7 @@ def _prefill_layer(ids: np.ndarray, weights: np.ndarray, num_experts: int):
     return e, score[e], best[e], count[e]
 
 
-def build_passes(store: TraceStore, phase: str = "both") -> Passes:
+def build_passes(store: RoutedStore, phase: str = "both") -> Passes:
     """All passes of a store in storage order (sequence by sequence: its prefill, then its decode steps)."""
     if phase not in PHASES:
         raise UserError(f"unknown phase {phase!r}; valid: {', '.join(PHASES)}")
@@ -118,7 +147,7 @@ def build_passes(store: TraceStore, phase: str = "both") -> Passes:
             p_start.append(pre[0])
             p_stop.append(pre[-1] + 1)
             for layer in range(L):
-                e, s, b, c = _prefill_layer(ids_all[pre, layer], w_all[pre, layer], E)
+                e, s, b, c = prefill_layer(ids_all[pre, layer], w_all[pre, layer], E)
                 chunks_e.append(e)
                 chunks_s.append(s)
                 chunks_r.append(b)
@@ -156,6 +185,21 @@ def build_passes(store: TraceStore, phase: str = "both") -> Passes:
         best_rank=cat(chunks_r, np.int32),
         tokens=cat(chunks_t, np.int32),
     )
+
+
+def take_passes(passes: Passes, keep: np.ndarray) -> Passes:
+    """The passes where ``keep`` is True, in order, as a new :class:`Passes`."""
+    L = passes.num_layers
+    idx = np.flatnonzero(keep)
+    counts = np.diff(passes.layer_ptr).reshape(-1, L)[idx].reshape(-1)
+    starts = passes.layer_ptr[:-1].reshape(-1, L)[idx].reshape(-1)
+    access = np.concatenate([np.arange(a, a + n) for a, n in zip(starts, counts, strict=True)]) if len(counts) else \
+        np.zeros(0, dtype=np.int64)
+    ptr = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    return replace(passes, phase=passes.phase[idx], seq=passes.seq[idx], row_start=passes.row_start[idx],
+                   row_stop=passes.row_stop[idx], layer_ptr=ptr, expert=passes.expert[access],
+                   score=passes.score[access], best_rank=passes.best_rank[access], tokens=passes.tokens[access])
 
 
 def passes_from_lists(passes: list[list[list[int]]], num_experts: int, top_k: int | None = None,
