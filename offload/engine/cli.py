@@ -16,8 +16,7 @@ OLMoE-1B-7B expert would (12.6 MB at 5 GB/s = 2.5 ms; ``--expert-bytes``), while
 weights are copied, so outputs are unchanged. The simulator rows use a profile of this machine
 fitted to the plain engine run (``--hardware calibrated``), so engine and simulator can be compared
 row by row. ``--system`` reproduces one of the paper's four systems instead, next to the same
-system with Least-Stale as a drop-in eviction policy. ``--mode sim`` replays everything in the
-simulator only.
+system with Least-Stale as a drop-in eviction policy.
 
 ``--miss`` takes a comma list (one row per miss handler). The lower-bit handlers (fetch-lowest-bit,
 fetch-priority, precision-cascade; HOBBIT's system) copy experts from a quantized host tier holding
@@ -111,11 +110,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="evaluate.py",
-        description="Run an MoE model with offloaded experts (or simulate it) and report hit rate, "
+        description="Run an MoE model with offloaded experts and report hit rate, "
                     "collisions, stall time, TTFT and TPOT next to LRU and the oracle bound.",
     )
-    p.add_argument("--mode", choices=("engine", "sim"), default="engine",
-                   help="engine: run the model for real; sim: replay the same prompts in the simulator only")
     p.add_argument("--model", default=MINI, help="olmoe-mini (the offline demo), tiny-olmoe (random, for tests), a local folder or a hub id")
     p.add_argument("--system", choices=sorted(SYSTEMS), default=None,
                    help="one of the paper's systems (its prefetch/eviction/miss/routing); compared with LS drop-in")
@@ -147,7 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference continuation tokens per prompt for perplexity and next-token agreement "
                         "(teacher-forced); 0: no quality columns")
     p.add_argument("--dataset", default=None, help="prompt source (default: demo:heldout-prompts for olmoe-mini, demo for tiny-olmoe, gsm8k otherwise)")
-    p.add_argument("--store", default=None, help="--mode sim: replay this trace store instead of recording one")
     p.add_argument("--prompts", type=int, default=8, help="number of prompts")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -452,10 +448,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if str(args.device) == "cpu":
         torch.set_num_threads(args.threads)
     rows = _rows(args)
-    if args.mode == "sim" and args.store:
-        return _replay_store(args, rows, _hardware_spec(args.hardware, bandwidth), bandwidth, expert_bytes)
-    if args.store:
-        raise UserError("--store is for --mode sim; the engine generates its own routing")
 
     from offload.capacity import parse_capacity
     from offload.engine.generate import check_fits
@@ -476,7 +468,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     plain_metrics, _ = run_prompts(loaded, prompts, args.max_new_tokens, progress="plain model")
     reference = [m.generated for m in plain_metrics]
     shared = _Shared()
-    if args.quality_tokens and args.mode == "engine":  # quality is measured on engine rows only
+    if args.quality_tokens:  # quality is measured on engine rows only
         from offload.engine.quality import continuations, score_plain, summarize_quality
 
         shared.continuations = continuations(loaded.tokenizer, prompts, args.quality_tokens, loaded.model)
@@ -494,7 +486,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             entry = _entry(row)
             store = plain_store
             predictor_us = None
-            if row.engine and args.mode == "engine":
+            if row.engine:
                 entry["engine"], store = _engine_row(args, row, loaded, prompts, predictors.get(row.prefetch),
                                                      lookahead, slots, bandwidth, expert_bytes, reference, workdir,
                                                      shared)
@@ -562,7 +554,7 @@ def _header(args, info, slots: int, bandwidth, hardware: str, lookahead: int, pr
     return {
         "model": info.model_id, "capacity": args.capacity, "capacity_slots": slots,
         "capacity_fraction": slots / (info.num_layers * info.num_experts),
-        "bandwidth_bytes_per_s": bandwidth, "hardware": hardware, "device": str(args.device), "mode": args.mode,
+        "bandwidth_bytes_per_s": bandwidth, "hardware": hardware, "device": str(args.device), "mode": "engine",
         "system": args.system, "lookahead": lookahead, "max_new_tokens": args.max_new_tokens,
         "admission": args.admission if args.system is None else "greedy",
         "expert_bytes": real, "copy_bytes": link_bytes, "emulated": args.expert_bytes if expert_bytes else None,
@@ -610,35 +602,8 @@ def _record(args, loaded, prompts, workdir: Path):
     return store, [t for g in generations for t in g.pass_s]
 
 
-def _replay_store(args, rows: list[RowSpec], hardware: str, bandwidth, expert_bytes) -> dict[str, Any]:
-    """--mode sim --store PATH: every row simulated on an existing trace store (no model is run)."""
-    from data_pipeline.trace_store import open_store
-    from offload.capacity import parse_capacity
-
-    store = open_store(args.store)
-    slots = parse_capacity(args.capacity, store.model)
-    predictors: dict[str, Any] = {}
-    for row in rows:
-        if row.prefetch == "learned" and "learned" not in predictors:
-            from predictors.checkpoint import load_predictor
-
-            path = checkpoint_path(args)
-            predictors["learned"] = load_predictor(path, store.model)
-            predictors["learned"].source = str(path)
-    main_predictor = predictors.get(rows[0].prefetch)
-    lookahead = _lookahead(args, main_predictor) if main_predictor else (args.lookahead or 1)
-    report = _header(args, store.model, slots, bandwidth, hardware, lookahead, main_predictor, expert_bytes)
-    report.update(dataset=str(store.path), prompts=store.num_sequences)
-    for row in rows:
-        entry = _entry(row)
-        entry["sim"] = _simulate(args, row, store, predictors.get(row.prefetch), lookahead, hardware, expert_bytes)
-        report["rows"].append(entry)
-    _gaps(report)
-    return report
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Entry point for ``evaluate.py`` (engine and sim modes); bad input raises UserError."""
+    """Entry point for ``evaluate.py``'s engine mode; bad input raises UserError."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     from offload.engine.report import html_report, log_wandb, plots, print_table, write_json
