@@ -25,11 +25,11 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline.errors import UserError, run_cli  # noqa: E402
-from offload.engine.cli import parse_bandwidth  # noqa: E402
 from offload.engine.engine import EngineConfig, OffloadEngine, clone_loaded  # noqa: E402
 from offload.engine.generate import greedy_generate  # noqa: E402
 from offload.engine.prompts import load_prompts  # noqa: E402
 from offload.engine.run import encode  # noqa: E402
+from offload.evaluate_cli import parse_bandwidth  # noqa: E402
 
 
 def _passes(gen) -> tuple[float, float, float]:

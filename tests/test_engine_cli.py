@@ -9,7 +9,7 @@ import torch
 from browser import check_report
 
 from data_pipeline.errors import run_cli
-from offload.engine.cli import main, parse_bandwidth
+from offload.evaluate_cli import main, parse_bandwidth
 
 FAST = ["--model", "tiny-olmoe", "--prompts", "1", "--max-new-tokens", "3", "--no-wandb"]
 

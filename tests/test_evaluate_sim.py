@@ -99,9 +99,9 @@ def test_missing_trace_is_one_line(tmp_path):
 
 
 def test_hardware_list_with_overrides():
-    from offload.sweep import _split_hardware
+    from offload.evaluate_cli import split_hardware
 
-    assert _split_hardware("a100-5gbs,rtx4090:link_gbps=12,tflops=60,pcie5") == [
+    assert split_hardware("a100-5gbs,rtx4090:link_gbps=12,tflops=60,pcie5") == [
         "a100-5gbs", "rtx4090:link_gbps=12,tflops=60", "pcie5"]
 
 
