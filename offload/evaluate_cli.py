@@ -294,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     both = p.add_argument_group("both modes (a comma list sweeps in simulation; the engine takes one value)")
     add(both, "--policy", help=f"eviction policies ({', '.join(POLICIES)}; 'all' in simulation)")
     add(both, "--prefetch", help=f"prefetchers: learned (the --checkpoint predictor), ckpt:PATH, "
-                                 f"{', '.join(PREFETCHERS)} (oracle: simulation only); topk and score forecast the "
-                                 "next layer only")
+                                 f"{', '.join(PREFETCHERS)} (oracle: simulation only); "
+                                 f"{' and '.join(next_layer_prefetchers())} forecast the next layer only")
     add(both, "--capacity", help="cache sizes: 5%%, 0.6GB or a slot count")
     add(both, "--hardware", help=f"hardware profiles ({', '.join(hardware_names())}; name:field=value overrides); "
                                  "in the engine the profile of its simulator columns: calibrated (this machine, "
@@ -396,7 +396,7 @@ def _list(flag: str, text: Any) -> list[str]:
     return items
 
 
-def _check(flag: str, values: list[str], valid: tuple[str, ...] | list[str], what: str) -> None:
+def _check(values: list[str], valid: tuple[str, ...] | list[str], what: str) -> None:
     for v in values:
         if v not in valid:
             raise UserError(f"unknown {what} {v!r}; valid: {', '.join(valid)}")
@@ -441,11 +441,11 @@ def _common(v: dict[str, Any], mode: str) -> Common:
         if any(d < 1 for d in lookahead):
             raise UserError(f"--lookahead must be at least 1, got {v['lookahead']}")
     admission = _list("admission", v["admission"])
-    _check("admission", admission, ADMISSIONS, "prefetch admission")
+    _check(admission, ADMISSIONS, "prefetch admission")
     miss = list(dict.fromkeys(_list("miss", v["miss"])))
-    _check("miss", miss, MISS_MODES, "miss handling")
+    _check(miss, MISS_MODES, "miss handling")
     routing = _list("routing", v["routing"])
-    _check("routing", routing, ROUTINGS, "routing")
+    _check(routing, ROUTINGS, "routing")
     for name in ("overfetch", "routing_lambda"):
         if not math.isfinite(v[name]):
             raise UserError(f"{_flag(name)} must be a finite number, got {v[name]}")
@@ -479,9 +479,9 @@ def _sweep_args(v: dict[str, Any], c: Common, argv: list[str]) -> SweepArgs:
     from offload.simulator import PASS_SETS
 
     phase = _list("phase", v["phase"])
-    _check("phase", phase, PHASES, "phase")
+    _check(phase, PHASES, "phase")
     cache = _list("cache", v["cache"])
-    _check("cache", cache, ("global", "per-layer"), "cache layout")
+    _check(cache, ("global", "per-layer"), "cache layout")
     if v["passes"] not in PASS_SETS:
         raise UserError(f"unknown pass set {v['passes']!r}; valid: {', '.join(PASS_SETS)}")
     if v["workers"] < 1:
