@@ -1,44 +1,37 @@
-"""Evaluate expert caching: ``--mode sim`` replays a trace store through the simulator (chosen when
-``--trace`` is given); ``--mode engine`` runs an HF MoE model with offloaded experts.
+"""Evaluate expert caching, in one of two modes that share their flags (offload/evaluate_cli.py):
 
+- engine (no ``--trace``): run a model with offloaded experts next to its references;
+- simulation (``--trace traces/NAME``): sweep the trace-driven simulator over comma lists.
+
+    python evaluate.py --policy least_stale
     python evaluate.py --trace traces/NAME --policy least_stale,lru,belady --capacity 1%,5%,25% \\
         --prefetch none,oracle --json out.json --plots plots/ --report out.html
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from core.errors import UserError, run_cli
+from core.errors import run_cli
+from offload.evaluate_cli import SweepArgs, parse_args
+
+__all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--mode", choices=["sim", "engine"])
-    pre.add_argument("--trace")
-    known, rest = pre.parse_known_args(argv)
-    mode = known.mode or ("sim" if known.trace else "engine")
-    if mode == "engine":
-        try:
-            # offload.engine.cli imports torch (~1 s): only the engine mode needs it
-            from offload.engine.cli import main as engine_main
-        except ImportError:
-            raise UserError("engine mode is not available in this build; give --trace for simulation mode") from None
-        return int(engine_main([a for a in argv if a not in ("--mode", "engine")]) or 0)
-    # offload.sweep imports numba: only the simulation mode needs it
-    from offload.sweep import add_sim_arguments, run
+    """Parse and check everything (one parser, offload/evaluate_cli.py), then run the chosen mode; bad
+    input raises UserError before any model loads or any configuration runs."""
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if isinstance(args, SweepArgs):
+        # numba kernels: only simulation mode needs them
+        from offload.sweep import run
 
-    parser = argparse.ArgumentParser(description="Trace-driven expert-cache simulation (SpecMD policy space)")
-    parser.add_argument("--mode", choices=["sim", "engine"], default="sim")
-    add_sim_arguments(parser)
-    args = parser.parse_args(argv)
-    if not args.trace:
-        raise UserError("simulation mode needs --trace traces/NAME")
-    run(args, argv)
-    return 0
+        run(args)
+        return 0
+    # torch, transformers and the engine: only engine mode needs them
+    from offload.engine.cli import run as run_engine
 
+    return run_engine(args)
 
 if __name__ == "__main__":
     run_cli(main)

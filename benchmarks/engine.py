@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.errors import UserError, run_cli  # noqa: E402
 from data_pipeline.models import load_model  # noqa: E402
 from offload.capacity import parse_capacity  # noqa: E402
-from offload.engine.cli import parse_bandwidth  # noqa: E402
 from offload.engine.engine import EngineConfig, OffloadEngine, clone_loaded  # noqa: E402
 from offload.engine.generate import greedy_generate  # noqa: E402
 from offload.engine.prompts import load_prompts  # noqa: E402
 from offload.engine.run import encode  # noqa: E402
+from offload.evaluate_cli import parse_bandwidth  # noqa: E402
 from predictors.checkpoint import latest_checkpoint, load_predictor  # noqa: E402
 from predictors.gate_lookahead import GateLookahead  # noqa: E402
 

@@ -24,7 +24,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.errors import run_cli  # noqa: E402
-from offload.engine.cli import build_parser, evaluate  # noqa: E402
+from offload.engine.cli import evaluate  # noqa: E402
+from offload.evaluate_cli import parse_args  # noqa: E402
 
 
 def _err(measured: float | None, simulated: float | None) -> str:
@@ -48,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     within = total = 0
     for capacity in args.capacity:
         extra = [a for a in args.rest if a != "--"]
-        report = evaluate(build_parser().parse_args(["--capacity", capacity, "--prompts", args.prompts,
-                                                     "--max-new-tokens", args.max_new_tokens, "--no-wandb", *extra]))
+        report = evaluate(parse_args(["--capacity", capacity, "--prompts", args.prompts,
+                                      "--max-new-tokens", args.max_new_tokens, "--no-wandb", *extra]))
         for row in report["rows"]:
             eng = (row.get("engine") or {}).get("summary")
             if eng is None:

@@ -11,8 +11,9 @@ from browser import check_report
 from core.errors import run_cli
 from core.model_info import ModelInfo
 from data_pipeline.models import load_model
-from offload.engine.cli import main, parse_bandwidth
+from evaluate import main
 from offload.engine.report import plots
+from offload.evaluate_cli import parse_bandwidth
 from predictors.checkpoint import save_predictor
 from predictors.mlp_lookahead import MLPLookahead
 from reporting.figures import empty_panels
@@ -160,24 +161,10 @@ def test_paper_systems_run_next_to_least_stale(capsys, tmp_path, system):
 
 
 @pytest.mark.slow
-def test_sim_mode_replays_without_the_engine(tmp_path):
-    out = tmp_path / "r.json"
-    main(["--mode", "sim", "--prefetch", "gate", "--lookahead", "2", *FAST, "--json", str(out)])
-    report = json.loads(out.read_text())
-    assert all("engine" not in r for r in report["rows"])
-    assert all(r["sim"]["accesses"] > 0 for r in report["rows"])
-
-    figures = {p.name: p for p in plots(report)}
-    assert figures["latency_per_prompt"].figure is None and "no engine run" in figures["latency_per_prompt"].note
-    assert all(figures[n].figure is not None for n in ("latency", "bytes_per_token", "hit_collision"))
-    assert figures["quality"].figure is None and "no engine ran" in figures["quality"].note
-
-
-@pytest.mark.slow
 def test_a_run_without_decode_steps_draws_ttft_and_says_why_there_is_no_tpot(tmp_path):
     out = tmp_path / "r.json"
-    main(["--model", "tiny-olmoe", "--mode", "sim", "--prefetch", "gate", "--prompts", "1", "--max-new-tokens", "1", "--no-wandb",
-          "--json", str(out), "--report", "none"])
+    main(["--model", "tiny-olmoe", "--prefetch", "gate", "--prompts", "1", "--max-new-tokens", "1", "--no-wandb",
+          "--quality-tokens", "0", "--json", str(out), "--report", "none"])
     report = json.loads(out.read_text())
     assert all(r["sim"]["tpot_s"] is None for r in report["rows"])  # the premise: prefill only
     figures = {p.name: p for p in _plots_with_data(report)}

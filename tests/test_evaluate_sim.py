@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import evaluate
-from offload.sweep import _split_hardware
+from offload.evaluate_cli import split_hardware
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_missing_trace_is_one_line(tmp_path):
 
 
 def test_hardware_list_with_overrides():
-    assert _split_hardware("a100-5gbs,rtx4090:link_gbps=12,tflops=60,pcie5") == [
+    assert split_hardware("a100-5gbs,rtx4090:link_gbps=12,tflops=60,pcie5") == [
         "a100-5gbs", "rtx4090:link_gbps=12,tflops=60", "pcie5"]
 
 

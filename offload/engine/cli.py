@@ -1,4 +1,5 @@
-"""``python evaluate.py --policy least_stale``: run the offloaded engine and report it next to its references.
+"""Engine mode of ``evaluate.py`` (``python evaluate.py --policy least_stale``): run the offloaded engine and
+report it next to its references. The flags are parsed and checked by :mod:`offload.evaluate_cli`.
 
 With no other arguments it evaluates the demo model on demo prompts the predictor never trained on
 (texts after those its trace store holds), with the newest learned predictor in ``checkpoints/``
@@ -16,8 +17,7 @@ OLMoE-1B-7B expert would (12.6 MB at 5 GB/s = 2.5 ms; ``--expert-bytes``), while
 weights are copied, so outputs are unchanged. The simulator rows use a profile of this machine
 fitted to the plain engine run (``--hardware calibrated``), so engine and simulator can be compared
 row by row. ``--system`` reproduces one of the paper's four systems instead, next to the same
-system with Least-Stale as a drop-in eviction policy. ``--mode sim`` replays everything in the
-simulator only.
+system with Least-Stale as a drop-in eviction policy.
 
 ``--miss`` takes a comma list (one row per miss handler). The lower-bit handlers (fetch-lowest-bit,
 fetch-priority, precision-cascade; HOBBIT's system) copy experts from a quantized host tier holding
@@ -30,11 +30,9 @@ next-token agreement with the plain model, teacher-forced on the prompts' refere
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import sys
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,22 +41,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.errors import UserError, run_cli
+from core.errors import UserError
 from data_pipeline.demo_text import same_documents
 from data_pipeline.models import load_model
 from data_pipeline.text_sources import load_texts
-from data_pipeline.trace_store import TraceStore, open_store
-from offload.capacity import parse_capacity
+from data_pipeline.trace_store import TraceStore
 from offload.engine.calibrate import fit_compute_profile, fit_dequant_kernel_us
 from offload.engine.generate import check_fits
 from offload.engine.metrics import summarize
 from offload.engine.prompts import load_prompts
 from offload.engine.quality import continuations, score_engine, score_plain, summarize_quality
+from offload.engine.report import html_report, log_wandb, plots, print_table, write_json
 from offload.engine.run import encode, run_prompts
-from offload.hardware import get_hardware
+from offload.evaluate_cli import MINI, TINY, EngineArgs
 from offload.latency import gap_closed, physical_limit
-from offload.miss_handling import LOWER_BIT_MODES, MISS_MODES, MissHandling
-from offload.policies import make_policy
+from offload.miss_handling import LOWER_BIT_MODES, MissHandling
 from offload.precision import (
     PRECISIONS,
     byte_ratios,
@@ -67,133 +64,13 @@ from offload.precision import (
     precision_ladder,
     with_itemsize,
 )
-from offload.prefetch import refuse_renamed_prefetcher
 from offload.simulator import SimConfig, simulate_configs
-from predictors.checkpoint import latest_checkpoint, load_predictor, run_predictor
+from offload.systems import SYSTEMS
+from predictors.checkpoint import load_predictor
 from predictors.gate_lookahead import GateLookahead
+from reporting import html
+from reporting.figures import notes, save_pngs
 from reporting.provenance import command_line
-
-TINY = "tiny-olmoe"
-MINI = "olmoe-mini"  # the demo model: trained, committed under models/
-
-#: The paper's four reproduced systems (SpecMD section 5), as engine settings.
-SYSTEMS: dict[str, dict[str, Any]] = {
-    "eliseev_mazur": dict(policy="lru", prefetch="topk", miss="fetch", routing="standard"),
-    "zhu": dict(policy="score", prefetch="percentile", miss="substitute", routing="standard"),
-    "mixturecache": dict(policy="lru", prefetch="none", miss="fetch", routing="cache-aware"),
-    "hobbit": dict(policy="lhu", prefetch="topk", miss="precision-cascade", routing="standard"),
-}
-
-#: the native dtype of the paper's models' experts (their low-bit copies shrink by this dtype's ratio)
-TARGET_DTYPE = "bfloat16"
-#: expert sizes of the paper's models (bf16, gate + up + down projections): what ``--expert-bytes`` emulates
-EXPERT_TARGETS: dict[str, int] = {
-    "olmoe-1b-7b": 3 * 2048 * 1024 * 2,  # 12.6 MB (12 MiB)
-    "qwen1.5-moe-a2.7b": 3 * 2048 * 1408 * 2,  # 17.3 MB (16.5 MiB)
-    "phi-3.5-moe": 3 * 4096 * 6400 * 2,  # 157 MB (150 MiB)
-    "mixtral-8x7b": 3 * 4096 * 14336 * 2,  # 352 MB (336 MiB)
-}
-
-_BANDWIDTH_UNITS = {"": 1.0, "b": 1.0, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
-                    "kib": 2.0**10, "mib": 2.0**20, "gib": 2.0**30, "tib": 2.0**40}
-
-
-def parse_bandwidth(text: str) -> float | None:
-    """``5GB/s``, ``500MB/s``, ``12GiB/s``, ``5e9`` -> bytes/s; ``inf``/``none`` -> None (unthrottled)."""
-    s = str(text).strip().lower().replace(" ", "")
-    if s in ("inf", "none", "unlimited", "off"):
-        return None
-    m = re.fullmatch(r"([-+]?[0-9.]+(?:e[-+]?[0-9]+)?)([kmgt]i?b|b)?(?:/s|ps)?", s)
-    if m is None:
-        raise UserError(f"bandwidth {text!r} is not a rate like 5GB/s, 500MB/s or 5e9")
-    value = float(m.group(1)) * _BANDWIDTH_UNITS[m.group(2) or ""]
-    if not value > 0:
-        raise UserError(f"bandwidth {text!r} must be positive")
-    return value
-
-
-def parse_expert_bytes(text: str) -> int | None:
-    """``olmoe-1b-7b`` (or another name in EXPERT_TARGETS), a size (``12.6MB``, ``300MiB``, ``5e6``), or
-    ``model``: the model's own expert size (None)."""
-    s = str(text).strip().lower()
-    if s in ("model", "real", "none"):
-        return None
-    if s in EXPERT_TARGETS:
-        return EXPERT_TARGETS[s]
-    m = re.fullmatch(r"([0-9.]+(?:e[-+]?[0-9]+)?)([kmgt]i?b|b)?", s.replace(" ", ""))
-    if m is None:
-        raise UserError(f"--expert-bytes {text!r} is neither a size (12.6MB), 'model' nor one of "
-                        f"{', '.join(EXPERT_TARGETS)}")
-    value = float(m.group(1)) * _BANDWIDTH_UNITS[m.group(2) or ""]
-    if not (value >= 1 and value < 1e13):
-        raise UserError(f"--expert-bytes {text!r} must be at least one byte")
-    return int(value)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        raise UserError(f"{message} (see --help)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="evaluate.py",
-        description="Run an MoE model with offloaded experts (or simulate it) and report hit rate, "
-                    "collisions, stall time, TTFT and TPOT next to LRU and the oracle bound.",
-    )
-    p.add_argument("--mode", choices=("engine", "sim"), default="engine",
-                   help="engine: run the model for real; sim: replay the same prompts in the simulator only")
-    p.add_argument("--model", default=MINI, help="olmoe-mini (the offline demo), tiny-olmoe (random, for tests), a local folder or a hub id")
-    p.add_argument("--system", choices=sorted(SYSTEMS), default=None,
-                   help="one of the paper's systems (its prefetch/eviction/miss/routing); compared with LS drop-in")
-    p.add_argument("--policy", default="least_stale", help="eviction policy (offload.policies)")
-    p.add_argument("--prefetch", default="learned", type=refuse_renamed_prefetcher,
-                   choices=("learned", "gate", "topk", "percentile", "none"),
-                   help="learned: the checkpoint's predictor; gate: router of l+d on h_l; topk/percentile: the "
-                        "paper's next-layer prefetchers; none")
-    p.add_argument("--checkpoint", default=None, help="predictor file (default: newest in --checkpoints)")
-    p.add_argument("--checkpoints", default="checkpoints", help="folder train.py writes to")
-    p.add_argument("--lookahead", type=int, default=None, help="layers ahead to prefetch (default: the predictor's)")
-    p.add_argument("--overfetch", type=float, default=1.0, help="top-k prefetch takes ceil(k * overfetch) experts")
-    p.add_argument("--percentile", type=float, default=0.8, help="percentile prefetch threshold quantile")
-    p.add_argument("--admission", default="value", choices=("value", "greedy"),
-                   help="value: prefetch only what arrives in time and is worth its copy; greedy: every selected "
-                        "expert (the paper's); --system presets use greedy")
-    p.add_argument("--capacity", default="5%", help="expert cache size: 5%%, 0.6GB or a slot count")
-    p.add_argument("--bandwidth", default="5GB/s", help="emulated host->device link (inf: unthrottled)")
-    p.add_argument("--expert-bytes", default="olmoe-1b-7b",
-                   help=f"bytes each copy holds the link for: {', '.join(EXPERT_TARGETS)}, a size (12.6MB) or "
-                        "'model' (the model's own); the weights copied stay the model's, so outputs do not change")
-    p.add_argument("--routing", default="standard", choices=("standard", "cache-aware"))
-    p.add_argument("--routing-lambda", type=float, default=0.3)
-    p.add_argument("--miss", default="fetch",
-                   help=f"miss handling, comma list for one row each: {', '.join(MISS_MODES)}")
-    p.add_argument("--precisions", default=",".join(PRECISIONS),
-                   help="precisions the quantized host tier holds for the lower-bit miss handlers (native is "
-                        "always held; fetch-lowest-bit and the cascade's first copy use the lowest)")
-    p.add_argument("--quality-tokens", type=int, default=32,
-                   help="reference continuation tokens per prompt for perplexity and next-token agreement "
-                        "(teacher-forced); 0: no quality columns")
-    p.add_argument("--dataset", default=None, help="prompt source (default: demo:heldout-prompts for olmoe-mini, demo for tiny-olmoe, gsm8k otherwise)")
-    p.add_argument("--store", default=None, help="--mode sim: replay this trace store instead of recording one")
-    p.add_argument("--prompts", type=int, default=8, help="number of prompts")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA for real models), float32, bfloat16")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the watchdog needs a core and tiny matmuls gain nothing)")
-    p.add_argument("--hardware", default="calibrated",
-                   help="profile of the simulator's columns: calibrated (this machine, fitted to the plain engine "
-                        "run) or a named profile (a100-5gbs, ...) to see the same run on other hardware")
-    p.add_argument("--json", default=None, help="write all numbers to this JSON file")
-    p.add_argument("--plots", default=None, help="write PNG plots into this folder")
-    p.add_argument("--report", default=None, help="write the self-contained HTML report here (default: beside "
-                   "--json, else reports/evaluate-<model>-<time>.html; 'none': no report)")
-    p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=True,
-                   help="log to Weights & Biases (offline unless WANDB_API_KEY is set; WANDB_MODE=disabled turns it off)")
-    p.add_argument("--wandb-project", default="moe-lookahead")
-    p.add_argument("--seed", type=int, default=0)
-    return p
 
 
 # ---------------------------------------------------------------------- one configuration
@@ -211,7 +88,7 @@ class RowSpec:
     role: str = ""  # "zero" (0 % reference), "full" (100 % reference), "limit" (physical limit)
 
 
-def _rows(args: argparse.Namespace) -> list[RowSpec]:
+def _rows(args: EngineArgs) -> list[RowSpec]:
     if args.system is not None:
         s = SYSTEMS[args.system]
         base = RowSpec(args.system, s["policy"], s["prefetch"], s["miss"], s["routing"], admission="greedy")
@@ -219,7 +96,7 @@ def _rows(args: argparse.Namespace) -> list[RowSpec]:
         if s["policy"] != "least_stale":
             rows.append(replace(base, label=f"{args.system} + LS", policy="least_stale"))
     else:
-        misses = _misses(args.miss)
+        misses = args.miss
         rows = [RowSpec(f"{args.policy} + {args.prefetch}" + _miss_suffix(miss), args.policy, args.prefetch, miss,
                         args.routing, admission=args.admission) for miss in misses]
         if args.policy != "lru" and args.prefetch != "none":
@@ -236,27 +113,19 @@ def _rows(args: argparse.Namespace) -> list[RowSpec]:
     return rows
 
 
-def _misses(text: str) -> list[str]:
-    misses = [m.strip() for m in str(text).split(",") if m.strip()]
-    for m in misses:
-        if m not in MISS_MODES:
-            raise UserError(f"unknown miss handling {m!r}; valid: {', '.join(MISS_MODES)}")
-    if not misses:
-        raise UserError("--miss names no miss handling")
-    return list(dict.fromkeys(misses))
-
-
 def _miss_suffix(miss: str) -> str:
     return "" if miss == "fetch" else f", {miss}"
 
 
 # ---------------------------------------------------------------------- predictor
-def _predictor(args: argparse.Namespace, loaded: Any, prefetch: str):
+def _predictor(args: EngineArgs, loaded: Any, prefetch: str):
     """The Predictor the engine prefetches with, or None."""
+
     if prefetch == "none":
         return None
     if prefetch == "learned":
-        path = checkpoint_path(args)
+
+        path = args.checkpoint_file
         predictor = load_predictor(path, loaded.info)
         predictor.source = str(path)
         return predictor
@@ -267,33 +136,10 @@ def _predictor(args: argparse.Namespace, loaded: Any, prefetch: str):
     return GateLookahead(weights, a.top_k, lookahead)
 
 
-def checkpoint_path(args: argparse.Namespace) -> Path:
-    """The learned predictor file: ``--checkpoint`` (a file, or a train.py run folder: its best family),
-    else the newest finished run under ``--checkpoints``."""
-    if args.checkpoint is None:
-        path = latest_checkpoint(args.checkpoints)
-        if path is None:
-            raise UserError(f"no trained predictor in {args.checkpoints}/: run `python train.py` first "
-                            f"(or pass --prefetch gate/topk/none)")
-        return path
-    given = Path(args.checkpoint)
-    if given.is_dir():
-        path = run_predictor(given)
-        if path is None:
-            raise UserError(f"--checkpoint {given} is a folder without a finished train.py run (run.json naming a "
-                            f"trained best predictor); give a predictor file or such a run folder")
-        return path
-    if not given.is_file():
-        raise UserError(f"checkpoint {given} does not exist")
-    return given
-
-
-def _lookahead(args: argparse.Namespace, predictor: Any) -> int:
+def _lookahead(args: EngineArgs, predictor: Any) -> int:
     if predictor is None:
         return 1
     if args.lookahead is not None:
-        if args.lookahead < 1:
-            raise UserError(f"--lookahead must be at least 1, got {args.lookahead}")
         if args.lookahead > predictor.lookahead:
             raise UserError(f"the predictor forecasts {predictor.lookahead} layer(s) ahead, not --lookahead "
                             f"{args.lookahead}")
@@ -311,34 +157,8 @@ def _sim_prefetch(row: RowSpec, predictor: Any, lookahead: int) -> str:
 
 
 # ---------------------------------------------------------------------- running
-def _check_inputs(args: argparse.Namespace) -> float | None:
-    """Everything that can be refused before a model loads or a prompt runs (one line each)."""
-    make_policy(args.policy)  # unknown policy names list the valid ones
-    if args.lookahead is not None and args.lookahead < 1:
-        raise UserError(f"--lookahead must be at least 1, got {args.lookahead}")
-    if args.lookahead not in (None, 1) and args.prefetch in ("topk", "percentile"):
-        raise UserError(f"--prefetch {args.prefetch} forecasts the next layer only (the paper's prefetcher); use "
-                        f"--prefetch gate or learned for --lookahead {args.lookahead}")
-    if args.prompts < 1:
-        raise UserError(f"--prompts must be at least 1, got {args.prompts}")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.quality_tokens < 0:
-        raise UserError(f"--quality-tokens must be 0 (off) or more, got {args.quality_tokens}")
-    precision_ladder(args.precisions)
-    _misses(args.miss)
-    bandwidth = parse_bandwidth(args.bandwidth)
-    device = str(args.device)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} requested but no CUDA GPU is available (torch {torch.__version__})")
-    if args.threads < 1:
-        raise UserError(f"--threads must be at least 1, got {args.threads}")
-    if args.prefetch == "learned" and args.system is None:
-        checkpoint_path(args)  # last: the other refusals hold whether or not a predictor was trained
-    return bandwidth
+def _load(args: EngineArgs):
 
-
-def _load(args: argparse.Namespace):
     dtype = args.dtype
     if dtype == "auto" and str(args.device).startswith("cuda") and args.model not in (TINY, MINI):
         dtype = "bfloat16"  # load on the host in the dtype the device will run
@@ -346,7 +166,7 @@ def _load(args: argparse.Namespace):
 
 
 def _hardware_spec(name: str, bandwidth: float | None) -> str:
-    get_hardware(name)  # unknown profile -> one-line error before any work
+    """The profile (checked by the front end) with the emulated link's bandwidth."""
     if bandwidth is None:
         return name
     sep = "," if ":" in name else ":"
@@ -365,7 +185,6 @@ class _Shared:
 def _engine_row(args, row: RowSpec, loaded, prompts, predictor, lookahead: int, slots: int,
                 bandwidth: float | None, expert_bytes: int | None, reference: list[list[int]],
                 workdir: Path, shared: _Shared) -> tuple[dict, Any]:
-    # hqq: ~2 s to import; bad arguments are refused before it loads
     from offload.engine.engine import EngineConfig, OffloadEngine, clone_loaded
 
     config = EngineConfig(
@@ -373,7 +192,7 @@ def _engine_row(args, row: RowSpec, loaded, prompts, predictor, lookahead: int, 
         routing_lambda=args.routing_lambda, miss=row.miss,
         prefetch="percentile" if row.prefetch == "percentile" else "topk",
         prefetch_params={"overfetch": args.overfetch, "percentile": args.percentile, "lookahead": lookahead},
-        admission=row.admission, expert_bytes=expert_bytes, expert_dtype=_expert_dtype(args),
+        admission=row.admission, expert_bytes=expert_bytes, expert_dtype=args.copy_dtype,
         precisions=precision_ladder(args.precisions), device=str(args.device),
     )
     tier = shared.tier if row.miss in LOWER_BIT_MODES else None
@@ -393,19 +212,15 @@ def _engine_row(args, row: RowSpec, loaded, prompts, predictor, lookahead: int, 
     return {"summary": summarize(metrics), "prompts": [m.as_dict() for m in metrics], "quality": quality}, store
 
 
-def _expert_dtype(args: argparse.Namespace) -> str | None:
-    """The emulated expert's native dtype: the paper's models are bf16; a raw size is the model's own dtype."""
-    return TARGET_DTYPE if str(args.expert_bytes).strip().lower() in EXPERT_TARGETS else None
-
-
 def _simulate(args, row: RowSpec, store, predictor, lookahead: int, hardware: str, expert_bytes: int | None,
               predictor_us: float | None = None) -> dict[str, Any]:
+
     prefetch = row.prefetch if not row.engine else _sim_prefetch(row, predictor, lookahead)
     cfg = SimConfig(
-        policy=row.policy, capacity=args.capacity, prefetch=prefetch, lookahead=lookahead,
+        policy=row.policy, capacity=args.capacity.text, prefetch=prefetch, lookahead=lookahead,
         overfetch=args.overfetch, admission=row.admission, hardware=hardware, miss=row.miss, routing=row.routing,
         routing_lambda=args.routing_lambda, copy_bytes=expert_bytes, predictor_us=predictor_us,
-        copy_dtype=_expert_dtype(args) if expert_bytes is not None else None,
+        copy_dtype=args.copy_dtype if expert_bytes is not None else None,
         precisions=",".join(precision_ladder(args.precisions)),
     )
     if row.engine and row.routing == "cache-aware":
@@ -420,8 +235,9 @@ def _measured_predictor_us(summary: dict[str, Any]) -> float | None:
     return 1e6 * summary["predictor_s"] / calls if calls else None
 
 
-def _prompts(args: argparse.Namespace, dataset: str, predictor: Any) -> tuple[list, str]:
+def _prompts(args: EngineArgs, dataset: str, predictor: Any) -> tuple[list, str]:
     """Prompts the predictor never trained on: the texts after every text its trace store holds."""
+
     skip, note = 0, "training-free prefetch: nothing to hold out"
     source = getattr(predictor, "source", None)
     if source is not None:
@@ -429,6 +245,7 @@ def _prompts(args: argparse.Namespace, dataset: str, predictor: Any) -> tuple[li
         if store_path is None:
             note = f"could not tell which texts {source} trained on: prompts are the first of {dataset}"
         else:
+
             held = TraceStore(store_path)
             name = (held.manifest.get("dataset") or {}).get("name")
             if same_documents(name, load_texts(dataset, limit=1).spec.get("name")):
@@ -442,6 +259,7 @@ def _prompts(args: argparse.Namespace, dataset: str, predictor: Any) -> tuple[li
 
 def _trained_on(checkpoint: Path) -> Path | None:
     """The trace store a train.py checkpoint was fitted on (its run.json), if it still exists."""
+
     run = checkpoint.parent / "run.json"
     try:
         store = Path(json.loads(run.read_text())["store"])
@@ -450,20 +268,16 @@ def _trained_on(checkpoint: Path) -> Path | None:
     return store if (store / "manifest.json").is_file() else None
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+def evaluate(args: EngineArgs) -> dict[str, Any]:
     """Run every row; returns the report dict (also what --json writes)."""
-    bandwidth = _check_inputs(args)
-    expert_bytes = parse_expert_bytes(args.expert_bytes)
+    bandwidth, expert_bytes = args.bandwidth, args.copy_bytes
     if str(args.device) == "cpu":
         torch.set_num_threads(args.threads)
     rows = _rows(args)
-    if args.mode == "sim" and args.store:
-        return _replay_store(args, rows, _hardware_spec(args.hardware, bandwidth), bandwidth, expert_bytes)
-    if args.store:
-        raise UserError("--store is for --mode sim; the engine generates its own routing")
+
 
     loaded = _load(args)
-    slots = parse_capacity(args.capacity, loaded.info)
+    slots = args.capacity.slots(loaded.info)
     dataset = args.dataset or {MINI: "demo:heldout-prompts", TINY: "demo"}.get(args.model, "gsm8k")
     predictors = {r.prefetch: _predictor(args, loaded, r.prefetch) for r in rows
                   if r.prefetch not in ("oracle", "none")}
@@ -476,7 +290,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     plain_metrics, _ = run_prompts(loaded, prompts, args.max_new_tokens, progress="plain model")
     reference = [m.generated for m in plain_metrics]
     shared = _Shared()
-    if args.quality_tokens and args.mode == "engine":  # quality is measured on engine rows only
+    if args.quality_tokens:  # quality is measured on engine rows only
 
         shared.continuations = continuations(loaded.tokenizer, prompts, args.quality_tokens, loaded.model)
         shared.plain_scored = score_plain(loaded.model, shared.continuations)
@@ -493,7 +307,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             entry = _entry(row)
             store = plain_store
             predictor_us = None
-            if row.engine and args.mode == "engine":
+            if row.engine:
                 entry["engine"], store = _engine_row(args, row, loaded, prompts, predictors.get(row.prefetch),
                                                      lookahead, slots, bandwidth, expert_bytes, reference, workdir,
                                                      shared)
@@ -523,12 +337,14 @@ def _hardware(args, loaded, plain_store, plain_times: list[float], bandwidth: fl
     return spec, fit
 
 
-def _low_precisions(args: argparse.Namespace, miss: str) -> tuple[str, ...]:
+def _low_precisions(args: EngineArgs, miss: str) -> tuple[str, ...]:
+
     return MissHandling(miss, precisions=precision_ladder(args.precisions)).low_precisions
 
 
 def _gaps(report: dict[str, Any]) -> None:
     """Gap closed per row (measured for engine rows, simulated otherwise) and the physical limit."""
+
     rows = report["rows"]
     zero = next((r for r in rows if r["role"] == "zero"), None)
     full = next((r for r in rows if r["role"] == "full"), None)
@@ -553,9 +369,9 @@ def _header(args, info, slots: int, bandwidth, hardware: str, lookahead: int, pr
     real = info.expert_bytes
     link_bytes = expert_bytes if expert_bytes is not None else real
     return {
-        "model": info.model_id, "capacity": args.capacity, "capacity_slots": slots,
+        "model": info.model_id, "capacity": args.capacity.text, "capacity_slots": slots,
         "capacity_fraction": slots / (info.num_layers * info.num_experts),
-        "bandwidth_bytes_per_s": bandwidth, "hardware": hardware, "device": str(args.device), "mode": args.mode,
+        "bandwidth_bytes_per_s": bandwidth, "hardware": hardware, "device": str(args.device), "mode": "engine",
         "system": args.system, "lookahead": lookahead, "max_new_tokens": args.max_new_tokens,
         "admission": args.admission if args.system is None else "greedy",
         "expert_bytes": real, "copy_bytes": link_bytes, "emulated": args.expert_bytes if expert_bytes else None,
@@ -567,13 +383,14 @@ def _header(args, info, slots: int, bandwidth, hardware: str, lookahead: int, pr
     }
 
 
-def _precision_bytes(args: argparse.Namespace, info: Any, link_bytes: float | None,
+def _precision_bytes(args: EngineArgs, info: Any, link_bytes: float | None,
                      emulated: bool) -> dict[str, float] | None:
     """Bytes one copy moves at each precision held (the real or emulated size times the byte ratio)."""
+
     if link_bytes is None or not (info.hidden_size and info.moe_intermediate_size):
         return None
     shapes = moe_expert_shapes(info.hidden_size, info.moe_intermediate_size, info.dtype)
-    dtype = _expert_dtype(args) if emulated else None
+    dtype = args.copy_dtype if emulated else None
     ratios = byte_ratios(with_itemsize(shapes, itemsize(dtype)) if dtype else shapes, precision_ladder(args.precisions))
     return {p: link_bytes * r for p, r in ratios.items()}
 
@@ -586,7 +403,6 @@ def _entry(row: RowSpec) -> dict[str, Any]:
 def _record(args, loaded, prompts, workdir: Path):
     """The plain model's routing on the prompts and the time of every pass, recorded by an engine
     that holds every expert (no copy): what the reference rows replay and the calibration fits."""
-    # hqq: ~2 s to import; bad arguments are refused before it loads
     from offload.engine.engine import EngineConfig, OffloadEngine, clone_loaded
 
     a = loaded.adapter
@@ -601,38 +417,10 @@ def _record(args, loaded, prompts, workdir: Path):
     return store, [t for g in generations for t in g.pass_s]
 
 
-def _replay_store(args, rows: list[RowSpec], hardware: str, bandwidth, expert_bytes) -> dict[str, Any]:
-    """--mode sim --store PATH: every row simulated on an existing trace store (no model is run)."""
-    store = open_store(args.store)
-    slots = parse_capacity(args.capacity, store.model)
-    predictors: dict[str, Any] = {}
-    for row in rows:
-        if row.prefetch == "learned" and "learned" not in predictors:
-            path = checkpoint_path(args)
-            predictors["learned"] = load_predictor(path, store.model)
-            predictors["learned"].source = str(path)
-    main_predictor = predictors.get(rows[0].prefetch)
-    lookahead = _lookahead(args, main_predictor) if main_predictor else (args.lookahead or 1)
-    report = _header(args, store.model, slots, bandwidth, hardware, lookahead, main_predictor, expert_bytes)
-    report.update(dataset=str(store.path), prompts=store.num_sequences)
-    for row in rows:
-        entry = _entry(row)
-        entry["sim"] = _simulate(args, row, store, predictors.get(row.prefetch), lookahead, hardware, expert_bytes)
-        report["rows"].append(entry)
-    _gaps(report)
-    return report
+def run(args: EngineArgs) -> int:
+    """Engine mode: evaluate, print the table, write what was asked (JSON, PNG, HTML, W&B)."""
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point for ``evaluate.py`` (engine and sim modes); bad input raises UserError."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
     report = evaluate(args)
-    # matplotlib: ~0.5 s to import; only once the run is done (a refused one never loads it)
-    from offload.engine.report import html_report, log_wandb, plots, print_table, write_json
-    from reporting import html
-    from reporting.figures import notes, save_pngs
-
     print_table(report)
     if args.json:
         write_json(report, args.json)
@@ -646,10 +434,6 @@ def main(argv: list[str] | None = None) -> int:
     if wandb_on:
         log_wandb(report, args.wandb_project, figures)
     if page:
-        doc = html_report(report, figures, command_line("evaluate.py", argv))
+        doc = html_report(report, figures, command_line("evaluate.py", args.argv))
         print(f"HTML report: {html.write(doc, page).resolve()}")
     return 0
-
-
-if __name__ == "__main__":
-    run_cli(main, sys.argv[1:])

@@ -34,9 +34,8 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One flat dict per table line: the plain model, then every configuration, then the physical limit.
 
     Engine rows show what the engine measured and, in ``sim_*``, what the simulator predicts for the
-    same recorded run. Simulator-only rows (the references, everything in ``--mode sim``) show the
-    simulator's numbers. ``*_gap``: share of the gap closed between LRU without prefetch (0 %) and
-    Belady + oracle prefetch (100 %).
+    same recorded run. Simulator-only rows (the references) show the simulator's numbers. ``*_gap``:
+    share of the gap closed between LRU without prefetch (0 %) and Belady + oracle prefetch (100 %).
     """
     out: list[dict[str, Any]] = []
     plain = report.get("plain")
@@ -348,7 +347,7 @@ def per_prompt_plot(report: dict[str, Any]) -> Plot:
     engine_rows = [r for r in report["rows"] if r.get("engine")]
     if not engine_rows:
         return Plot("latency_per_prompt", title, None,
-                    note="no engine run (--mode sim): every number is simulated, there is no per-prompt measurement")
+                    note="no engine run: every number is simulated, there is no per-prompt measurement")
     panels = [(k, n) for k, n in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"))
               if any(p[k] > 0 for r in engine_rows for p in r["engine"]["prompts"])]
     missing = [] if len(panels) == 2 else ["no TPOT: every prompt generated one token (--max-new-tokens 1)"]
@@ -378,7 +377,7 @@ def quality_plot(report: dict[str, Any]) -> Plot:
                "lower-bit copies trade quality for speed.")
     if not report.get("plain_quality"):
         return Plot("quality", title, None, caption=caption,
-                    note="no quality measured (--quality-tokens 0, or --mode sim: no engine ran)")
+                    note="no quality measured (--quality-tokens 0, or no engine ran)")
     lines = [r for r in quality_rows(report) if r.get("perplexity") is not None]
     key = "tpot_ms" if all(_positive(r.get("tpot_ms")) for r in lines) else "ttft_ms"
     fig, axes = new_figure(5.5, 4.2, 2)
