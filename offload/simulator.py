@@ -79,6 +79,7 @@ class SimConfig:
     prefetch: str = "none"
     lookahead: int = 1
     overfetch: float = 1.0
+    percentile: float = 0.8  # the percentile prefetcher's threshold quantile
     admission: str = "greedy"  # greedy | value (offload.admission)
     hardware: str = "a100-5gbs"
     phase: str = "both"
@@ -369,11 +370,12 @@ class Replays:
         return self._passes[phase]
 
     def forecast(self, cfg: SimConfig) -> tuple[Prefetcher, ExpertForecast | None]:
-        key = (cfg.phase, cfg.prefetch, cfg.lookahead, cfg.overfetch)
+        key = (cfg.phase, cfg.prefetch, cfg.lookahead, cfg.overfetch, cfg.percentile)
         if key not in self._forecasts:
             if cfg.prefetch != "none":
                 check_lookahead(cfg.lookahead, self.passes(cfg.phase).num_layers)
-            pf = make_prefetcher(cfg.prefetch, self.store, lookahead=cfg.lookahead, overfetch=cfg.overfetch)
+            pf = make_prefetcher(cfg.prefetch, self.store, lookahead=cfg.lookahead, overfetch=cfg.overfetch,
+                                 percentile=cfg.percentile)
             self._forecasts[key] = (pf, pf.forecast(self.passes(cfg.phase), self.store))
         return self._forecasts[key]
 

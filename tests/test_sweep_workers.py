@@ -91,3 +91,12 @@ def test_every_configuration_is_checked_before_any_worker_starts(store, monkeypa
         simulate_configs(store, configs, workers=2)
     with pytest.raises(UserError, match="--workers must be at least 1"):
         simulate_configs(store, configs[:1], workers=0)
+
+
+def test_the_percentile_threshold_reaches_the_replay(store):
+    """The engine passes its --percentile to the simulator's replay of the same run: a higher threshold
+    selects fewer experts per token, so fewer prefetches (the forecast cache is keyed by it too)."""
+    low, high = simulate_configs(store, [
+        SimConfig(policy="lru", capacity="40%", prefetch="percentile", percentile=q, phase="decode") for q in (0.5, 0.95)])
+    assert high["prefetch"] == low["prefetch"] == "percentile"
+    assert 0 < high["prefetch_issued"] < low["prefetch_issued"]

@@ -218,7 +218,8 @@ def _simulate(args, row: RowSpec, store, predictor, lookahead: int, hardware: st
     prefetch = row.prefetch if not row.engine else _sim_prefetch(row, predictor, lookahead)
     cfg = SimConfig(
         policy=row.policy, capacity=args.capacity.text, prefetch=prefetch, lookahead=lookahead,
-        overfetch=args.overfetch, admission=row.admission, hardware=hardware, miss=row.miss, routing=row.routing,
+        overfetch=args.overfetch, percentile=args.percentile, admission=row.admission, hardware=hardware,
+        miss=row.miss, routing=row.routing,
         routing_lambda=args.routing_lambda, copy_bytes=expert_bytes, predictor_us=predictor_us,
         copy_dtype=args.copy_dtype if expert_bytes is not None else None,
         precisions=",".join(precision_ladder(args.precisions)),
