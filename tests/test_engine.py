@@ -159,17 +159,40 @@ def test_simulator_replays_the_engine_hit_for_hit(tiny, tmp_path, policy, miss):
 
 
 @pytest.fixture(scope="module")
-def chosen_predictor(tiny, tmp_path_factory):
-    """A conditional-frequency predictor fitted on the engine's own routing, and its checkpoint: it reads
-    the experts already chosen (recorded exactly), not hidden states (stored in fp16 for the simulator)."""
-    folder = tmp_path_factory.mktemp("fit")
+def fit_store(tiny, tmp_path_factory):
+    """The engine's own routing (and token ids) on 4 demo texts the replay tests never prompt with."""
     with _engine(tiny, tiny.adapter.num_layers * tiny.adapter.num_experts, bandwidth=None) as eng:
         recorder = eng.record()
         for p in load_prompts("demo", 4, skip=10):
             eng.generate(encode(tiny.tokenizer, p), 8)
-    store = recorder.write(folder / "fit", tiny.info)
-    predictor = ConditionalFrequency.fit(store.topk_ids(), tiny.adapter.num_experts, 2)
-    return predictor, save_predictor(predictor, folder / "cf", model=tiny.info)
+    return recorder.write(tmp_path_factory.mktemp("fit") / "fit", tiny.info)
+
+
+@pytest.fixture(scope="module")
+def chosen_predictor(tiny, fit_store, tmp_path_factory):
+    """A conditional-frequency predictor fitted on the engine's own routing, and its checkpoint: it reads
+    the experts already chosen (recorded exactly), not hidden states (stored in fp16 for the simulator)."""
+    predictor = ConditionalFrequency.fit(fit_store.topk_ids(), tiny.adapter.num_experts, 2)
+    return predictor, save_predictor(predictor, tmp_path_factory.mktemp("cf") / "cf", model=tiny.info)
+
+
+def _engine_then_replay(tiny, tmp_path, predictor, ckpt, *, policy: str, miss: str = "fetch", before=None, **kw):
+    """Run the engine on 2 demo prompts (6 new tokens each) prefetching greedily 2 layers ahead on an
+    unthrottled link, then let the simulator replay its recorded routing with the same configuration:
+    (the engine's counters, the simulator's result). ``before(engine)`` may alter the engine first."""
+    prompts = [encode(tiny.tokenizer, p) for p in load_prompts("demo", 2)]
+    with _engine(tiny, 12, policy=policy, predictor=predictor, bandwidth=None, admission="greedy", miss=miss,
+                 prefetch_params={"overfetch": 1.5}, **kw) as eng:
+        if before is not None:
+            before(eng)
+        recorder = eng.record()
+        for ids in prompts:
+            eng.generate(ids, 6)
+        c = eng.counters
+    store = recorder.write(tmp_path / "engine-trace", tiny.info)
+    sim = simulate_configs(store, [SimConfig(policy=policy, capacity="12", prefetch=f"ckpt:{ckpt}", lookahead=2,
+                                             overfetch=1.5, miss=miss, hardware="a100-5gbs:link_gbps=inf")])[0]
+    return c, sim
 
 
 @pytest.mark.parametrize("policy", ["lru", "fifo", "lfu", "lhu", "fld", "score", "least_stale", "random",
@@ -180,17 +203,7 @@ def test_engine_and_simulator_take_the_same_decisions_through_the_one_step(tiny,
     layers ahead: replaying the engine's recorded routing, the simulator's step takes the same decisions --
     hits, misses, collisions, evictions, prefetches issued / used / cancelled, forecast precision --
     because it is the same code (an unthrottled link: no decision depends on the clock)."""
-    predictor, ckpt = chosen_predictor
-    prompts = [encode(tiny.tokenizer, p) for p in load_prompts("demo", 2)]
-    with _engine(tiny, 12, policy=policy, predictor=predictor, bandwidth=None, admission="greedy",
-                 prefetch_params={"overfetch": 1.5}) as eng:
-        recorder = eng.record()
-        for ids in prompts:
-            eng.generate(ids, 6)
-        c = eng.counters
-    store = recorder.write(tmp_path / "engine-trace", tiny.info)
-    sim = simulate_configs(store, [SimConfig(policy=policy, capacity="12", prefetch=f"ckpt:{ckpt}", lookahead=2,
-                                             overfetch=1.5, hardware="a100-5gbs:link_gbps=inf")])[0]
+    c, sim = _engine_then_replay(tiny, tmp_path, *chosen_predictor, policy=policy)
     assert c.prefetch_issued > 0 and c.evictions > 0
     engine = (c.accesses, c.hits, c.misses, c.collision_misses, c.evictions, c.prefetch_issued, c.prefetch_used,
               c.prefetch_cancelled, c.forecast_predicted, c.forecast_correct)
@@ -201,39 +214,22 @@ def test_engine_and_simulator_take_the_same_decisions_through_the_one_step(tiny,
     assert sim["precision"] == pytest.approx(c.forecast_correct / c.forecast_predicted)
 
 
-def test_token_family_sees_the_same_tokens_in_the_engine_and_the_simulator(tiny, tmp_path):
+def test_token_family_sees_the_same_tokens_in_the_engine_and_the_simulator(tiny, tmp_path, fit_store):
     """The token family forecasts from the token ids alone: the engine reads them off the input embedding,
     the simulator off the store. Both feed the same ids, so both take the same decisions; with the ids
     withheld (every token unknown) the engine's forecasts are popularity and its decisions change."""
-    with _engine(tiny, tiny.adapter.num_layers * tiny.adapter.num_experts, bandwidth=None) as eng:
-        recorder = eng.record()
-        for p in load_prompts("demo", 4, skip=10):
-            eng.generate(encode(tiny.tokenizer, p), 8)
-    fit = recorder.write(tmp_path / "fit", tiny.info)
-    predictor = TokenLookahead.from_store(fit, lookahead=2).eval()  # untrained residual: ranks by the counts
+    predictor = TokenLookahead.from_store(fit_store, lookahead=2).eval()  # untrained residual: ranks by counts
     ckpt = save_predictor(predictor, tmp_path / "token", model=tiny.info)
-    prompts = [encode(tiny.tokenizer, p) for p in load_prompts("demo", 2)]
 
-    def run(hide_tokens: bool):
-        with _engine(tiny, 12, policy="lru", predictor=predictor, bandwidth=None, admission="greedy",
-                     prefetch_params={"overfetch": 1.5}) as eng:
-            if hide_tokens:
-                eng._see_tokens = lambda module, args: None  # noqa: ARG005 -- the mutant: no token ids
-                eng._token_hook.remove()
-                eng._token_hook = tiny.model.get_input_embeddings().register_forward_pre_hook(eng._see_tokens)
-            recorder = eng.record()
-            for ids in prompts:
-                eng.generate(ids, 6)
-            return eng.counters, recorder
+    def hide_tokens(eng) -> None:  # the mutant: the engine sees no token ids
+        eng._token_hook.remove()
+        eng._token_hook = tiny.model.get_input_embeddings().register_forward_pre_hook(lambda module, args: None)
 
-    c, recorder = run(hide_tokens=False)
-    store = recorder.write(tmp_path / "engine-trace", tiny.info)
-    sim = simulate_configs(store, [SimConfig(policy="lru", capacity="12", prefetch=f"ckpt:{ckpt}", lookahead=2,
-                                             overfetch=1.5, hardware="a100-5gbs:link_gbps=inf")])[0]
+    c, sim = _engine_then_replay(tiny, tmp_path / "seen", predictor, ckpt, policy="lru")
     assert c.prefetch_issued > 0
     assert (c.hits, c.misses, c.prefetch_issued, c.prefetch_used) == (
         sim["hits"], sim["misses"], sim["prefetch_issued"], sim["prefetch_used"])
-    blind, _ = run(hide_tokens=True)
+    blind, _ = _engine_then_replay(tiny, tmp_path / "blind", predictor, ckpt, policy="lru", before=hide_tokens)
     assert (blind.prefetch_used, blind.hits) != (c.prefetch_used, c.hits)
 
 
@@ -244,17 +240,7 @@ def test_engine_and_simulator_agree_on_lower_bit_copies(tiny, tmp_path, chosen_p
     fetches the same experts at the same precisions, hits the same copies at the same precisions, dequantizes
     and upgrades the same ones, and moves the same bytes (sized from the store's model numbers there, from
     the real tensors here). Unthrottled: an upgrade arrives by the next layer in both."""
-    predictor, ckpt = chosen_predictor
-    prompts = [encode(tiny.tokenizer, p) for p in load_prompts("demo", 2)]
-    with _engine(tiny, 12, policy=policy, predictor=predictor, bandwidth=None, admission="greedy", miss=miss,
-                 tier=tier, prefetch_params={"overfetch": 1.5}) as eng:
-        recorder = eng.record()
-        for ids in prompts:
-            eng.generate(ids, 6)
-        c = eng.counters
-    store = recorder.write(tmp_path / "engine-trace", tiny.info)
-    sim = simulate_configs(store, [SimConfig(policy=policy, capacity="12", prefetch=f"ckpt:{ckpt}", lookahead=2,
-                                             overfetch=1.5, miss=miss, hardware="a100-5gbs:link_gbps=inf")])[0]
+    c, sim = _engine_then_replay(tiny, tmp_path, *chosen_predictor, policy=policy, miss=miss, tier=tier)
     assert sim["backend"] == "reference"  # the numba kernel leaves lower-bit modes to the step
     low = sum(n for p, n in c.by_precision("served").items() if p != "native")
     assert low > 0 and c.dequantized > 0 and (c.upgrades > 0) == (miss == "precision-cascade")
