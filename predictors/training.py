@@ -524,6 +524,9 @@ def _fit_all(store, dm, reuse_dm, families, lookahead, overfetch, run_dir, train
         elif family in CLASSICAL:
             predictor = fit_sklearn(store, dm.split.train, lookahead, configs.sklearn, seed)
         else:
+            # the initial weights come from the global torch generator: seed it per family, or they depend on
+            # the process (torch's start-up seed is not fixed here) and on the families fitted before
+            torch.manual_seed(seed)
             predictor, cfg = build_learned(family, store, dm.split.train, lookahead, configs.mlp,
                                            configs.trajectory, configs.token)
             rate, trained = fit_learned(predictor, dm, cfg, overfetch=overfetch, meta=meta, seed=seed, **train)
