@@ -4,11 +4,17 @@
     python train.py --config configs/olmoe.yaml  # the real run (OLMoE-1B-7B, public text, GPU)
     python train.py --trainer.max_epochs 3 --trainer.devices 2 --trainer.strategy ddp
     python train.py --data.store traces/gemma --families '[frequency, conditional_frequency, trajectory]'
+    python train.py --families '[mlp_lookahead, reuse_logistic, reuse_mlp]'  # + reuse forecasters (forecast policy)
     python train.py --print_config               # the full configuration, as YAML
 
 Every ``lightning.pytorch.Trainer`` argument is a ``--trainer.*`` flag. Predictors land in
 ``checkpoints/<run>/<family>.safetensors`` with ``run.json`` (see predictors.checkpoint); W&B logs
 go offline unless an API key is configured (``--wandb.mode online|offline|disabled``).
+
+The reuse forecasters of the forecast eviction policies (``reuse_counted``, ``reuse_logistic``,
+``reuse_mlp``) are families too, but not in the default list: they replay every pass of the store
+(~40 s more on the demo store, 2 cores). Ask for them by name; ``evaluate.py --policy forecast
+--predictor checkpoints/<run>`` then serves the run's reuse forecaster.
 """
 
 from __future__ import annotations
@@ -35,11 +41,15 @@ from predictors.report import (
     plots,
     print_comparison,
     print_pairs,
+    print_reuse_comparison,
+    reuse_comparison,
 )
 from predictors.training import (
     ALL_FAMILIES,
+    DEFAULT_FAMILIES,
     DataConfig,
     MLPConfig,
+    ReuseConfig,
     SklearnConfig,
     TokenConfig,
     TrajectoryConfig,
@@ -92,8 +102,9 @@ def build_parser():
     parser.add_argument("--run", type=str | None, default=None,
                         help="run name: the folder under --checkpoints (default: <store>-<date>-<time>)")
     parser.add_argument("--checkpoints", type=str, default="checkpoints", help="where run folders go")
-    parser.add_argument("--families", type=list[str], default=list(ALL_FAMILIES),
-                        help=f"predictor families to fit and compare: {', '.join(ALL_FAMILIES)}")
+    parser.add_argument("--families", type=list[str], default=list(DEFAULT_FAMILIES),
+                        help=f"predictor families to fit and compare: {', '.join(ALL_FAMILIES)} (default: all but "
+                        f"the reuse_* forecasters, which replay every pass of the store)")
     parser.add_argument("--lookahead", type=int, default=3, help="D: forecast layers l+1..l+D")
     parser.add_argument("--overfetch", type=float, default=1.5, help="second k of the metrics = round(top_k * this)")
     parser.add_argument("--patience", type=int, default=3, help="early stopping: epochs without better val recall")
@@ -109,6 +120,7 @@ def build_parser():
     parser.add_class_arguments(TrajectoryConfig, "trajectory")
     parser.add_class_arguments(SklearnConfig, "sklearn")
     parser.add_class_arguments(TokenConfig, "token")
+    parser.add_class_arguments(ReuseConfig, "reuse")
     parser.add_class_arguments(WandbConfig, "wandb")
     parser.add_class_arguments(Trainer, "trainer", skip={"logger", "callbacks"})
     parser.set_defaults({f"trainer.{k}": v for k, v in DEMO_TRAINER.items()})
@@ -138,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     data, collect = DataConfig(**vars(cfg.data)), CollectConfig(**vars(cfg.collect))
     mlp, trajectory = MLPConfig(**vars(cfg.mlp)), TrajectoryConfig(**vars(cfg.trajectory))
     sk, token = SklearnConfig(**vars(cfg.sklearn)), TokenConfig(**vars(cfg.token))
+    reuse = ReuseConfig(**vars(cfg.reuse))
     sk.pairs = [tuple(p) for p in sk.pairs]
     trainer_kwargs = {k: v for k, v in cfg.trainer.as_dict().items()}
     check_arguments(list(cfg.families), cfg.lookahead, cfg.overfetch, cfg.patience, trainer_kwargs)
@@ -162,15 +175,22 @@ def main(argv: list[str] | None = None) -> int:
             families=list(cfg.families), data=data, lookahead=cfg.lookahead, overfetch=cfg.overfetch,
             run_dir=run_dir, trainer_kwargs=trainer_kwargs,
             logger_factory=lambda family: family_logger(logger, family),
-            mlp=mlp, trajectory=trajectory, sklearn=sk, token=token,
+            mlp=mlp, trajectory=trajectory, sklearn=sk, token=token, reuse=reuse,
             patience=cfg.patience, on_split=on_split,
         )
         if not is_rank_zero():
             return 0
         title = f"held-out {result.split}-split tokens of {data.store}: forecasts from layer l of layer l+d"
+        reuse_title = (f"reuse forecasters on held-out {result.split}-split passes of {data.store}: chosen at the "
+                       f"next opportunity?")
         print_comparison(result.results, title)
+        print_reuse_comparison(result.results, reuse_title)
         columns, rows = comparison(result.results)
-        log_table(logger, "comparison", columns, rows)
+        if rows:
+            log_table(logger, "comparison", columns, rows)
+        columns, rows = reuse_comparison(result.results)
+        if rows:
+            log_table(logger, "reuse_comparison", columns, rows)
         if "sklearn_logreg" in cfg.families:
             print_pairs(result.results, sk.pairs)
             log_table(logger, "comparison_at_pairs", *pair_comparison(result.results, sk.pairs))
@@ -185,14 +205,14 @@ def main(argv: list[str] | None = None) -> int:
             log_artifact(logger, f"predictor-{run}", [best.path, run_dir / "run.json"],
                          {"family": best.family, "store": data.store})
         print(f"saved {len(result.results)} predictors to {run_dir} (best learned: {result.best})")
-        _report(cfg, argv, result, title, split_text, logger, wandb_cfg)
+        _report(cfg, argv, result, title, reuse_title, split_text, logger, wandb_cfg)
     finally:
         _finish(logger)
     return 0
 
 
-def _report(cfg: Any, argv: list[str], result: Any, title: str, split_text: list[str], logger: Any,
-            wandb_cfg: WandbConfig) -> None:
+def _report(cfg: Any, argv: list[str], result: Any, title: str, reuse_title: str, split_text: list[str],
+            logger: Any, wandb_cfg: WandbConfig) -> None:
     """Figures to W&B (when on) and the HTML report (unless ``--report none``), beside run.json by default."""
     page = result.run_dir / "report.html" if cfg.report is None else html.report_path(cfg.report, None, "train")
     wandb_on = resolve_mode(wandb_cfg.mode) != "disabled"
@@ -212,10 +232,11 @@ def _report(cfg: Any, argv: list[str], result: Any, title: str, split_text: list
              f"{cfg.trainer.devices}; predictors saved to {result.run_dir}"]
     split = (f"{'; '.join(split_text) or result.split} (seed {cfg.data.seed}). Counting families and the "
              f"scikit-learn baseline fit on the train part, learned families pick their weights on val, and every "
-             f"number here is on the test part, never trained on.")
+             f"number here is on the test part, never trained on. Reuse forecasters learn from the same train "
+             f"part's passes (a pass belongs to the part holding its first token).")
     pairs = [tuple(p) for p in cfg.sklearn.pairs] if "sklearn_logreg" in cfg.families else None
     doc = html_report(result.results, figures, command=command_line("train.py", argv), title=title, setup=setup,
-                      split=split, pairs=pairs)
+                      split=split, pairs=pairs, reuse_title=reuse_title)
     print(f"HTML report: {html.write(doc, page).resolve()}")
 
 

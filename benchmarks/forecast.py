@@ -35,13 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.errors import UserError, run_cli  # noqa: E402
 from core.passes import build_passes, take_passes  # noqa: E402
 from data_pipeline.import_routes import import_routes  # noqa: E402
+from data_pipeline.splits import split_rows  # noqa: E402
 from data_pipeline.trace_store import TraceStore  # noqa: E402
 from offload.capacity import parse_capacity  # noqa: E402
 from offload.forecast_eval import gap_closed, replay_split  # noqa: E402
 from offload.policies import Forecast, LeastStaleForecast, make_policy  # noqa: E402
 from predictors.reuse import CountedReuse, ReuseForecaster  # noqa: E402
 from predictors.reuse_features import ReuseHistory  # noqa: E402
-from predictors.reuse_training import fit_reuse, split_of_passes
+from predictors.training import DataConfig, ReuseConfig, run_training  # noqa: E402
 
 console = Console()
 
@@ -132,12 +133,17 @@ def take_first(passes, n: int):
 def evaluate_store(store: TraceStore, phase: str, capacities: list[str], *, epochs: int, seed: int,
                    val_fraction: float, test_fraction: float) -> dict[str, Any]:
     passes = build_passes(store, phase)
-    part, how = split_of_passes(store, passes, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    split = split_rows(store, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    part, how = split.parts_of(passes.row_start), split.describe()
     console.print(f"[bold]{store.path}[/]: {passes.num_passes} {phase} passes; {how}; "
                   f"passes train/val/test {np.bincount(part, minlength=3).tolist()}")
-    kw = dict(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, passes=passes)
-    counted, info_c = fit_reuse(store, "reuse_counted", **kw)
-    mlp, info_m = fit_reuse(store, "reuse_mlp", max_epochs=epochs, **kw)
+    # train.py's own path (same split, same Lightning set-up), into a scratch run folder
+    data = DataConfig(store=str(store.path), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    run = run_training(families=["reuse_counted", "reuse_mlp"], data=data, lookahead=1, overfetch=1.5,
+                       run_dir=Path(tempfile.mkdtemp()) / "run", reuse=ReuseConfig(phase=phase),
+                       trainer_kwargs={"max_epochs": epochs, "accelerator": "cpu", "devices": 1,
+                                       "enable_model_summary": False})
+    (counted, info_c), (mlp, info_m) = ((r.predictor, r.reuse) for r in run.results)
     frozen = CountedReuse(store.num_layers, store.num_experts, store.top_k, online=False)
     frozen.hits, frozen.trials = counted.hits.copy(), counted.trials.copy()
     oracle = NextOpportunityOracle(_used_table(passes), mlp)

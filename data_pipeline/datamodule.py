@@ -12,6 +12,9 @@ A batch is a dict of tensors over B tokens:
 - ``hidden`` (B, L_h, H) float32 at the layers in :attr:`TokenDataset.hidden_layers` (only when
   asked for);
 - ``row`` (B,) the global row index in the store.
+
+:class:`ReuseDataModule` serves the reuse forecasters' rows instead (see :mod:`predictors.reuse`):
+one row per (pass, layer, expert used before), built by a replay of the passes, on the same split.
 """
 
 from __future__ import annotations
@@ -22,11 +25,20 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+)
 
 from core.errors import UserError
-from data_pipeline.splits import split_rows
+from core.passes import build_passes
+from data_pipeline.splits import TraceSplit, split_rows
 from data_pipeline.trace_store import TraceStore
+from predictors.reuse_features import reuse_rows
 
 
 def previous_rows(store: TraceStore) -> np.ndarray:
@@ -145,3 +157,57 @@ class TraceDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+class ReuseDataModule(pl.LightningDataModule):
+    """Rows of the reuse forecasters: (features (n, F) float32, "chosen at the next opportunity" (n,)).
+
+    Built on the run's :class:`~data_pipeline.splits.TraceSplit`, so the reuse families train,
+    validate and test on the same sequences (or decode positions) as the lookahead families; a pass
+    belongs to the part holding its first row. :attr:`parts` holds every part's rows (0 train, 1 val,
+    2 test) for the families fitted in numpy and for scoring; the loaders serve the gradient-trained
+    ``reuse_mlp``, whose training rows are a seeded sample of at most ``max_train_rows`` (a long store
+    yields millions of near-duplicate rows and a 1.5k-parameter model stops improving long before).
+
+    Batches are sliced out of two tensors at once (BatchSampler, ``batch_size=None``): per-row
+    fetching and collation would cost more than the tiny MLP's forward.
+    """
+
+    def __init__(self, store: TraceStore, split: TraceSplit, *, phase: str = "both", batch_size: int = 4096,
+                 seed: int = 0, max_train_rows: int = 500_000):
+        super().__init__()
+        self.store, self.split, self.phase = store, split, phase
+        self.batch_size, self.seed = batch_size, seed
+        passes = build_passes(store, phase)
+        self.pass_part = split.parts_of(passes.row_start)
+        self.parts = reuse_rows(passes, self.pass_part)
+        x, y = self.parts[0]
+        if len(x) == 0:
+            raise UserError(f"{store.path}: no reuse-forecaster training rows (the training part has fewer than 2 "
+                            f"{'' if phase == 'both' else phase + ' '}passes)")
+        if len(x) > max_train_rows:
+            pick = np.sort(np.random.default_rng(seed).choice(len(x), max_train_rows, replace=False))
+            x, y = x[pick], y[pick]
+        self.train_rows = (x, y)
+
+    def summary(self) -> dict[str, Any]:
+        """Sizes of the parts, for the checkpoint metadata and the report."""
+        return {"split": self.split.describe(), "phase": self.phase,
+                "rows": {k: int(len(self.parts[i][0])) for i, k in enumerate(("train", "val", "test"))},
+                "passes": {k: int((self.pass_part == i).sum()) for i, k in enumerate(("train", "val", "test"))}}
+
+    def _loader(self, rows: tuple[np.ndarray, np.ndarray], shuffle: bool) -> DataLoader:
+        x, y = rows
+        ds = TensorDataset(torch.from_numpy(x), torch.from_numpy(y.astype(np.float32)))
+        inner = (RandomSampler(ds, generator=torch.Generator().manual_seed(self.seed)) if shuffle
+                 else SequentialSampler(ds))
+        return DataLoader(ds, sampler=BatchSampler(inner, self.batch_size, drop_last=False), batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_rows, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.parts[1], shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.parts[2], shuffle=False)

@@ -31,6 +31,19 @@ class TraceSplit:
     test: np.ndarray
     how: str  # "sequence" or "position"
 
+    def parts_of(self, rows: np.ndarray) -> np.ndarray:
+        """0/1/2 (train/val/test) of each store row in ``rows``; -1 for a row no part holds.
+
+        The reuse forecasters learn from whole passes: a pass belongs to the part holding its first
+        row (``parts_of(passes.row_start)``), so they split a store exactly as the lookahead families do.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        size = 1 + max([int(r.max()) for r in (rows, self.train, self.val, self.test) if len(r)], default=-1)
+        part = np.full(size, -1, dtype=np.int64)
+        for i, held in enumerate((self.train, self.val, self.test)):
+            part[held] = i
+        return part[rows]
+
     def describe(self) -> str:
         sizes = f"{len(self.train)}/{len(self.val)}/{len(self.test)} tokens"
         if self.how == "sequence":

@@ -355,8 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(sim, "--backend", choices=["auto", "fast", "reference"], help="simulator implementation")
     add(sim, "--workers", type=int,
         help="processes to spread the configurations over (each opens the store by path, memory-mapped)")
-    add(sim, "--predictor", help="reuse-forecaster checkpoint (python -m predictors.reuse_training) for the forecast policies "
-                                 "(forecast, least_stale_forecast); without it they count reuse online from the run")
+    add(sim, "--predictor", help="reuse-forecaster checkpoint, or a train.py run folder holding one (python train.py "
+                                 "--families '[reuse_logistic]'), for the forecast policies (forecast, "
+                                 "least_stale_forecast); without it they count reuse online from the run")
     add(sim, "--no-references", action="store_true",
         help="do not add the reference rows (LRU without prefetch = 0%%, Belady + oracle = 100%%, the physical "
              "limit) to each setting")

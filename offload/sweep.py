@@ -47,6 +47,12 @@ def run(args: SweepArgs) -> list[dict[str, Any]]:
     from reporting.provenance import command_line
 
     store = TraceStore(args.trace)
+    if args.predictor and set(args.policy) & set(FORECAST_POLICIES):
+        # predictors.reuse imports torch (~1 s): only with --predictor. Refuse another model's forecaster
+        # (or a run folder without one) in one line here, before any worker starts
+        from predictors.reuse import load_reuse_forecaster
+
+        load_reuse_forecaster(args.predictor, store.model)
     configs = build_configs(args)
     references = reference_configs(configs) if not args.no_references else []
     configs = configs + references

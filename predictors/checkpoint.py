@@ -113,9 +113,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
     return json.loads(raw), state
 
 
-def load_predictor(path: str | os.PathLike[str], model_info: ModelInfo | None = None) -> Predictor:
-    """Rebuild the predictor saved at ``path``; refuse it when it was trained for another model."""
-    meta, state = read_checkpoint(path)
+def check_identity(meta: dict[str, Any], path: str | os.PathLike[str], model_info: ModelInfo | None) -> None:
+    """Refuse a checkpoint trained for another model than ``model_info``, or written in another format
+    (one line each); every loader of a predictor file -- lookahead or reuse -- calls this."""
     key = meta.get("model_key", {})
     if model_info is not None and key != model_info.key():
         raise UserError(
@@ -124,9 +124,21 @@ def load_predictor(path: str | os.PathLike[str], model_info: ModelInfo | None = 
     if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
         raise UserError(f"checkpoint {path} has format_version {meta.get('format_version')}; this code reads "
                         f"{FORMAT_VERSION}")
+
+
+def load_predictor(path: str | os.PathLike[str], model_info: ModelInfo | None = None) -> Predictor:
+    """Rebuild the predictor saved at ``path``; refuse it when it was trained for another model."""
+    meta, state = read_checkpoint(path)
+    check_identity(meta, path, model_info)
+    key = meta.get("model_key", {})
     registry = families()
     family = meta.get("family")
     if family not in registry:
+        from predictors.reuse import FAMILIES as REUSE  # predictors.reuse imports this module
+
+        if family in REUSE:
+            raise UserError(f"checkpoint {path} holds the reuse forecaster {family}, which the forecast eviction "
+                            f"policies read (--policy forecast --predictor {path}), not a lookahead predictor")
         raise UserError(f"checkpoint {path} holds unknown family {family!r}; known: {', '.join(registry)}")
     hparams = {**key, **meta.get("hparams", {})}
     try:
@@ -162,11 +174,8 @@ def run_predictor(run_dir: str | os.PathLike[str], family: str | None = None,
     """The predictor file of one finished run folder: its best learned family (or ``family``), None
     when the run is unfinished, trained for another model, or that family is untrained."""
     run_file = Path(run_dir) / RUN_FILE
-    try:
-        run = json.loads(run_file.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(run, dict):
+    run = read_run(run_dir)
+    if run is None:
         return None
     if model_info is not None and run.get("model_key", model_info.key()) != model_info.key():
         return None
@@ -177,3 +186,12 @@ def run_predictor(run_dir: str | os.PathLike[str], family: str | None = None,
     if name in files and (run_file.parent / files[name]).is_file():
         return run_file.parent / files[name]
     return None
+
+
+def read_run(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``run.json`` of a finished run folder; None when there is none (unfinished) or it is unreadable."""
+    try:
+        run = json.loads((Path(run_dir) / RUN_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return run if isinstance(run, dict) else None

@@ -1,5 +1,7 @@
 """Turning a batch of tokens into per-layer contexts, and scoring any family on a split.
 
+Reuse forecasters (:mod:`predictors.reuse`) are scored on their own rows: :func:`evaluate_reuse_rows`.
+
 Training and evaluation both walk the layers of a batch with :func:`layer_contexts`, so a learned
 family is trained on exactly the contexts the simulator and the engine will give it online.
 """
@@ -7,7 +9,9 @@ family is trained on exactly the contexts the simulator and the engine will give
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -53,3 +57,23 @@ def evaluate_predictor(predictor: Predictor, batches: Iterable[dict[str, torch.T
         for ctx in layer_contexts(batch, layers, hidden_layers):
             metric.update(predictor.predict(ctx), batch["topk_ids"], ctx.layer, covered_distances(predictor, ctx.layer))
     return metric
+
+
+def evaluate_reuse_rows(forecaster: Any, parts: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """AUROC and BCE of a reuse forecaster's probability on the validation and test rows.
+
+    A reuse forecaster answers one yes/no question per (pass, layer, expert) -- chosen at its next
+    opportunity? -- so recall@k does not apply; a part with one class only has no AUROC and is left out.
+    """
+    # sklearn: ~1 s to import; only when a reuse forecaster is scored
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    out: dict[str, float] = {}
+    for i, name in ((1, "val"), (2, "test")):
+        x, y = parts[i]
+        if len(y) == 0 or y.all() or not y.any():
+            continue
+        p = np.clip(forecaster.reuse_probability(x), 1e-6, 1 - 1e-6)
+        out[f"{name}_auroc"] = float(roc_auc_score(y, p))
+        out[f"{name}_bce"] = float(log_loss(y, p))
+    return out

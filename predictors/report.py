@@ -1,4 +1,9 @@
-"""The comparison of every family x distance on the same held-out tokens: table, figures, HTML report."""
+"""The comparison of every family x distance on the same held-out tokens: table, figures, HTML report.
+
+Reuse forecasters (``reuse_*``) answer another question -- will an expert be chosen at its next
+opportunity? -- so they get their own table (held-out AUROC and BCE, :func:`reuse_comparison`) and
+stay out of the recall@k table, the pair table and the recall figures.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +22,14 @@ from reporting.figures import Plot, checked, new_figure, wandb_images
 from reporting.provenance import versions
 
 
+def lookahead_results(results: list[FamilyResult]) -> list[FamilyResult]:
+    """The lookahead families of a run (scored by recall@k), without its reuse forecasters."""
+    return [r for r in results if not r.is_reuse]
+
+
 def comparison(results: list[FamilyResult]) -> tuple[list[str], list[list[Any]]]:
-    """(columns, rows): one row per (family, distance) the family covers."""
+    """(columns, rows): one row per (lookahead family, distance) the family covers."""
+    results = lookahead_results(results)
     if not results:
         return [], []
     k_over = results[0].metrics.k_over
@@ -39,8 +50,49 @@ def comparison(results: list[FamilyResult]) -> tuple[list[str], list[list[Any]]]
     return columns, rows
 
 
+def reuse_comparison(results: list[FamilyResult]) -> tuple[list[str], list[list[Any]]]:
+    """(columns, rows): one row per reuse forecaster, its AUROC and BCE on the held-out rows."""
+    columns = ["family", "test AUROC", "test BCE", "val AUROC", "val BCE", "training rows", "test rows"]
+    rows: list[list[Any]] = []
+    for r in results:
+        if r.reuse is None:
+            continue
+        m = r.reuse["metrics"]
+        rows.append([r.family, *[round(m[k], 4) if k in m else None
+                                 for k in ("test_auroc", "test_bce", "val_auroc", "val_bce")],
+                     r.reuse["rows"]["train"], r.reuse["rows"]["test"]])
+    return columns, rows
+
+
+def _console(console: Console | None) -> Console:
+    if console is None:
+        console = Console()
+        console.width = max(console.width, 112)  # a pipe or a CI log reports 80 columns: keep rows whole
+    return console
+
+
+def print_reuse_comparison(results: list[FamilyResult], title: str, console: Console | None = None) -> None:
+    """The reuse forecasters' table (nothing when the run trained none); the best AUROC in bold."""
+    columns, rows = reuse_comparison(results)
+    if not rows:
+        return
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="left" if c == "family" else "right")
+    best = max((row[1] for row in rows if row[1] is not None), default=None)
+    for row in rows:
+        cells = ["-" if x is None else str(x) for x in row]
+        if best is not None and row[1] == best:
+            cells[1] = f"[bold green]{cells[1]}[/]"
+        table.add_row(*cells)
+    _console(console).print(table)
+
+
 def print_comparison(results: list[FamilyResult], title: str, console: Console | None = None) -> None:
+    """The recall@k table of the lookahead families (nothing when the run trained none)."""
     columns, rows = comparison(results)
+    if not columns:
+        return
     table = Table(title=title)
     for c in columns:
         table.add_column(c, justify="left" if c == "family" else "right")
@@ -52,15 +104,13 @@ def print_comparison(results: list[FamilyResult], title: str, console: Console |
         if row[3] == best[row[1]]:
             cells[3] = f"[bold green]{cells[3]}[/]"
         table.add_row(*cells)
-    if console is None:
-        console = Console()
-        console.width = max(console.width, 112)  # a pipe or a CI log reports 80 columns: keep rows whole
-    console.print(table)
+    _console(console).print(table)
 
 
 def pair_comparison(results: list[FamilyResult], pairs: list[tuple[int, int]]) -> tuple[list[str], list[list[Any]]]:
     """(columns, rows): recall@k of every family at single layer pairs (l, d), e.g. the sklearn pairs,
     so a family fitted for one pair is compared with the others on exactly that pair."""
+    results = lookahead_results(results)
     columns = ["layer l", "d", *[r.family for r in results]]
     rows: list[list[Any]] = []
     for layer, d in pairs:
@@ -79,10 +129,7 @@ def print_pairs(results: list[FamilyResult], pairs: list[tuple[int, int]], conso
         table.add_column(c, justify="right")
     for row in rows:
         table.add_row(*["-" if x is None else str(x) for x in row])
-    if console is None:
-        console = Console()
-        console.width = max(console.width, 112)
-    console.print(table)
+    _console(console).print(table)
 
 
 # ---------------------------------------------------------------------- figures
@@ -150,6 +197,7 @@ def recall_heatmap_plot(results: list[FamilyResult]) -> Plot:
 
 def plots(results: list[FamilyResult]) -> list[Plot]:
     """Every figure of a training run, each checked to hold data (else a note)."""
+    results = lookahead_results(results)
     return [checked(recall_per_distance_plot(results)), checked(recall_heatmap_plot(results))]
 
 
@@ -163,15 +211,25 @@ def log_figures(logger: Any, figures: list[Plot]) -> None:
 
 
 def html_report(results: list[FamilyResult], figures: list[Plot], *, command: str, title: str, setup: list[str],
-                split: str, pairs: list[tuple[int, int]] | None = None):
-    """The training run as one :class:`reporting.html.Report`: comparison table, heatmaps, the split."""
+                split: str, pairs: list[tuple[int, int]] | None = None, reuse_title: str = "reuse forecasters"):
+    """The training run as one :class:`reporting.html.Report`: comparison tables, heatmaps, the split."""
     def cells(row: list[Any]) -> list[str]:
         return ["-" if v is None else str(v) for v in row]
 
+    tables = []
     columns, rows = comparison(results)
-    tables = [html.Table(title, columns, [cells(r) for r in rows],
-                         caption="precision/recall at k = the model's top-k and at the over-fetch k; exact-set: the top-k "
-                                 "forecast is exactly the set used; layers: layers counted at that distance")]
+    if columns:
+        tables.append(html.Table(title, columns, [cells(r) for r in rows],
+                                 caption="precision/recall at k = the model's top-k and at the over-fetch k; exact-set: "
+                                         "the top-k forecast is exactly the set used; layers: layers counted at that "
+                                         "distance"))
+    reuse_columns, reuse_rows = reuse_comparison(results)
+    if reuse_rows:
+        tables.append(html.Table(reuse_title, reuse_columns, [cells(r) for r in reuse_rows],
+                                 caption="one row per (pass, layer, expert used before): will the expert be chosen at "
+                                         "its next opportunity? AUROC of the forecast probability and its binary "
+                                         "cross-entropy on the held-out passes (what the forecast eviction policy "
+                                         "ranks by)"))
     if pairs:
         pc, pr = pair_comparison(results, pairs)
         tables.append(html.Table("recall@k at single layer pairs (forecast of layer l+d made at layer l)", pc,

@@ -26,14 +26,14 @@ Why a probability and not a regressed distance (LRB regresses log time-to-next-r
 distance is right-censored at the end of a trace, and on the gemma trace a regressor fitted on
 uncensored rows ranked worse than the classifier (22.7 % vs 41.2 % held-out hit rate at 5 %).
 
-Checkpoints use the predictor file format of :mod:`predictors.checkpoint` (safetensors + the
-same ``predictor`` metadata: family, hyper-parameters, model identity, store fingerprint), so
-they sit in ``checkpoints/`` beside the lookahead predictors; :func:`load_reuse_forecaster`
-reads them back and refuses one trained for another model.
-
-Training (the splits, the Lightning fit of the MLP, the CLI) is :mod:`predictors.reuse_training`:
-``python -m predictors.reuse_training --trace traces/NAME --out checkpoints/reuse [--family reuse_mlp]``.
-This module is what a policy serves from: it never imports Lightning.
+They are predictor families of ``train.py`` (``python train.py --families '[reuse_logistic, reuse_mlp]'``):
+the same split, DataModule layer (:class:`~data_pipeline.datamodule.ReuseDataModule`), Lightning
+path for ``reuse_mlp`` and run folder as the lookahead families (``python -m predictors.reuse_training``
+is an alias of it). Checkpoints are predictor files of :mod:`predictors.checkpoint` (safetensors + the
+same ``predictor`` metadata: family, hyper-parameters, model identity, store fingerprint, split);
+:func:`load_reuse_forecaster` reads one back -- from the file, or from a run folder -- and refuses one
+trained for another model. This module is what a policy serves from: it never imports Lightning or
+any training module.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from torch import nn
 
 from core.errors import UserError
 from core.model_info import ModelInfo
-from predictors.checkpoint import read_checkpoint, save_predictor
+from predictors.checkpoint import RUN_FILE, check_identity, read_checkpoint, read_run, save_predictor
 from predictors.reuse_features import FEATURE_NAMES, NUM_FEATURES, ReuseHistory
 
 P_MIN = 1e-3  # floor of a reuse probability: N = 1/p stays finite
@@ -203,6 +203,10 @@ class MLPReuse(ReuseForecaster):
         self.net.std.copy_(torch.from_numpy(np.maximum(features.std(0), 1e-3)))
         self._np = None
 
+    def weights_changed(self) -> None:
+        """Drop the numpy copies of the weights (after training changed ``net``): the next forecast remakes them."""
+        self._np = None
+
     def _weights(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """(W, b) per linear layer in numpy, the standardisation folded into the first one."""
         if self._np is None:
@@ -259,7 +263,7 @@ class LogisticReuse(ReuseForecaster):
     labels have been seen, and afterwards whenever the counted table has predicted the recent
     labels better (a running prequential log loss: each model scored on labels before it learns
     from them) -- on a short or simple stream the table can be the better model. ``fit`` trains it on
-    a store's training passes beforehand (``python -m predictors.reuse_training --family reuse_logistic``);
+    a store's training passes beforehand (``python train.py --families '[reuse_logistic]'``);
     it then keeps learning online unless ``online=False``.
 
     On the held-out gemma decode steps (a100-5gbs) it lifts the forecast policy from the counted
@@ -349,8 +353,14 @@ FAMILIES: dict[str, type[ReuseForecaster]] = {cls.family: cls for cls in (Counte
 
 
 # ---------------------------------------------------------------------------------- checkpoints
+# which reuse forecaster of a train.py run folder the forecast policy serves: the default family of
+# the policies first (it keeps learning online), then the learned and the counted one
+RUN_PREFERENCE = ("reuse_logistic", "reuse_mlp", "reuse_counted")
+
+
 def save_reuse_forecaster(forecaster: ReuseForecaster, path: str | os.PathLike[str], *, model: ModelInfo,
                           store_fingerprint: str | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """One forecaster as a predictor file (train.py saves its run's the same way, through ``save_predictor``)."""
     return save_predictor(forecaster, path, model=model, store_fingerprint=store_fingerprint,  # type: ignore[arg-type]
                           extra=extra)
 
@@ -361,17 +371,37 @@ def is_reuse_checkpoint(path: str | os.PathLike[str]) -> bool:
     return meta.get("family") in FAMILIES
 
 
+def reuse_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """The predictor file ``path`` names: ``path`` itself, or in a train.py run folder the trained reuse
+    forecaster it holds (:data:`RUN_PREFERENCE` picks when it holds several)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    run = read_run(path)
+    if run is None:
+        raise UserError(f"{path} is a folder without a readable {RUN_FILE}: not a finished train.py run; give a "
+                        f"reuse-forecaster file or such a run folder")
+    files: dict[str, str] = run.get("predictors", {})
+    for family in RUN_PREFERENCE:
+        if family in files and family not in run.get("untrained", []) and (path / files[family]).is_file():
+            return path / files[family]
+    held = ", ".join(files) or "nothing"
+    raise UserError(f"run folder {path} holds no trained reuse forecaster (it holds {held}); train one with "
+                    f"python train.py --families '[reuse_logistic]'")
+
+
 def load_reuse_forecaster(path: str | os.PathLike[str], model_info: ModelInfo | None = None) -> ReuseForecaster:
-    """Rebuild a reuse forecaster saved by :func:`save_reuse_forecaster` (refusing another model's)."""
+    """Rebuild a reuse forecaster from a predictor file or a train.py run folder (refusing another model's).
+
+    The identity checks are :func:`predictors.checkpoint.check_identity`, the lookahead predictors' own.
+    """
+    path = reuse_checkpoint(path)
     meta, state = read_checkpoint(path)
-    key = meta.get("model_key", {})
-    if model_info is not None and key != model_info.key():
-        raise UserError(f"checkpoint {path} was trained for {key.get('model_id')} ({key.get('num_layers')} layers "
-                        f"x {key.get('num_experts')} experts), not for {model_info.model_id}")
+    check_identity(meta, path, model_info)
     family = meta.get("family")
     if family not in FAMILIES:
         raise UserError(f"checkpoint {path} holds {family!r}, not a reuse forecaster ({', '.join(FAMILIES)})")
-    hparams = {**key, **meta.get("hparams", {})}
+    hparams = {**meta.get("model_key", {}), **meta.get("hparams", {})}
     try:
         return FAMILIES[family].from_state(hparams, state)
     except (KeyError, RuntimeError) as e:

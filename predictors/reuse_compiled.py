@@ -3,7 +3,7 @@
 :class:`History` mirrors :class:`~predictors.reuse_features.ReuseHistory` (its online statistics and
 the features a forecaster reads), :class:`Model` mirrors :class:`~predictors.reuse.CountedReuse` and
 :class:`~predictors.reuse.LogisticReuse` (its online AdaGrad steps and its counted fallback during
-warm-up). Training stays in :mod:`predictors.reuse_training`; only what a policy calls while it runs is here:
+warm-up). Training stays in :mod:`predictors.training` (``train.py``); only what a policy calls while it runs is here:
 ``observe``, ``learn`` and ``expected_passes`` of one layer. Nothing here imports torch.
 
 Agreement with the Python classes, operation by operation:

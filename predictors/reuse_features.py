@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from core.passes import Passes
+from core.passes import Passes, take_passes
 
 HALF_LIVES = (1.0, 4.0, 16.0, 64.0)  # passes
 FOLLOW_SMOOTHING = 2.0  # pseudo-opportunities of the overall use rate behind each succession estimate
@@ -166,3 +166,28 @@ def replay_rows(passes: Passes, *, include_never_used: bool = False) -> Iterator
                 idx = np.flatnonzero(keep)
                 yield p, layer, idx, feats[idx], used[idx]
             hist.observe(layer, p, experts, weights)
+
+
+def reuse_rows(passes: Passes, pass_part: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Features and labels per split part (0 train, 1 val, 2 test; ``pass_part`` (P,) holds each pass's).
+
+    Training rows come from a replay of the training passes alone, so nothing of a validation or
+    test pass -- neither its labels nor its share of the history features -- reaches the fit.
+    Validation and test rows come from a replay of every pass in order, as the policy sees them
+    at run time (a held-out pass is forecast from everything before it).
+    """
+    def collect(ps: Passes, part_of: np.ndarray, want: set[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        feats: dict[int, list[np.ndarray]] = {k: [] for k in want}
+        labels: dict[int, list[np.ndarray]] = {k: [] for k in want}
+        for p, _layer, _experts, f, reused in replay_rows(ps):
+            part = int(part_of[p])
+            if part in feats:
+                feats[part].append(f)
+                labels[part].append(reused)
+        return {k: (np.concatenate(feats[k]) if feats[k] else np.zeros((0, NUM_FEATURES), np.float32),
+                    np.concatenate(labels[k]) if labels[k] else np.zeros(0, bool)) for k in want}
+
+    train = pass_part == 0
+    out = collect(take_passes(passes, train), np.zeros(int(train.sum()), dtype=np.int64), {0})
+    out.update(collect(passes, pass_part, {1, 2}))
+    return out

@@ -7,9 +7,17 @@ The flow behind ``python train.py`` (the CLI only parses arguments and prints):
    too small to split);
 2. split the store (:func:`data_pipeline.splits.split_rows`), fit the counting families and
    the scikit-learn baseline on the training tokens, train each learned family with Lightning
-   (``ModelCheckpoint`` on ``val/recall@k``, early stopping on it), and load its best weights;
+   (:func:`train_learned`: ``ModelCheckpoint`` on the family's validation metric, early stopping on
+   it), and load its best weights;
 3. score every family on the test tokens with the same metric and write the predictor files and
    ``run.json`` (last: a run folder without it is unfinished) into ``checkpoints/<run>/``.
+
+The reuse forecasters of the forecast eviction policies (:data:`REUSE`, see :mod:`predictors.reuse`)
+are families of the same run: their rows come from a :class:`~data_pipeline.datamodule.ReuseDataModule`
+on the same split, ``reuse_counted`` and ``reuse_logistic`` fit in numpy, ``reuse_mlp`` trains through
+the same :func:`train_learned` (monitoring ``val/auroc``), and they are scored by held-out AUROC and
+BCE (:func:`~predictors.evaluation.evaluate_reuse_rows`) -- recall@k does not apply -- so they never
+compete for the run's ``best`` lookahead predictor.
 
 If anything fails after the run folder was created, the folder is removed: a failed run leaves
 no partial checkpoint behind.
@@ -17,6 +25,7 @@ no partial checkpoint behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,11 +46,12 @@ from data_pipeline.token_routing import has_tokens
 from data_pipeline.trace_store import TraceStore
 from predictors.base import Predictor
 from predictors.checkpoint import RUN_FILE, save_predictor
-from predictors.evaluation import evaluate_predictor
+from predictors.evaluation import evaluate_predictor, evaluate_reuse_rows
 from predictors.frequency import ConditionalFrequency, FrequencyPredictor
 from predictors.gate_lookahead import GateLookahead
 from predictors.metrics import LookaheadMetrics
 from predictors.mlp_lookahead import MLPLookahead
+from predictors.reuse import CountedReuse, LogisticReuse, MLPReuse, ReuseForecaster
 from predictors.sklearn_baseline import SklearnLogReg
 from predictors.token_lookahead import TokenLookahead
 from predictors.trajectory import TrajectoryPredictor
@@ -49,7 +59,13 @@ from predictors.trajectory import TrajectoryPredictor
 TRAINING_FREE = ("frequency", "conditional_frequency", "gate_lookahead")
 LEARNED = ("mlp_lookahead", "trajectory", "token")
 CLASSICAL = ("sklearn_logreg",)
-ALL_FAMILIES = TRAINING_FREE + CLASSICAL + LEARNED
+REUSE = (CountedReuse.family, LogisticReuse.family, MLPReuse.family)
+ALL_FAMILIES = TRAINING_FREE + CLASSICAL + LEARNED + REUSE
+# train.py's default: the lookahead families. The reuse forecasters replay every pass of the store
+# (~40 s more on the 40k-token demo store, 4M rows, 2 cores), so they are asked for by name
+DEFAULT_FAMILIES = TRAINING_FREE + CLASSICAL + LEARNED
+GRADIENT_TRAINED = LEARNED + (MLPReuse.family,)  # through train_learned: they need training epochs
+PHASES = ("prefill", "decode", "both")
 NEEDS_HIDDEN = ("gate_lookahead", "mlp_lookahead", "sklearn_logreg")
 NEEDS_ROUTERS = ("gate_lookahead", "mlp_lookahead")
 NEEDS_TOKENS = ("token",)
@@ -133,6 +149,25 @@ class SklearnConfig:
 
 
 @dataclass
+class ReuseConfig:
+    """Reuse forecasters: which passes they learn from, reuse_mlp's width and optimiser, its batch and row cap."""
+
+    phase: str = "both"  # passes to learn from: prefill, decode or both
+    hidden: int = 32
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    batch_size: int = 4096
+    max_train_rows: int = 500_000  # reuse_mlp's seeded sample of the training rows
+
+    def __post_init__(self) -> None:
+        _require(self.phase in PHASES, f"--reuse.phase must be one of {', '.join(PHASES)}, got {self.phase!r}")
+        _require(self.hidden >= 1, f"--reuse.hidden must be >= 1, got {self.hidden}")
+        _require(self.batch_size >= 1, f"--reuse.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.max_train_rows >= 1, f"--reuse.max_train_rows must be >= 1, got {self.max_train_rows}")
+        _check_optimiser("reuse", self.lr, self.weight_decay, 0.0)
+
+
+@dataclass
 class DataConfig:
     """The trace store and how it is split and batched."""
 
@@ -156,12 +191,17 @@ class DataConfig:
 @dataclass
 class FamilyResult:
     family: str
-    predictor: Predictor
-    metrics: LookaheadMetrics
+    predictor: Predictor | ReuseForecaster
+    metrics: LookaheadMetrics | None  # None: a reuse forecaster (scored in ``reuse`` instead)
     path: Path | None = None
     seconds: float = 0.0
     samples_per_s: float | None = None
     trained: bool = True  # False: a learned family whose weights no validation epoch ever selected
+    reuse: dict[str, Any] | None = None  # a reuse forecaster: its rows and held-out AUROC / BCE ("metrics")
+
+    @property
+    def is_reuse(self) -> bool:
+        return self.metrics is None
 
 
 @dataclass
@@ -190,7 +230,7 @@ def check_trainer(trainer_kwargs: dict[str, Any], families: list[str]) -> None:
     """Build the Trainer once, up front, so a misconfiguration (``--trainer.accelerator gpu`` without a
     GPU, an unknown strategy) is one line before any family is fitted; refuse a run that would save
     untrained learned predictors."""
-    learned = [f for f in families if f in LEARNED]
+    learned = [f for f in families if f in GRADIENT_TRAINED]
     if not learned:
         return
     for key in ("max_epochs", "max_steps"):
@@ -199,7 +239,7 @@ def check_trainer(trainer_kwargs: dict[str, Any], families: list[str]) -> None:
                             f"epoch, or drop them from --families")
     if trainer_kwargs.get("limit_val_batches") == 0:
         raise UserError(f"--trainer.limit_val_batches 0: without validation no weights of {', '.join(learned)} can "
-                        f"be selected (checkpointing and early stopping watch val/recall@k)")
+                        f"be selected (checkpointing and early stopping watch a validation metric)")
 
     # lightning: ~3 s to import; only once a learned family is asked for
     import lightning.pytorch as pl
@@ -232,6 +272,8 @@ def check_request(store: TraceStore, families: list[str], lookahead: int) -> Non
         raise UserError(f"unknown predictor family {unknown[0]!r}; choose from {', '.join(ALL_FAMILIES)}")
     if not families:
         raise UserError("no predictor families requested")
+    if all(f in REUSE for f in families):
+        return  # the reuse forecasters read expert ids only (foreign traces too), at no lookahead distance
     check_lookahead(lookahead, store.num_layers)
     skipped = set((store.manifest.get("skipped_routes") or {}).get("layers", [])) - {store.num_layers - 1}
     if skipped:  # the predictors read chosen experts of earlier layers; only the last layer is never read
@@ -302,7 +344,7 @@ def _throughput_callback():
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.seconds += time.perf_counter() - self._t
-            self.samples += len(batch["row"])
+            self.samples += pl_module.batch_size(batch)
 
         @property
         def rate(self) -> float:
@@ -311,10 +353,15 @@ def _throughput_callback():
     return TrainingThroughput()
 
 
-def train_learned(predictor, datamodule, *, run_dir: Path, trainer_kwargs: dict[str, Any], logger: Any,
-                  lr: float, weight_decay: float, overfetch: float, patience: int, meta: dict[str, Any],
-                  seed: int) -> tuple[float, bool]:
-    """Train with Lightning and load the best validation weights into ``predictor``.
+def train_learned(module, datamodule, *, run_dir: Path, trainer_kwargs: dict[str, Any], logger: Any,
+                  patience: int, seed: int) -> tuple[float, bool]:
+    """Train ``module`` (a :class:`~predictors.lightning_module.PredictorModule`) with Lightning and load
+    its best validation weights: the one Trainer set-up of every gradient-trained family.
+
+    ``ModelCheckpoint`` keeps the best epoch by ``module.monitor`` under ``<run>/lightning/<family>/``,
+    early stopping watches the same metric with ``patience``, a callback measures training throughput,
+    and ``--trainer.deterministic`` defaults to ``"warn"``: deterministic kernels wherever they exist,
+    a warning (not a crash of the run) on a GPU kernel that has none.
 
     Returns (training samples/s, trained): ``trained`` is False when no validation epoch finished
     (``fast_dev_run``, ``max_time`` reached before the first one...), so no weights were selected and
@@ -324,26 +371,55 @@ def train_learned(predictor, datamodule, *, run_dir: Path, trainer_kwargs: dict[
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    from predictors.lightning_module import MONITOR, LookaheadModule
-
     pl.seed_everything(seed, workers=True, verbose=False)
-    module = LookaheadModule(predictor, datamodule.datasets["train"].hidden_layers, lr=lr,
-                             weight_decay=weight_decay, overfetch=overfetch, meta=meta)
-    ckpt = ModelCheckpoint(dirpath=run_dir / "lightning" / predictor.family, filename="best", monitor=MONITOR,
+    ckpt = ModelCheckpoint(dirpath=run_dir / "lightning" / module.family, filename="best", monitor=module.monitor,
                            mode="max", save_top_k=1, auto_insert_metric_name=False)
-    stop = EarlyStopping(monitor=MONITOR, mode="max", patience=patience)
+    stop = EarlyStopping(monitor=module.monitor, mode="max", patience=patience)
     speed = _throughput_callback()
     kwargs = dict(trainer_kwargs)
     callbacks = [*(kwargs.pop("callbacks", None) or []), ckpt, stop, speed]
     kwargs.setdefault("default_root_dir", str(run_dir))
+    if kwargs.get("deterministic") is None:
+        kwargs["deterministic"] = "warn"
     trainer = pl.Trainer(**kwargs, logger=logger, callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule)
     trained = bool(ckpt.best_model_path)
-    if trained:
-        state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
-        module.load_state_dict(state)
-    predictor.eval()
+    module.restore(ckpt.best_model_path or None)
     return speed.rate, trained
+
+
+def fit_learned(predictor, datamodule, cfg: Any, *, overfetch: float, meta: dict[str, Any],
+                **train: Any) -> tuple[float, bool]:
+    """A learned lookahead family: its LookaheadModule through :func:`train_learned`."""
+    from predictors.lightning_module import LookaheadModule  # imports lightning (~3 s); only when one trains
+
+    module = LookaheadModule(predictor, datamodule.datasets["train"].hidden_layers, lr=cfg.lr,
+                             weight_decay=cfg.weight_decay, overfetch=overfetch, meta=meta)
+    return train_learned(module, datamodule, **train)
+
+
+def fit_reuse(family: str, datamodule, cfg: ReuseConfig, *, store: TraceStore, meta: dict[str, Any],
+              seed: int, **train: Any) -> tuple[ReuseForecaster, float | None, bool]:
+    """One reuse forecaster on the training rows of ``datamodule`` (a ReuseDataModule).
+
+    ``reuse_counted`` counts and ``reuse_logistic`` runs AdaGrad in numpy (no epochs, nothing to
+    select on validation); ``reuse_mlp`` trains as a ReuseModule through :func:`train_learned`.
+    Returns (forecaster, training samples/s or None, trained).
+    """
+    L, E, K = store.num_layers, store.num_experts, store.top_k
+    x, y = datamodule.parts[0]
+    if family == CountedReuse.family:
+        return CountedReuse(L, E, K).fit(x, y), None, True
+    if family == LogisticReuse.family:
+        return LogisticReuse(L, E, K).fit(x, y, seed=seed), None, True
+    from predictors.lightning_module import ReuseModule  # imports lightning (~3 s); only when one trains
+
+    torch.manual_seed(seed)  # the MLP's initial weights
+    mlp = MLPReuse(L, E, K, hidden=cfg.hidden)
+    mlp.set_standardisation(datamodule.train_rows[0])
+    module = ReuseModule(mlp, lr=cfg.lr, weight_decay=cfg.weight_decay, meta=meta)
+    rate, trained = train_learned(module, datamodule, seed=seed, **train)
+    return mlp, rate, trained
 
 
 def run_training(
@@ -359,15 +435,16 @@ def run_training(
     trajectory: TrajectoryConfig | None = None,
     sklearn: SklearnConfig | None = None,
     token: TokenConfig | None = None,
+    reuse: ReuseConfig | None = None,
     patience: int = 3,
     on_split: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Fit, compare and save ``families`` on ``data.store`` into ``run_dir`` (see the module docstring)."""
     # data_pipeline.datamodule imports lightning (~3 s); only when training runs
-    from data_pipeline.datamodule import TraceDataModule
+    from data_pipeline.datamodule import ReuseDataModule, TraceDataModule
 
-    mlp, trajectory, sklearn = mlp or MLPConfig(), trajectory or TrajectoryConfig(), sklearn or SklearnConfig()
-    token = token or TokenConfig()
+    configs = _Configs(mlp or MLPConfig(), trajectory or TrajectoryConfig(), sklearn or SklearnConfig(),
+                       token or TokenConfig(), reuse or ReuseConfig())
     store = TraceStore(data.store)
     check_request(store, families, lookahead)
     hidden = any(f in NEEDS_HIDDEN for f in families)
@@ -376,20 +453,47 @@ def run_training(
                          split=data.split)
     if on_split:
         on_split(dm.split.describe())
+    reuse_dm = None
+    if any(f in REUSE for f in families):  # replays every pass: only when a reuse forecaster is asked for
+        reuse_dm = ReuseDataModule(store, dm.split, phase=configs.reuse.phase, batch_size=configs.reuse.batch_size,
+                                   seed=data.seed, max_train_rows=configs.reuse.max_train_rows)
     meta = {"model": store.model.__dict__, "model_key": store.model.key(), "store_fingerprint": store.fingerprint(),
             "store": str(store.path), "split": dm.split.how, "seed": data.seed}
     if not is_rank_zero():  # DDP workers re-run the script: rank 0 owns the run folder
-        return _fit_all(store, dm, families, lookahead, overfetch, run_dir, trainer_kwargs, logger_factory,
-                        mlp, trajectory, sklearn, token, patience, meta, data.seed)
+        return _fit_all(store, dm, reuse_dm, families, lookahead, overfetch, run_dir, trainer_kwargs,
+                        logger_factory, configs, patience, meta, data.seed)
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"run folder {run_dir} already exists; choose another --run name")
+        raise UserError(f"run folder {run_dir} already exists; choose another run name")
+    existed = run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _fit_all(store, dm, families, lookahead, overfetch, run_dir, trainer_kwargs, logger_factory,
-                        mlp, trajectory, sklearn, token, patience, meta, data.seed)
+        return _fit_all(store, dm, reuse_dm, families, lookahead, overfetch, run_dir, trainer_kwargs,
+                        logger_factory, configs, patience, meta, data.seed)
     except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)  # never leave a partial checkpoint behind
+        _remove_partial_run(run_dir, keep_folder=existed)
         raise
+
+
+def _remove_partial_run(run_dir: Path, *, keep_folder: bool) -> None:
+    """Never leave a partial checkpoint behind; an empty folder the caller made (``--out``) stays theirs."""
+    if not keep_folder:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for child in list(run_dir.iterdir()) if run_dir.is_dir() else []:
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):  # as rmtree's ignore_errors: the failure being raised matters
+                child.unlink(missing_ok=True)
+
+
+@dataclass
+class _Configs:
+    mlp: MLPConfig
+    trajectory: TrajectoryConfig
+    sklearn: SklearnConfig
+    token: TokenConfig
+    reuse: ReuseConfig
 
 
 def is_rank_zero() -> bool:
@@ -397,24 +501,35 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
-def _fit_all(store, dm, families, lookahead, overfetch, run_dir, trainer_kwargs, logger_factory, mlp, trajectory,
-             sklearn, token, patience, meta, seed) -> RunResult:
+def _fit_all(store, dm, reuse_dm, families, lookahead, overfetch, run_dir, trainer_kwargs, logger_factory,
+             configs: _Configs, patience, meta, seed) -> RunResult:
+    lookahead_families = [f for f in families if f not in REUSE]
     hidden_layers = dm.datasets["test"].hidden_layers
-    test_batches = list(dm.test_dataloader())
+    test_batches = list(dm.test_dataloader()) if lookahead_families else []
     results: list[FamilyResult] = []
     for family in families:
         start = time.perf_counter()
         rate, trained = None, True
+        train = {"run_dir": run_dir, "trainer_kwargs": trainer_kwargs, "patience": patience,
+                 "logger": logger_factory(family) if logger_factory and family in GRADIENT_TRAINED else False}
+        if family in REUSE:
+            forecaster, rate, trained = fit_reuse(family, reuse_dm, configs.reuse, store=store, meta=meta, seed=seed,
+                                                  **train)
+            summary = {**reuse_dm.summary(), "metrics": evaluate_reuse_rows(forecaster, reuse_dm.parts)}
+            results.append(FamilyResult(family, forecaster, None, seconds=time.perf_counter() - start,
+                                        samples_per_s=rate, trained=trained, reuse=summary))
+            continue
         if family in TRAINING_FREE:
             predictor = fit_counting(family, store, dm.split.train, lookahead)
         elif family in CLASSICAL:
-            predictor = fit_sklearn(store, dm.split.train, lookahead, sklearn, seed)
+            predictor = fit_sklearn(store, dm.split.train, lookahead, configs.sklearn, seed)
         else:
-            predictor, cfg = build_learned(family, store, dm.split.train, lookahead, mlp, trajectory, token)
-            rate, trained = train_learned(predictor, dm, run_dir=run_dir, trainer_kwargs=trainer_kwargs,
-                                          logger=logger_factory(family) if logger_factory else False, lr=cfg.lr,
-                                          weight_decay=cfg.weight_decay, overfetch=overfetch, patience=patience,
-                                          meta=meta, seed=seed)
+            # the initial weights come from the global torch generator: seed it per family, or they depend on
+            # the process (torch's start-up seed is not fixed here) and on the families fitted before
+            torch.manual_seed(seed)
+            predictor, cfg = build_learned(family, store, dm.split.train, lookahead, configs.mlp,
+                                           configs.trajectory, configs.token)
+            rate, trained = fit_learned(predictor, dm, cfg, overfetch=overfetch, meta=meta, seed=seed, **train)
         seconds = time.perf_counter() - start
         metrics = evaluate_predictor(predictor, test_batches, num_experts=store.num_experts,
                                      hidden_layers=hidden_layers, overfetch=overfetch)
@@ -423,14 +538,18 @@ def _fit_all(store, dm, families, lookahead, overfetch, run_dir, trainer_kwargs,
     if not is_rank_zero():
         return RunResult(run_dir, meta["split"], results, _best_learned(results))
     for r in results:
-        extra = {"test": {k: v.tolist() for k, v in r.metrics.per_distance().items()}, "split": meta["split"],
-                 "seed": seed, "trained": r.trained}
-        r.path = save_predictor(r.predictor, run_dir / r.family, model=store.model,
+        extra: dict[str, Any] = {"split": meta["split"], "seed": seed, "trained": r.trained}
+        if r.reuse is not None:
+            extra["reuse"] = r.reuse
+        else:
+            extra["test"] = {k: v.tolist() for k, v in r.metrics.per_distance().items()}
+        r.path = save_predictor(r.predictor, run_dir / r.family, model=store.model,  # type: ignore[arg-type]
                                 store_fingerprint=meta["store_fingerprint"], extra=extra)
     best = _best_learned(results)
     run = {"store": meta["store"], "store_fingerprint": meta["store_fingerprint"], "model_key": meta["model_key"],
            "split": meta["split"], "lookahead": lookahead, "best": best,
            "predictors": {r.family: r.path.name for r in results if r.path is not None},
+           "reuse_forecasters": [r.family for r in results if r.is_reuse],
            "untrained": [r.family for r in results if not r.trained]}
     tmp = run_dir / (RUN_FILE + ".tmp")
     tmp.write_text(json.dumps(run, indent=2))
@@ -442,12 +561,13 @@ def _best_learned(results: list[FamilyResult]) -> str | None:
     """The family with the highest mean test recall@k, learned families first (they are why we train).
 
     Never an untrained learned family, nor one whose score is not a number (a failed fit): with
-    none left, no best (``latest_checkpoint`` then skips the run).
+    none left, no best (``latest_checkpoint`` then skips the run). Never a reuse forecaster: the
+    best is the lookahead predictor the engine and the prefetchers load.
     """
     def score(r: FamilyResult) -> float:
-        return float(torch.nanmean(r.metrics.per_distance()["recall@k"]))
+        return float(torch.nanmean(r.metrics.per_distance()["recall@k"]))  # type: ignore[union-attr]
 
-    usable = [r for r in results if r.trained and np.isfinite(score(r))]
+    usable = [r for r in results if not r.is_reuse and r.trained and np.isfinite(score(r))]
     learned = [r for r in usable if r.family in LEARNED]
     pool = learned or usable
     return max(pool, key=score).family if pool else None

@@ -36,7 +36,7 @@ def test_train_then_evaluate_with_the_reuse_checkpoint(tmp_path):
 def test_a_missing_or_foreign_checkpoint_is_one_line(tmp_path):
     store = _sticky_store(tmp_path / "store", n_seq=3, decode=10)
     foreign = save_reuse_forecaster(CountedReuse(5, 7, 2), tmp_path / "foreign", model=ModelInfo("x", "t", 5, 7, 2))
-    for ckpt, why in ((tmp_path / "nope.safetensors", "does not exist"), (foreign, "trained for 5 layers x 7")):
+    for ckpt, why in ((tmp_path / "nope.safetensors", "does not exist"), (foreign, "trained for x (5 layers x 7 experts")):
         r = subprocess.run([sys.executable, "evaluate.py", "--trace", str(store.path), "--policy", "forecast",
                             "--capacity", "4", "--predictor", str(ckpt)], capture_output=True, text=True)
         err = r.stderr.strip()

@@ -244,7 +244,8 @@ TRAINING_MODULES = ("predictors.training", "predictors.reuse_training", "predict
 def test_the_policy_serves_a_checkpoint_without_importing_training_code(tmp_path):
     """A fresh interpreter builds the forecast policy from a checkpoint of every reuse family and binds
     it: neither Lightning, torchmetrics nor a training module gets imported (training lives in
-    predictors.reuse_training; the policy loads through predictors.reuse)."""
+    predictors.training; the policy loads through predictors.reuse). The run-folder case:
+    tests/test_train_reuse.py."""
     model = ModelInfo("synthetic", "test", 3, 12, 2)
     paths = [str(save_reuse_forecaster(f, tmp_path / f.family, model=model))
              for f in (CountedReuse(3, 12, 2), MLPReuse(3, 12, 2, hidden=8), LogisticReuse(3, 12, 2))]

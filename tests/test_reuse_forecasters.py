@@ -11,6 +11,7 @@ import torch
 from core.errors import UserError
 from core.model_info import ModelInfo
 from core.passes import build_passes, passes_from_lists, take_passes
+from data_pipeline.splits import split_rows
 from data_pipeline.trace_store import TraceStoreWriter
 from offload.forecast_eval import replay_split
 from offload.policies import make_policy
@@ -22,8 +23,7 @@ from predictors.reuse import (
     load_reuse_forecaster,
     save_reuse_forecaster,
 )
-from predictors.reuse_features import AGE_CAP, FEATURE_NAMES, ReuseHistory, replay_rows
-from predictors.reuse_training import fit_reuse, reuse_rows, split_of_passes
+from predictors.reuse_features import AGE_CAP, FEATURE_NAMES, ReuseHistory, replay_rows, reuse_rows
 
 F = {name: i for i, name in enumerate(FEATURE_NAMES)}
 
@@ -101,8 +101,9 @@ def _sticky_store(path, n_seq: int = 6, decode: int = 60, L: int = 3, E: int = 1
 def test_training_rows_never_see_a_held_out_pass(tmp_path):
     store = _sticky_store(tmp_path / "s")
     passes = build_passes(store)
-    part, how = split_of_passes(store, passes, val_fraction=0.2, test_fraction=0.3)
-    assert "sequence" in how
+    split = split_rows(store, val_fraction=0.2, test_fraction=0.3)
+    part = split.parts_of(passes.row_start)
+    assert split.how == "sequence"
     # every pass in exactly one part, whole sequences per part, and the parts' sequences disjoint
     assert set(np.unique(part)) == {0, 1, 2}
     seqs = [set(passes.seq[part == k].tolist()) for k in range(3)]
@@ -128,8 +129,9 @@ def test_training_rows_never_see_a_held_out_pass(tmp_path):
 
 def test_gemma_split_trains_on_the_first_part_of_the_decode_only(gemma_store):
     passes = build_passes(gemma_store, "decode")
-    part, how = split_of_passes(gemma_store, passes)
-    assert "position" in how
+    split = split_rows(gemma_store, test_fraction=0.35)  # the reuse_training alias's default
+    part = split.parts_of(passes.row_start)
+    assert split.how == "position"
     # one prompt: training passes are a prefix, then validation, then test, no pass in two parts
     assert np.all(np.diff(part) >= 0) and part[0] == 0 and part[-1] == 2
     assert np.bincount(part).tolist() == [64, 19, 45]
@@ -155,15 +157,20 @@ def test_checkpoints_round_trip_and_refuse_another_model(tmp_path):
 
 @pytest.mark.slow
 def test_mlp_trains_with_lightning_and_drives_the_policy_from_its_checkpoint(tmp_path):
+    from predictors.training import DataConfig, ReuseConfig, run_training  # lightning (~3 s): only this test
+
     store = _sticky_store(tmp_path / "s")
-    mlp, info = fit_reuse(store, "reuse_mlp", max_epochs=6, hidden=16, val_fraction=0.2, test_fraction=0.3)
-    assert info["metrics"]["val_auroc"] > 0.7  # recency alone separates sticky experts well
-    path = save_reuse_forecaster(mlp, tmp_path / "ck", model=store.model, store_fingerprint=store.fingerprint(),
-                                 extra={"reuse": info})
+    data = DataConfig(store=str(store.path), val_fraction=0.2, test_fraction=0.3)
+    run = run_training(families=["reuse_mlp"], data=data, lookahead=1, overfetch=1.5, run_dir=tmp_path / "run",
+                       trainer_kwargs={"max_epochs": 6, "accelerator": "cpu", "devices": 1,
+                                       "enable_progress_bar": False, "enable_model_summary": False},
+                       reuse=ReuseConfig(hidden=16))
+    (mlp,) = run.results
+    assert mlp.trained and mlp.reuse["metrics"]["val_auroc"] > 0.7  # recency alone separates sticky experts well
     passes = build_passes(store)
-    part, _ = split_of_passes(store, passes, val_fraction=0.2, test_fraction=0.3)
+    part = split_rows(store, val_fraction=0.2, test_fraction=0.3).parts_of(passes.row_start)
     rates = {name: replay_split(passes, make_policy(name, **params), 4, part).parts["test"].hit_rate
-             for name, params in (("lru", {}), ("forecast", {"forecaster": str(path)}), ("belady", {}))}
+             for name, params in (("lru", {}), ("forecast", {"forecaster": str(tmp_path / "run")}), ("belady", {}))}
     assert rates["lru"] < rates["forecast"] <= rates["belady"]
 
 

@@ -65,6 +65,29 @@ def test_cli_fits_compares_and_saves_every_family(synthetic, tmp_path: Path, cap
                         "python train.py --data.store", *families))
 
 
+def test_the_same_seed_trains_the_same_weights(synthetic, tmp_path: Path) -> None:
+    """A learned family's initial weights are seeded by --data.seed: the same command gives the same
+    predictor whatever ran before it in the process (or in another process: torch's own start-up seed
+    is not fixed), and another seed another one."""
+    from safetensors.torch import load_file
+
+    def weights(run: str, seed: int) -> dict:
+        argv = ["--data.store", str(synthetic.path), "--checkpoints", str(tmp_path), "--run", run, "--lookahead", "2",
+                "--families", "[frequency, mlp_lookahead]", "--trainer.max_epochs", "1", "--data.batch_size", "64",
+                "--data.seed", str(seed), *QUIET]
+        assert train.main(argv) == 0
+        return load_file(str(tmp_path / run / "mlp_lookahead.safetensors"))
+
+    import torch
+
+    first = weights("a", 0)
+    torch.rand(17)  # whatever else the process draws in between
+    again, other = weights("b", 0), weights("c", 1)
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first if first[k].dtype.is_floating_point)
+
+
 def test_wandb_offline_by_default_without_a_key(synthetic, tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -25,9 +25,10 @@ It only uses what the cache tells every policy -- pass and layer starts, inserts
 
 Parameters:
 
-- ``forecaster``: a :class:`~predictors.reuse.ReuseForecaster`, a path to a reuse checkpoint
-  (``python -m predictors.reuse_training``), or None for the counted forecaster learning online from the
-  run itself (no training data needed).
+- ``forecaster``: a :class:`~predictors.reuse.ReuseForecaster`, a path to a reuse checkpoint or to a
+  ``train.py`` run folder holding one (``python train.py --families '[reuse_logistic]'``; loaded by
+  :mod:`predictors.reuse`, which imports no training code), or None for the counted forecaster
+  learning online from the run itself (no training data needed).
 - ``predicted_reuse``: when a prefetcher/predictor marks a resident key for this pass
   (``on_predicted``) and its layer is still ahead, its probability of being used at that
   opportunity is raised to at least this value (None: ignore the marks).
