@@ -11,6 +11,7 @@ thread (on a shared machine wall time measures the neighbours), so the ratios of
 like with like; the load average is printed with them. Run by hand:
 
     python benchmarks/simulator.py [--accesses 10000000] [--capacity 5%] [--repeats 2]
+    python benchmarks/simulator.py --layers 4 --policies lru,belady   # the same rate with 4x fewer keys?
 """
 
 from __future__ import annotations
@@ -106,9 +107,12 @@ def main() -> None:
     ap.add_argument("--accesses", type=int, default=10_000_000)
     ap.add_argument("--capacity", default="5%")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=16, help="layers of the synthetic stream (OLMoE: 16)")
+    ap.add_argument("--experts", type=int, default=64, help="experts per layer (OLMoE: 64)")
+    ap.add_argument("--policies", default=None, help="comma list of registered policies (default: all)")
     args = ap.parse_args()
     t = time.perf_counter()
-    ps = synthetic_passes(args.accesses)
+    ps = synthetic_passes(args.accesses, L=args.layers, E=args.experts)
     n = ps.num_accesses
     print(f"stream: {n:,} accesses, {ps.num_passes:,} passes, built in {time.perf_counter() - t:.1f}s")
     replays = Replays(None, ps)
@@ -117,10 +121,15 @@ def main() -> None:
                                       args.repeats)
     lcs_rate = n / lcs_s
     rows = [("lru (plain, as libCacheSim)", SimConfig(policy="lru", capacity=args.capacity, protect_layer=False))]
-    for pol in policy_names():
+    chosen = policy_names() if args.policies is None else [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = sorted(set(chosen) - set(policy_names()))
+    if unknown:
+        ap.error(f"unknown policy {unknown[0]!r}; registered: {', '.join(policy_names())}")
+    for pol in chosen:
         rows.append((pol, SimConfig(policy=pol, capacity=args.capacity)))
-    rows.append(("least_stale + oracle prefetch d=2",
-                 SimConfig(policy="least_stale", capacity=args.capacity, prefetch="oracle", lookahead=2)))
+    if "least_stale" in chosen:
+        rows.append(("least_stale + oracle prefetch d=2",
+                     SimConfig(policy="least_stale", capacity=args.capacity, prefetch="oracle", lookahead=2)))
     measured = []
     for name, cfg in rows:
         sec, miss, coll, tpot = time_kernel(replays, cfg, args.repeats)
