@@ -37,7 +37,7 @@ from offload.cache import split_capacity
 from offload.counters import Counters
 from offload.policies import POLICIES, make_policy
 from offload.policies.base import EvictionPolicy
-from offload.policies.compiled import Allowed, KernelContext
+from offload.policies.compiled import Allowed, KernelContext, nonneg
 from offload.prefetch import forecast_depth
 from offload.sim_result import Tally, counted_passes, result
 
@@ -80,7 +80,7 @@ def _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state
         at = q_sub[qh] if q_sub[qh] > free else free
         if at > now:
             break
-        k = q_key[qh]
+        k = nonneg(q_key[qh])
         free = at + q_dur[qh]
         arrival[k] = free
         copy_state[k] = 2
@@ -225,6 +225,8 @@ def _replay(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, next_u
     moved; counters cover the ``counted`` passes only. ``st``: the policy's compiled state.
     """
     P = len(phase)
+    L = nonneg(L)  # sizes: known >= 0, so every index built from them is too (see nonneg)
+    E = nonneg(E)
     capacity = ip[P_CAPACITY]
     per_layer = ip[P_PER_LAYER] != 0
     protect = ip[P_PROTECT] != 0
@@ -290,15 +292,15 @@ def _replay(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, next_u
             C, F, PL = CT, FT, PLT
         else:
             C, F, PL = CJ, FJ, PLJ
-        ph = phase[p]
+        ph = nonneg(phase[p])
         t0 = t
         c0 = comp
         moved = 0.0
         policy_on_pass_start(st, p, ph)
         for layer in range(L):
             token += 1
-            a = layer_ptr[p * L + layer]
-            b = layer_ptr[p * L + layer + 1]
+            a = nonneg(layer_ptr[p * L + layer])
+            b = nonneg(layer_ptr[p * L + layer + 1])
             base = layer * E
             if protect:
                 for i in range(a, b):
@@ -317,10 +319,10 @@ def _replay(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, next_u
                 for qi in range(qh, qt):  # the queue holds only prefetches not started yet
                     if not q_live[qi]:
                         continue
-                    k = q_key[qi]
+                    k = nonneg(q_key[qi])
                     e = k - base
                     if 0 <= e < E and used[e] != token and unused_pf[k]:
-                        q_live[qidx[k]] = False
+                        q_live[nonneg(qidx[k])] = False
                         qidx[k] = -1
                         copy_state[k] = 0
                         resident[k] = False
@@ -337,8 +339,8 @@ def _replay(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, next_u
                 if src < 0:
                     break
                 if fc_covered[src, d - 1]:
-                    fi = (p * L + src) * D + d - 1
-                    lo = fc_ptr[fi]
+                    fi = nonneg((p * L + src) * D + d - 1)
+                    lo = nonneg(fc_ptr[fi])
                     n = fc_selected[fi]
                     C[C_FC_PRED] += n
                     for j in range(lo, lo + n):
@@ -362,7 +364,7 @@ def _replay(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, next_u
             nrun = 0
             nblocked = 0
             for i in range(a, b):
-                k = base + expert[i]
+                k = nonneg(base + expert[i])
                 served[k] = token
                 hint = next_use[i] if NEEDS_FUTURE else 0
                 if resident[k]:
@@ -378,7 +380,7 @@ def _replay(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, next_u
                         if copy_state[k] == 1:  # promote: starts now, ahead of the queued prefetches
                             qh, free = _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival,
                                                 copy_state)
-                            q_live[qidx[k]] = False
+                            q_live[nonneg(qidx[k])] = False
                             qidx[k] = -1
                             start = now if now > free else free
                             free = start + copy_s[layer]
@@ -409,7 +411,8 @@ def _replay(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, next_u
                         v = policy_victim(st, Allowed(mode, token, pin, served, part), False)
                         if v >= 0:
                             break
-                    vl = key_layer[v]
+                    v = nonneg(v)  # mode 2 allows any resident key: a victim always exists here
+                    vl = nonneg(key_layer[v])
                     resident[v] = False
                     n_res_layer[vl] -= 1
                     n_res -= 1
@@ -424,7 +427,7 @@ def _replay(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, next_u
                         if copy_state[v] == 1:  # a queued prefetch: it never reaches the link
                             qh, free = _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival, copy_state)
                             if copy_state[v] == 1:
-                                q_live[qidx[v]] = False
+                                q_live[nonneg(qidx[v])] = False
                                 F[F_PF_B] -= link_bytes[vl]
                                 moved -= link_bytes[vl]
                                 C[C_PF_CANCEL] += 1
@@ -466,11 +469,11 @@ def _replay(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, next_u
                             break
                         if not fc_covered[layer, d - 1]:
                             continue
-                        fi = (p * L + layer) * D + d - 1
-                        lo = fc_ptr[fi]
+                        fi = nonneg((p * L + layer) * D + d - 1)
+                        lo = nonneg(fc_ptr[fi])
                         if PREDICTED:
                             for j in range(lo, lo + fc_selected[fi]):
-                                k2 = target * E + fc_expert[j]
+                                k2 = nonneg(target * E + fc_expert[j])
                                 if resident[k2]:
                                     clock += 1
                                     policy_on_predicted(st, k2, clock)
@@ -492,9 +495,9 @@ def _replay(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, next_u
                         break
                     if not fc_covered[layer, d - 1]:
                         continue
-                    fi = (p * L + layer) * D + d - 1
+                    fi = nonneg((p * L + layer) * D + d - 1)
                     for j in range(fc_ptr[fi], fc_ptr[fi] + fc_selected[fi]):
-                        k2 = target * E + fc_expert[j]
+                        k2 = nonneg(target * E + fc_expert[j])
                         if resident[k2]:
                             continue
                         full = n_res_layer[target] >= layer_cap[target] if per_layer else n_res >= capacity
@@ -503,7 +506,8 @@ def _replay(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, next_u
                             v = policy_victim(st, Allowed(3, token, pin, in_run, part), True)
                             if v < 0:
                                 continue
-                            vl = key_layer[v]
+                            v = nonneg(v)
+                            vl = nonneg(key_layer[v])
                             resident[v] = False
                             n_res_layer[vl] -= 1
                             n_res -= 1
@@ -515,7 +519,7 @@ def _replay(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, next_u
                                 qh, free = _advance(now, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival,
                                                     copy_state)
                                 if copy_state[v] == 1:
-                                    q_live[qidx[v]] = False
+                                    q_live[nonneg(qidx[v])] = False
                                     F[F_PF_B] -= link_bytes[vl]
                                     moved -= link_bytes[vl]
                                     C[C_PF_CANCEL] += 1
@@ -542,19 +546,19 @@ def _replay(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, next_u
                         qt += 1
             # ---------------- 5. run: experts already there first, then the rest in access order
             for r in range(nrun):
-                k = run_key[r]
+                k = nonneg(run_key[r])
                 run_first[r] = run_block[r] < 0 and (not run_copy[r] or (copy_state[k] == 2 and arrival[k] <= t))
             for group in range(2):
                 for r in range(nrun):
                     if run_first[r] != (group == 0):
                         continue
-                    k = run_key[r]
+                    k = nonneg(run_key[r])
                     if run_copy[r]:
                         if copy_state[k] == 1:  # still queued: someone waits on it now
                             qh, free = _advance(t, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival,
                                                 copy_state)
                             if copy_state[k] == 1:
-                                q_live[qidx[k]] = False
+                                q_live[nonneg(qidx[k])] = False
                                 start = t if t > free else free
                                 free = start + copy_s[layer]
                                 arrival[k] = free
@@ -572,7 +576,7 @@ def _replay(L, E, phase, ptok, layer_ptr, expert, score, best_rank, ntok, next_u
                     if nblocked > 0:
                         for r2 in range(nrun):  # copies waiting for this expert's slot start now
                             if run_block[r2] == k:
-                                k2 = run_key[r2]
+                                k2 = nonneg(run_key[r2])
                                 qh, free = _advance(t, qh, qt, q_key, q_sub, q_dur, q_live, free, arrival,
                                                     copy_state)
                                 start = t if t > free else free

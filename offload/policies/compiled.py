@@ -52,6 +52,20 @@ import numpy as np
 hook = nb.njit(_nrt=False, inline="always")
 
 
+#: Every index of the replay (keys, slots, queue and heap positions) is below 2**62. numba adds a
+#: negative-index wrap-around to every signed index it cannot prove non-negative (a compare, a select
+#: and a reload of the array's length, which one kernel with ~60 live arrays keeps on the stack);
+#: masking an index loaded from an array with this constant proves it to LLVM and the wrap-around
+#: goes, at the cost of one AND. Never mask a value that may still be a -1 sentinel.
+NONNEG = 0x3FFFFFFFFFFFFFFF
+
+
+@hook
+def nonneg(i: int) -> int:
+    """``i`` (known >= 0), in a form LLVM knows is >= 0 (see :data:`NONNEG`)."""
+    return i & NONNEG
+
+
 @dataclass(frozen=True)
 class KernelContext:
     """What a policy's compiled state is sized by."""
@@ -149,14 +163,14 @@ def touch_lists(ctx: KernelContext, per_layer: bool) -> Touch:
 
 @hook
 def touch_unlink(t: Touch, k: int) -> None:
-    li = t.lst[k]
+    li = nonneg(t.lst[k])
     a, b = t.prv[k], t.nxt[k]
     if a >= 0:
-        t.nxt[a] = b
+        t.nxt[nonneg(a)] = b
     else:
         t.head[li] = b
     if b >= 0:
-        t.prv[b] = a
+        t.prv[nonneg(b)] = a
     else:
         t.tail[li] = a
     t.prv[k] = -1
@@ -165,13 +179,13 @@ def touch_unlink(t: Touch, k: int) -> None:
 
 @hook
 def touch_append(t: Touch, k: int, clock: int) -> None:
-    li = t.lst[k]
+    li = nonneg(t.lst[k])
     t.stamp[k] = clock
     last = t.tail[li]
     t.prv[k] = last
     t.nxt[k] = -1
     if last >= 0:
-        t.nxt[last] = k
+        t.nxt[nonneg(last)] = k
     else:
         t.head[li] = k
     t.tail[li] = k
@@ -181,7 +195,7 @@ def touch_append(t: Touch, k: int, clock: int) -> None:
 def touch_again(t: Touch, k: int, clock: int) -> None:
     """``k`` (resident) was touched: it becomes the newest of its list."""
     t.stamp[k] = clock
-    if t.tail[t.lst[k]] != k:
+    if t.tail[nonneg(t.lst[k])] != k:
         touch_unlink(t, k)
         touch_append(t, k, clock)
 
@@ -191,6 +205,7 @@ def touch_first(t: Touch, li: int, el: Allowed) -> int:
     """The least recently touched eligible key of list ``li``, or -1."""
     k = t.head[li]
     while k >= 0:
+        k = nonneg(k)
         if allowed(el, k):
             return k
         k = t.nxt[k]
@@ -255,10 +270,10 @@ def _before(h: Heap, a: int, b: int) -> bool:
 @hook
 def _sift_up(h: Heap, q: int, i: int) -> None:
     items = h.items
-    k = items[q, i]
+    k = nonneg(items[q, i])
     while i > 0:
         j = (i - 1) >> 1
-        kj = items[q, j]
+        kj = nonneg(items[q, j])
         if not _before(h, k, kj):
             break
         items[q, i] = kj
@@ -272,14 +287,14 @@ def _sift_up(h: Heap, q: int, i: int) -> None:
 def _sift_down(h: Heap, q: int, i: int) -> None:
     items = h.items
     n = h.size[q]
-    k = items[q, i]
+    k = nonneg(items[q, i])
     while True:
         c = 2 * i + 1
         if c >= n:
             break
-        kc = items[q, c]
+        kc = nonneg(items[q, c])
         if c + 1 < n:
-            kd = items[q, c + 1]
+            kd = nonneg(items[q, c + 1])
             right = _before(h, kd, kc)  # a select, not a branch: which child is a coin toss
             c += right
             kc = kd if right else kc
@@ -295,7 +310,7 @@ def _sift_down(h: Heap, q: int, i: int) -> None:
 @hook
 def heap_push(h: Heap, k: int) -> None:
     """Add ``k`` (its ``prio`` and ``stamp`` set) to its partition's heap."""
-    q = h.part[k]
+    q = nonneg(h.part[k])
     i = h.size[q]
     h.size[q] = i + 1
     h.items[q, i] = k
@@ -305,31 +320,31 @@ def heap_push(h: Heap, k: int) -> None:
 @hook
 def heap_update(h: Heap, k: int) -> None:
     """``k``'s ``prio`` or ``stamp`` changed: restore the heap order."""
-    q = h.part[k]
-    _sift_up(h, q, h.pos[k])
-    _sift_down(h, q, h.pos[k])
+    q = nonneg(h.part[k])
+    _sift_up(h, q, nonneg(h.pos[k]))
+    _sift_down(h, q, nonneg(h.pos[k]))
 
 
 @hook
 def heap_sink(h: Heap, k: int) -> None:
     """``k``'s (``prio``, ``stamp``) grew (a use: a count, a summed weight, and the touch stamp only
     grow): it can only move down."""
-    _sift_down(h, h.part[k], h.pos[k])
+    _sift_down(h, nonneg(h.part[k]), nonneg(h.pos[k]))
 
 
 @hook
 def heap_remove(h: Heap, k: int) -> None:
-    q = h.part[k]
-    i = h.pos[k]
+    q = nonneg(h.part[k])
+    i = nonneg(h.pos[k])
     n = h.size[q] - 1
     h.size[q] = n
     h.pos[k] = -1
     if i < n:
-        last = h.items[q, n]
+        last = nonneg(h.items[q, n])
         h.items[q, i] = last
         h.pos[last] = i
         _sift_up(h, q, i)
-        _sift_down(h, q, h.pos[last])
+        _sift_down(h, q, nonneg(h.pos[last]))
 
 
 @hook
@@ -349,8 +364,8 @@ def heap_min(h: Heap, q: int, el: Allowed) -> int:
     best = -1
     while top > 0:
         top -= 1
-        i = stack[top]
-        k = items[q, i]
+        i = nonneg(stack[top])
+        k = nonneg(items[q, i])
         if best >= 0 and not _before(h, k, best):
             continue  # k's subtree comes after best
         if allowed(el, k):

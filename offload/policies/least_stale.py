@@ -54,6 +54,7 @@ from offload.policies.compiled import (
     Touch,
     allowed,
     hook,
+    nonneg,
     touch_again,
     touch_append,
     touch_lists,
@@ -211,6 +212,7 @@ def _first(st: LSState, layer: int, want_stale: bool, el: Allowed) -> int:
     left_stale = st.prefill_left_is_stale and st.pos[2] == PREFILL and layer < st.pos[1]
     k = t.head[layer]
     while k >= 0:
+        k = nonneg(k)
         stale = left_stale or st.last_pass[k] < cur_pass
         if want_stale and not stale:
             return -1  # the stale keys of a layer are a prefix of its touch order
