@@ -8,6 +8,7 @@ stay out of the recall@k table, the pair table and the recall figures.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import matplotlib
@@ -71,40 +72,40 @@ def _console(console: Console | None) -> Console:
     return console
 
 
+def _print_table(title: str, columns: list[str], rows: list[list[Any]], best_cell: Callable[[list[Any]], int | None],
+                 console: Console | None) -> None:
+    """``rows`` as a rich table; ``best_cell(row)`` names the cell of the row to print in bold green, if any."""
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="left" if c == "family" else "right")
+    for row in rows:
+        cells = ["-" if x is None else str(x) for x in row]
+        col = best_cell(row)
+        if col is not None:
+            cells[col] = f"[bold green]{cells[col]}[/]"
+        table.add_row(*cells)
+    _console(console).print(table)
+
+
 def print_reuse_comparison(results: list[FamilyResult], title: str, console: Console | None = None) -> None:
-    """The reuse forecasters' table (nothing when the run trained none); the best AUROC in bold."""
+    """The reuse forecasters' table (nothing when the run trained none); the best test AUROC in bold."""
     columns, rows = reuse_comparison(results)
     if not rows:
         return
-    table = Table(title=title)
-    for c in columns:
-        table.add_column(c, justify="left" if c == "family" else "right")
     best = max((row[1] for row in rows if row[1] is not None), default=None)
-    for row in rows:
-        cells = ["-" if x is None else str(x) for x in row]
-        if best is not None and row[1] == best:
-            cells[1] = f"[bold green]{cells[1]}[/]"
-        table.add_row(*cells)
-    _console(console).print(table)
+    _print_table(title, columns, rows, lambda row: 1 if best is not None and row[1] == best else None, console)
 
 
 def print_comparison(results: list[FamilyResult], title: str, console: Console | None = None) -> None:
-    """The recall@k table of the lookahead families (nothing when the run trained none)."""
+    """The recall@k table of the lookahead families (nothing when the run trained none); the best
+    family at each distance in bold."""
     columns, rows = comparison(results)
     if not columns:
         return
-    table = Table(title=title)
-    for c in columns:
-        table.add_column(c, justify="left" if c == "family" else "right")
     best: dict[int, float] = {}
     for row in rows:
         best[row[1]] = max(best.get(row[1], 0.0), row[3])
-    for row in rows:
-        cells = [str(x) for x in row]
-        if row[3] == best[row[1]]:
-            cells[3] = f"[bold green]{cells[3]}[/]"
-        table.add_row(*cells)
-    _console(console).print(table)
+    _print_table(title, columns, rows, lambda row: 3 if row[3] == best[row[1]] else None, console)
 
 
 def pair_comparison(results: list[FamilyResult], pairs: list[tuple[int, int]]) -> tuple[list[str], list[list[Any]]]:
